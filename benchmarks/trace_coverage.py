@@ -1,0 +1,491 @@
+#!/usr/bin/env python
+"""How much of timm does ``growkit.trace`` cover?
+
+For every timm model family (``timm.list_modules()``) one representative is picked: the smallest
+model of the family (parameter count measured on the ``meta`` device, so nothing is allocated)
+with at most ``--max-params`` million parameters. Each representative is then created for real
+(``pretrained=False``, CPU, float32) and run through:
+
+* ``growkit.trace(model, x)`` with ``x`` a batch-1 random input of the model's
+  ``pretrained_cfg["input_size"]``. growkit traces with torch.fx and checks that the traced module
+  reproduces the eager output exactly; the result's growth points, skipped blocks and point
+  layouts (nchw / nhwc / tokens) are recorded, or the error class and message when it fails:
+
+  ``ok``            traced, exact
+  ``trace_error``   ``growkit.TraceError`` (fx cannot trace it, or the trace is not exact)
+  ``input_error``   ``growkit.InputError`` (the model rejects the example input)
+  ``create_error``  ``timm.create_model`` failed
+  ``other_error``   any other exception, or the worker process died
+  ``timeout``       the model took longer than ``--timeout`` seconds
+
+* a reference: timm's own fx setup (``torch.fx.Tracer`` with timm's notrace modules as leaves and
+  its notrace functions autowrapped, model in eval mode) and ``torch.equal`` against eager.
+  ``timm_fx`` is ``ok`` / ``fail`` (``n/a`` when the model could not be created or run eagerly).
+  A model that is ``ok`` here but not with growkit points at a growkit bug.
+
+Each model runs in its own subprocess (timeout guard, no memory growth across models). The family
+-> representative selection is cached in ``<out>/trace_coverage_models.json`` (rebuild it with
+``--refresh``). Results go to ``<out>/trace_coverage.json`` and ``<out>/trace_coverage.md``.
+
+Usage::
+
+    python benchmarks/trace_coverage.py                       # all families
+    python benchmarks/trace_coverage.py --families resnet,vit --timeout 60
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import logging
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import warnings
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("trace_coverage")
+
+MODELS_CACHE = "trace_coverage_models.json"
+RESULTS_JSON = "trace_coverage.json"
+RESULTS_MD = "trace_coverage.md"
+REASON_CHARS = 300
+FULL_ERROR_CHARS = 4000
+STATUSES = ("ok", "trace_error", "input_error", "create_error", "other_error", "timeout")
+
+
+def _short(text: str, n: int = REASON_CHARS) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
+def _exc_text(exc: BaseException) -> str:
+    """The exception message; prefixed by its class unless it is a growkit error."""
+    msg = str(exc)
+    if type(exc).__module__.startswith("growkit"):
+        return msg
+    return f"{type(exc).__name__}: {msg}"
+
+
+# ----------------------------------------------------------------------------------------------
+# model selection (meta device, cached)
+
+
+def count_params_meta(name: str) -> int:
+    """Parameter count of timm model ``name`` built on the meta device (nothing allocated)."""
+    import timm
+    import torch
+
+    with torch.device("meta"):
+        model = timm.create_model(name, pretrained=False)
+    return int(sum(p.numel() for p in model.parameters()))
+
+
+def count_family(family: str) -> dict[str, Any]:
+    """``{"params": {model: n}, "errors": {model: reason}}`` for every model of ``family``."""
+    import timm
+
+    params: dict[str, int] = {}
+    errors: dict[str, str] = {}
+    for name in timm.list_models(module=family):
+        try:
+            params[name] = count_params_meta(name)
+        except Exception as exc:  # noqa: BLE001 - any failure is recorded, not fatal
+            errors[name] = _short(_exc_text(exc))
+            logger.debug("meta creation of %s failed: %s", name, errors[name])
+    return {"params": params, "errors": errors}
+
+
+def load_counts(path: Path, families: list[str], refresh: bool) -> dict[str, dict[str, Any]]:
+    """Per-family parameter counts, from the cache where possible; the cache is updated."""
+    import timm
+    import torch
+    from tqdm import tqdm
+
+    cache: dict[str, Any] = {}
+    if path.exists() and not refresh:
+        try:
+            cache = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            logger.warning("ignoring unreadable cache %s: %s", path, exc)
+        if cache.get("timm_version") != timm.__version__ or cache.get("torch_version") != torch.__version__:
+            logger.info("cache %s was built with other versions; rebuilding", path)
+            cache = {}
+    counts: dict[str, dict[str, Any]] = dict(cache.get("families", {}))
+    todo = [f for f in families if f not in counts]
+    if todo:
+        logger.info("counting parameters on the meta device for %d families", len(todo))
+        for family in tqdm(todo, desc="meta param counts", unit="family", file=sys.stderr):
+            counts[family] = count_family(family)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        payload = {
+            "timm_version": timm.__version__,
+            "torch_version": torch.__version__,
+            "updated": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "families": dict(sorted(counts.items())),
+        }
+        path.write_text(json.dumps(payload, indent=1) + "\n")
+        logger.info("wrote %s", path)
+    return {f: counts[f] for f in families}
+
+
+def select_models(counts: dict[str, dict[str, Any]], max_params: float) -> list[dict[str, Any]]:
+    """One row per family: the smallest model with at most ``max_params`` million parameters."""
+    rows = []
+    limit = max_params * 1e6
+    for family, c in sorted(counts.items()):
+        params: dict[str, int] = c["params"]
+        fits = sorted((n, name) for name, n in params.items() if n <= limit)
+        meta_errors = c.get("errors", {})
+        if fits:
+            n, name = fits[0]
+            rows.append({"family": family, "model": name, "meta_params_m": round(n / 1e6, 3),
+                         "meta_errors": len(meta_errors)})
+        else:
+            if params:
+                why = f"no model <= {max_params:g}M (smallest {min(params.values()) / 1e6:.1f}M)"
+            elif meta_errors:
+                why = f"no model could be created on meta ({len(meta_errors)} tried): " + next(
+                    iter(meta_errors.values()))
+            else:
+                why = "family lists no models"
+            rows.append({"family": family, "model": None, "meta_params_m": None,
+                         "meta_errors": len(meta_errors), "reason": _short(why)})
+    return rows
+
+
+# ----------------------------------------------------------------------------------------------
+# per-model worker (runs in a subprocess)
+
+
+def _outputs_equal(a: Any, b: Any) -> bool:
+    import torch
+    from torch.utils._pytree import tree_flatten
+
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    if sa != sb or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) and isinstance(y, torch.Tensor):
+            if x.shape != y.shape or x.dtype != y.dtype or not torch.equal(x, y):
+                return False
+        elif isinstance(x, torch.Tensor) or isinstance(y, torch.Tensor) or x != y:
+            return False
+    return True
+
+
+def timm_fx_reference(model: Any, x: Any) -> tuple[str, str]:
+    """Trace ``model`` (eval mode) the way timm's fx helpers do; ``("ok"|"fail", reason)``."""
+    import torch
+    import torch.fx
+    from timm.layers._fx import get_notrace_functions, get_notrace_modules
+
+    leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+
+    class TimmTracer(torch.fx.Tracer):
+        def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
+            if isinstance(m, leaves):
+                return True
+            return super().is_leaf_module(m, module_qualified_name)
+
+    model.eval()
+    try:
+        tracer = TimmTracer(autowrap_functions=tuple(get_notrace_functions()))
+        graph = tracer.trace(model)
+        gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
+        gm.eval()
+        with torch.no_grad():
+            eager = model(x)
+            traced = gm(x)
+    except Exception as exc:  # noqa: BLE001
+        return "fail", _short(_exc_text(exc))
+    if not _outputs_equal(traced, eager):
+        return "fail", "traced output differs from eager (torch.equal)"
+    return "ok", ""
+
+
+def run_worker(name: str, out_path: Path, threads: int) -> None:
+    """Create ``name``, run growkit.trace and the timm-fx reference; write JSON to ``out_path``.
+
+    The JSON is rewritten after each phase, so a timeout in a later phase keeps earlier results.
+    """
+    warnings.filterwarnings("ignore")
+    import torch
+
+    torch.set_num_threads(threads)
+    import timm
+
+    import growkit
+
+    res: dict[str, Any] = {"model": name, "status": "other_error", "timm_fx": "n/a"}
+
+    def dump() -> None:
+        tmp = out_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(res))
+        os.replace(tmp, out_path)
+
+    try:
+        model = timm.create_model(name, pretrained=False)
+    except Exception as exc:  # noqa: BLE001
+        res.update(status="create_error", reason=_short(_exc_text(exc)),
+                   error_full=_exc_text(exc)[:FULL_ERROR_CHARS])
+        dump()
+        return
+    res["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    input_size = tuple(int(s) for s in cfg.get("input_size", (3, 224, 224)))
+    res["input_size"] = list(input_size)
+    torch.manual_seed(0)
+    x = torch.randn(1, *input_size, dtype=torch.float32)
+    res["status"] = "timeout"  # what the parent reports if the trace below never returns
+    dump()
+
+    t0 = time.perf_counter()
+    try:
+        lg = growkit.trace(model, x)
+    except growkit.TraceError as exc:
+        res["status"] = "trace_error"
+        err: BaseException | None = exc
+    except growkit.InputError as exc:
+        res["status"] = "input_error"
+        err = exc
+    except Exception as exc:  # noqa: BLE001
+        res["status"] = "other_error"
+        err = exc
+    else:
+        err = None
+        res.update(
+            status="ok",
+            points=len(lg.points),
+            skipped=len(lg.skipped),
+            layouts=sorted({p.layout for p in lg.points}),
+            skipped_reasons=dict(Counter(lg.skipped.values()).most_common(5)),
+        )
+    res["trace_s"] = round(time.perf_counter() - t0, 3)
+    if err is not None:
+        res["reason"] = _short(_exc_text(err))
+        res["error_full"] = _exc_text(err)[:FULL_ERROR_CHARS]
+    res["timm_fx"] = "timeout"
+    dump()
+
+    if res["status"] == "input_error":
+        res["timm_fx"] = "n/a"
+    else:
+        res["timm_fx"], fx_reason = timm_fx_reference(model, x)
+        if fx_reason:
+            res["timm_fx_reason"] = fx_reason
+    dump()
+
+
+# ----------------------------------------------------------------------------------------------
+# driver
+
+
+def run_one(name: str, timeout: float, threads: int) -> dict[str, Any]:
+    """Run :func:`run_worker` for ``name`` in a fresh interpreter; never raises."""
+    with tempfile.TemporaryDirectory(prefix="trace_cov_") as tmp:
+        out = Path(tmp) / "result.json"
+        cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out),
+               "--threads", str(threads)]
+        t0 = time.perf_counter()
+        timed_out = False
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            rc, stderr = proc.returncode, proc.stderr
+        except subprocess.TimeoutExpired as exc:
+            timed_out, rc = True, None
+            stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or "")
+        wall = round(time.perf_counter() - t0, 2)
+        res: dict[str, Any] = {"model": name, "timm_fx": "n/a"}
+        if out.exists():
+            try:
+                res = json.loads(out.read_text())
+            except json.JSONDecodeError:
+                pass
+    res["wall_s"] = wall
+    if timed_out:
+        if res.get("status") in (None, "timeout"):
+            phase = "growkit.trace" if res.get("status") else "model creation"
+            res["status"] = "timeout"
+            res["reason"] = f"no result within {timeout:g} s ({phase} phase)"
+        if res.get("timm_fx") == "timeout":
+            res["timm_fx_reason"] = f"no result within {timeout:g} s"
+    elif rc != 0 or res.get("status") == "timeout":
+        tail = (stderr or "").strip().splitlines()[-3:]
+        res["status"] = "other_error" if res.get("status") in (None, "timeout") else res["status"]
+        if res.get("timm_fx") == "timeout":
+            res["timm_fx"], res["timm_fx_reason"] = "fail", f"worker exited with code {rc}"
+        res.setdefault("reason", _short(f"worker exited with code {rc}: " + " | ".join(tail)))
+    return res
+
+
+def summarise(rows: list[dict[str, Any]], n_families: int) -> dict[str, Any]:
+    """Summary counts over the per-model rows."""
+    reps = [r for r in rows if r.get("model")]
+    ok = [r for r in reps if r.get("status") == "ok"]
+    status = Counter(r.get("status") for r in reps)
+    return {
+        "families": n_families,
+        "families_without_model": sum(1 for r in rows if not r.get("model")),
+        "representatives": len(reps),
+        "growkit_ok": len(ok),
+        "growkit_with_points": sum(1 for r in ok if r.get("points", 0) > 0),
+        "timm_fx_ok": sum(1 for r in reps if r.get("timm_fx") == "ok"),
+        "timm_fx_ok_growkit_fails": sorted(
+            r["model"] for r in reps if r.get("timm_fx") == "ok" and r.get("status") != "ok"),
+        "status_counts": {s: status[s] for s in STATUSES if status[s]},
+        "layouts": dict(Counter(lay for r in ok for lay in r.get("layouts", []))),
+    }
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, list):
+        return ",".join(map(str, v))
+    return str(v).replace("|", "\\|")
+
+
+def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> str:
+    """Markdown report: header, summary, one table row per family."""
+    s = summary
+    lines = [
+        "# growkit trace coverage over timm",
+        "",
+        f"torch {meta['torch_version']}, timm {meta['timm_version']}, growkit {meta['growkit_version']}, "
+        f"{meta['date']}; smallest model per family with <= {meta['max_params_m']:g}M params, "
+        f"batch-1 float32 input of `pretrained_cfg['input_size']`, CPU.",
+        "",
+        f"**Summary:** {s['families']} families, {s['representatives']} representatives "
+        f"({s['families_without_model']} families without a model <= {meta['max_params_m']:g}M); "
+        f"growkit traced ok: {s['growkit_ok']}; with >= 1 growth point: {s['growkit_with_points']}; "
+        f"timm-fx reference ok: {s['timm_fx_ok']}; "
+        "failures by reason: "
+        + (", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if k != "ok") or "none")
+        + ".",
+        "",
+    ]
+    if s["timm_fx_ok_growkit_fails"]:
+        lines += [f"**timm-fx ok but growkit fails:** {', '.join(s['timm_fx_ok_growkit_fails'])}", ""]
+    head = ["family", "model", "params (M)", "status", "points", "skipped", "layouts", "trace s",
+            "timm_fx", "reason"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|" + "|".join("---" for _ in head) + "|")
+    for r in sorted(rows, key=lambda r: (r["family"], r.get("model") or "")):
+        if not r.get("model"):
+            cells = [r["family"], "-", "", "-", "", "", "", "", "", r.get("reason", "")]
+        else:
+            reason = r.get("reason", "")
+            if r.get("timm_fx_reason") and r.get("timm_fx") != "ok":
+                reason = (reason + " " if reason else "") + f"[timm_fx: {_short(r['timm_fx_reason'], 150)}]"
+            cells = [r["family"], f"`{r['model']}`", r.get("params_m", r.get("meta_params_m")),
+                     r.get("status"), r.get("points"), r.get("skipped"), r.get("layouts"),
+                     r.get("trace_s"), r.get("timm_fx"), reason]
+        lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--max-params", type=float, default=60.0, help="max parameters, millions (60)")
+    p.add_argument("--families", default="", help="comma-separated timm modules to restrict to")
+    p.add_argument("--limit", type=int, default=0, help="only the first N selected families (0: all)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds per model (120)")
+    p.add_argument("--out", default="benchmarks/results", help="output folder")
+    p.add_argument("--refresh", action="store_true", help="rebuild the cached model selection")
+    p.add_argument("--jobs", type=int, default=1, help="models run in parallel (1)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per model process (1)")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.worker:
+        run_worker(args.worker, Path(args.worker_out), args.threads)
+        return 0
+
+    warnings.filterwarnings("ignore")
+    from concurrent.futures import ThreadPoolExecutor
+
+    import timm
+    import torch
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    import growkit
+
+    out_dir = Path(args.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    all_families = timm.list_modules()
+    families = all_families
+    if args.families:
+        wanted = [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in wanted if f not in all_families]
+        if unknown:
+            logger.error("unknown timm families %s; known: %s", unknown, ", ".join(all_families))
+            return 2
+        families = wanted
+    if args.limit:
+        families = families[: args.limit]
+
+    counts = load_counts(out_dir / MODELS_CACHE, families, args.refresh)
+    selection = select_models(counts, args.max_params)
+    todo = [r for r in selection if r["model"]]
+    logger.info("%d families, %d representatives to trace", len(selection), len(todo))
+
+    results: dict[str, dict[str, Any]] = {}
+    t_start = time.perf_counter()
+    with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
+        with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
+            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads) for r in todo}
+            for r in todo:
+                res = futures[r["model"]].result()
+                results[r["model"]] = res
+                bar.set_postfix_str(f"{r['model']}: {res.get('status')}")
+                bar.update(1)
+                if res.get("status") != "ok":
+                    logger.info("%s (%s): %s - %s", r["model"], r["family"], res.get("status"),
+                                _short(res.get("reason", ""), 160))
+
+    rows = []
+    for sel in selection:
+        row = dict(sel)
+        if sel["model"]:
+            row.update(results[sel["model"]])
+        rows.append(row)
+    summary = summarise(rows, len(selection))
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "growkit_version": getattr(growkit, "__version__", "?"),
+        "python": sys.version.split()[0],
+        "max_params_m": args.max_params,
+        "timeout_s": args.timeout,
+        "threads": args.threads,
+        "families_arg": args.families or None,
+        "limit": args.limit or None,
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    (out_dir / RESULTS_JSON).write_text(
+        json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
+    md = markdown(rows, summary, meta)
+    (out_dir / RESULTS_MD).write_text(md)
+    logger.info("wrote %s and %s", out_dir / RESULTS_JSON, out_dir / RESULTS_MD)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

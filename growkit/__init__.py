@@ -1,0 +1,36 @@
+"""growkit: grow trained PyTorch models with Petridish instead of retraining them."""
+from __future__ import annotations
+
+from .errors import (
+    BudgetError,
+    ExportError,
+    GrowkitError,
+    InputError,
+    OpError,
+    PlanError,
+    PointError,
+    TraceError,
+)
+from .graph import EligibleInput, GrowthPoint, LayerGraph, trace
+from .ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, OpRegistry, OpSpec, register_op
+from .candidates import Candidate, CandidateModel, inject
+from .branch import GrownBranch
+from .finalize import finalize
+from .plan import Edge, Edit, GrowthPlan, apply_plan
+from .surgery import state_of
+
+
+def plan_of(model):
+    """The :class:`GrowthPlan` of a model grown (or traced) by growkit, else ``None``."""
+    st = state_of(model.module if isinstance(model, CandidateModel) else model)
+    return None if st is None else st.plan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BudgetError", "ExportError", "GrowkitError", "InputError", "OpError", "PlanError",
+    "PointError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
+    "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
+    "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
+    "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
+]

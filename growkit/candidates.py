@@ -1,0 +1,228 @@
+"""Petridish weak learning (Algorithm 1): candidates injected with stop-gradient / stop-forward.
+
+At a growth point x_k the candidate computes ``x_c = sum_ij alpha_ij * BN(op_j(sg(z_i)))`` and the
+point becomes ``x_k + sf(x_c)``, with ``sg(x) = x.detach()`` and ``sf(x) = x - x.detach()``. The
+forward value is exactly x_k, the base model's gradients are untouched, and the candidate's
+parameters receive ``d/dtheta <dL/dx_k, x_c>``: ordinary backprop trains the weak learner to fit the
+negative gradient while the base model keeps training.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import InputError, PointError
+from .graph import EligibleInput, GrowthPoint
+from .ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
+from .surgery import GrowState, growable, insert_at_point, state_of
+
+__all__ = ["sg", "sf", "Candidate", "CandidateModel", "inject", "CANDIDATES"]
+
+CANDIDATES = "growkit_candidates"
+"""Name of the ModuleDict holding candidates inside a candidate model's GraphModule."""
+
+
+def sg(x: torch.Tensor) -> torch.Tensor:
+    """Stop-gradient: forward ``x``, no gradient."""
+    return x.detach()
+
+
+def sf(x: torch.Tensor) -> torch.Tensor:
+    """Stop-forward: forward exactly 0 (for finite ``x``), gradient identity."""
+    return x - x.detach()
+
+
+class Candidate(nn.Module):
+    """The joint weak learner at one growth point.
+
+    Attributes:
+        alpha: (inputs, ops) weights; the L1 penalty on them selects edges.
+        score: running mean over training steps of cos(x_c, -dL/dx_k) (how well the weak
+            learner fits the negative gradient); ``nan`` before any backward pass.
+    """
+
+    def __init__(self, point: GrowthPoint, inputs: Sequence[EligibleInput], ops: Sequence[str], registry: OpRegistry) -> None:
+        super().__init__()
+        self.point = point.name
+        self.layout = point.layout
+        self.input_names = [z.name for z in inputs]
+        self.op_names = list(ops)
+        n = len(inputs) * len(ops)
+        self.ops = nn.ModuleList(build_edge_op(registry, op, z, point) for z in inputs for op in ops)
+        self.norms = nn.ModuleList(feature_norm(point.channels, point.layout) for _ in range(n))
+        # Small random alphas: with all-zero alphas the op weights would get no gradient at first.
+        self.alpha = nn.Parameter(1e-2 * torch.randn(len(inputs), len(ops)))
+        self.register_buffer("score_sum", torch.zeros(()), persistent=False)
+        self.register_buffer("score_count", torch.zeros(()), persistent=False)
+        self.register_buffer("fit_sum", torch.zeros(()), persistent=False)
+
+    def edges(self) -> list[tuple[str, str]]:
+        """(input name, op name) for every entry of ``alpha``, row-major."""
+        return [(z, op) for z in self.input_names for op in self.op_names]
+
+    def weak_learner(self, *zs: torch.Tensor) -> torch.Tensor:
+        """x_c computed from (already stop-gradiented) inputs, in the point's layout."""
+        j = len(self.op_names)
+        xc = None
+        for i, z in enumerate(zs):
+            zc = canonical(z, self.layout)
+            for jj in range(j):
+                e = i * j + jj
+                term = self.alpha[i, jj] * self.norms[e](self.ops[e](zc))
+                xc = term if xc is None else xc + term
+        assert xc is not None
+        return decanonical(xc, self.layout)
+
+    def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
+        xc = self.weak_learner(*(sg(z) for z in zs))
+        out = x + sf(xc)
+        if out.requires_grad and self.training:
+            target = xc.detach()
+            out.register_hook(lambda g: self._record(target, g))
+        return out
+
+    @torch.no_grad()
+    def _record(self, xc: torch.Tensor, grad: torch.Tensor) -> None:
+        a = xc.flatten().float()
+        b = -grad.flatten().float()
+        dot = torch.dot(a, b)
+        cos = dot / (a.norm() * b.norm()).clamp_min(1e-30)
+        self.score_sum += cos
+        self.score_count += 1
+        self.fit_sum += dot / max(1, xc.shape[0])
+
+    @property
+    def score(self) -> float:
+        n = float(self.score_count)
+        return float(self.score_sum) / n if n else float("nan")
+
+    def reset_score(self) -> None:
+        self.score_sum.zero_()
+        self.score_count.zero_()
+        self.fit_sum.zero_()
+
+    def top_edges(self, k: int) -> list[tuple[str, str, float]]:
+        """The ``k`` edges of largest |alpha| that are not exactly zero: (input, op, alpha)."""
+        flat = self.alpha.detach().flatten()
+        order = torch.argsort(flat.abs(), descending=True, stable=True).tolist()
+        edges = self.edges()
+        return [(edges[i][0], edges[i][1], float(flat[i])) for i in order[:k] if float(flat[i]) != 0.0]
+
+    def extra_repr(self) -> str:
+        return f"point={self.point}, inputs={self.input_names}, ops={self.op_names}"
+
+
+class CandidateModel(nn.Module):
+    """A model with Petridish candidates: forward is exactly the original's.
+
+    Train it like the original, adding :meth:`extra_loss` to the loss. Give
+    :meth:`candidate_parameters` their own optimizer or param group if you like; the base
+    parameters are :meth:`base_parameters`.
+    """
+
+    def __init__(self, module: torch.fx.GraphModule, l1: float) -> None:
+        super().__init__()
+        self.module = module
+        self.l1 = float(l1)
+
+    @property
+    def state(self) -> GrowState:
+        st = state_of(self.module)
+        assert st is not None
+        return st
+
+    @property
+    def candidates(self) -> dict[str, Candidate]:
+        """Growth point name -> :class:`Candidate`, in topological order."""
+        return dict(getattr(self.module, CANDIDATES).items())
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.module(*args, **kwargs)
+
+    def extra_loss(self) -> torch.Tensor:
+        """``l1 * sum |alpha|`` over all candidates (add it to the training loss)."""
+        alphas = [c.alpha.abs().sum() for c in self.candidates.values()]
+        return self.l1 * torch.stack(alphas).sum()
+
+    def candidate_parameters(self) -> Iterator[nn.Parameter]:
+        return getattr(self.module, CANDIDATES).parameters()
+
+    def base_parameters(self) -> Iterator[nn.Parameter]:
+        ids = {id(p) for p in self.candidate_parameters()}
+        return (p for p in self.module.parameters() if id(p) not in ids)
+
+    def scores(self) -> dict[str, float]:
+        """Point -> running cosine of x_c with the negative gradient at the point."""
+        return {k: c.score for k, c in self.candidates.items()}
+
+    def reset_scores(self) -> None:
+        for c in self.candidates.values():
+            c.reset_score()
+
+
+def _select_points(st: GrowState, points: Iterable[str] | None) -> list[GrowthPoint]:
+    if points is None:
+        return [p for p in st.points if p.inputs]
+    if isinstance(points, str):
+        points = [points]
+    chosen = []
+    for name in points:
+        p = st.point(name)  # raises PointError naming the available points
+        if not p.inputs:
+            raise PointError(f"growth point {p.name!r} has no eligible inputs; choose another point")
+        chosen.append(p)
+    if not chosen:
+        raise PointError("points is empty; pass None to use every growth point")
+    order = {p.name: i for i, p in enumerate(st.points)}
+    return sorted({p.name: p for p in chosen}.values(), key=lambda p: order[p.name])
+
+
+def inject(
+    model: nn.Module,
+    example_input: Any = None,
+    points: Iterable[str] | None = None,
+    ops: Iterable[str] | str | None = None,
+    max_inputs: int | None = None,
+    l1: float = 1e-3,
+    *,
+    registry: OpRegistry | None = None,
+    **trace_kwargs: Any,
+) -> CandidateModel:
+    """Add Petridish candidates at growth points of a copy of ``model``.
+
+    Args:
+        model: a trained ``nn.Module`` or a model grown by growkit (not modified).
+        example_input: a batch-1 input (needed unless ``model`` came from growkit).
+        points: growth point names (fx node or module path); ``None`` = every point with inputs.
+        ops: op names, ``"paper"`` for the paper's full set, or ``None`` for the cheap default.
+        max_inputs: keep only the nearest this many eligible inputs per point.
+        l1: weight of the L1 penalty on alphas (the paper's lambda).
+        registry: op registry to build ops from (default: growkit's).
+        **trace_kwargs: forwarded to :func:`growkit.trace` (``leaf_modules=...``).
+    """
+    if isinstance(model, CandidateModel):
+        raise InputError("model already carries candidates; call growkit.finalize(model) first")
+    if max_inputs is not None and (not isinstance(max_inputs, int) or max_inputs < 1):
+        raise InputError(f"max_inputs must be a positive int or None, got {max_inputs!r}")
+    if not (isinstance(l1, (int, float)) and l1 >= 0):
+        raise InputError(f"l1 must be a non-negative number, got {l1!r}")
+    registry = registry or DEFAULT_REGISTRY
+    gm = growable(model, example_input, **trace_kwargs)
+    st = state_of(gm)
+    assert st is not None
+    chosen = _select_points(st, points)
+    if not chosen:
+        raise PointError(f"{type(model).__name__} has no growth point with eligible inputs")
+    for p in chosen:
+        inputs = list(p.inputs)
+        if max_inputs is not None:
+            inputs = inputs[-max_inputs:]
+        cand = Candidate(p, inputs, resolve_ops(ops, p.layout), registry)
+        insert_at_point(gm, p.name, cand.input_names, cand, CANDIDATES, p.name)
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(model.training)
+    return CandidateModel(gm, l1)

@@ -1,0 +1,50 @@
+"""Exception types raised by growkit.
+
+Every error a user can trigger derives from :class:`GrowkitError`, so callers can catch one
+type; the subclasses also derive from the matching builtin (``ValueError``, ``RuntimeError``)
+so existing ``except ValueError`` code keeps working.
+"""
+from __future__ import annotations
+
+__all__ = [
+    "GrowkitError",
+    "TraceError",
+    "InputError",
+    "PointError",
+    "OpError",
+    "PlanError",
+    "BudgetError",
+    "ExportError",
+]
+
+
+class GrowkitError(Exception):
+    """Base class of all growkit errors."""
+
+
+class TraceError(GrowkitError, RuntimeError):
+    """The model could not be traced with torch.fx, or the trace is not exact."""
+
+
+class InputError(GrowkitError, ValueError):
+    """An argument (example input, loader, option) is not usable."""
+
+
+class PointError(GrowkitError, ValueError):
+    """A growth point or eligible input that does not exist or does not fit."""
+
+
+class OpError(GrowkitError, ValueError):
+    """An unknown op, or an op that cannot map an input onto a growth point."""
+
+
+class PlanError(GrowkitError, ValueError):
+    """A growth plan that is malformed or does not match the base model or weights."""
+
+
+class BudgetError(GrowkitError, ValueError):
+    """A budget that is malformed."""
+
+
+class ExportError(GrowkitError, RuntimeError):
+    """ONNX export failed or its output does not match PyTorch."""

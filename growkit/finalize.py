@@ -1,0 +1,94 @@
+"""Finalize candidates (Algorithm 2): keep the top-Imax edges, rewrite to concat + projection.
+
+Each chosen point gets a :class:`~growkit.branch.GrownBranch` whose ops and BatchNorm statistics
+are warm-started from weak learning, whose 1x1 projection starts as the alpha-weighted sum the
+candidate learned, and whose gate ``eta`` starts at 0: the result computes exactly the model's
+function at the moment of growth, and ``d loss / d eta = <dL/dx_k, x_c>`` is the fit that weak
+learning made large.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Iterable
+
+import torch
+import torch.fx
+
+from .candidates import CANDIDATES, CandidateModel
+from .errors import InputError, PointError
+from .ops import DEFAULT_REGISTRY, OpRegistry
+from .plan import Edge, Edit, apply_edit
+from .surgery import remove_inserted, state_of
+
+__all__ = ["finalize", "selected_edges"]
+
+logger = logging.getLogger(__name__)
+
+
+def selected_edges(candidate_model: CandidateModel, max_ops: int = 3, points: Iterable[str] | None = None) -> dict[str, list[tuple[str, str, float]]]:
+    """Point -> the top-``max_ops`` (input, op, alpha) by |alpha| that finalize would keep."""
+    if not isinstance(max_ops, int) or isinstance(max_ops, bool) or max_ops < 1:
+        raise InputError(f"max_ops must be an int >= 1, got {max_ops!r}")
+    cands = candidate_model.candidates
+    if points is None:
+        names = list(cands)
+    else:
+        names = [points] if isinstance(points, str) else list(points)
+        for n in names:
+            if n not in cands:
+                # accept module paths too
+                match = [k for k in cands if candidate_model.state.point(k).module == n]
+                if not match:
+                    raise PointError(f"no candidate at point {n!r}; candidates are at: {', '.join(cands)}")
+        names = [k for k in cands if k in names or candidate_model.state.point(k).module in names]
+    return {k: cands[k].top_edges(max_ops) for k in names}
+
+
+def finalize(
+    candidate_model: CandidateModel,
+    max_ops: int = 3,
+    points: Iterable[str] | None = None,
+    *,
+    registry: OpRegistry | None = None,
+) -> torch.fx.GraphModule:
+    """Grow the chosen points of ``candidate_model`` (not modified) into a new module.
+
+    Args:
+        candidate_model: result of :func:`growkit.inject`, after weak learning.
+        max_ops: Imax, the number of (input, op) edges kept per point (top |alpha|).
+        points: points to grow (default: every candidate); unchosen points get nothing.
+
+    Returns:
+        A ``torch.fx.GraphModule`` computing exactly the candidate model's function, with the
+        growth recorded in its plan (``growkit.plan_of(module)``).
+    """
+    if not isinstance(candidate_model, CandidateModel):
+        raise InputError(
+            f"finalize expects the CandidateModel returned by growkit.inject, got {type(candidate_model).__name__}"
+        )
+    chosen = selected_edges(candidate_model, max_ops, points)
+    cands = candidate_model.candidates
+    gm = copy.deepcopy(candidate_model.module)
+    gm.meta["growkit"] = candidate_model.state.copy()
+    remove_inserted(gm, CANDIDATES)
+    st = state_of(gm)
+    assert st is not None
+    for point, edges in chosen.items():
+        if not edges:
+            logger.info("point %s: every alpha is zero, nothing to grow", point)
+            continue
+        cand = cands[point]
+        edit = Edit(point, tuple(Edge(z, op) for z, op, _ in edges), f"g{len(st.plan.edits)}")
+        branch = apply_edit(gm, edit, registry or DEFAULT_REGISTRY)
+        src = dict(zip(cand.edges(), zip(cand.ops, cand.norms)))
+        with torch.no_grad():
+            for e, (z, op, _) in enumerate(edges):
+                op_mod, norm = src[(z, op)]
+                branch.ops[e].load_state_dict(op_mod.state_dict())
+                branch.norms[e].load_state_dict(norm.state_dict())
+            branch.init_proj_from_alphas([a for _, _, a in edges])
+    gm.graph.lint()
+    gm.recompile()
+    gm.train(candidate_model.training)
+    return gm

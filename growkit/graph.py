@@ -1,0 +1,589 @@
+"""Trace a model with torch.fx into a :class:`LayerGraph`: shapes, growth points, eligible inputs.
+
+The growth points are block outputs (``layer2.1``, ``stages.1.blocks.0``, ``blocks.3``), found from
+the module paths that torch.fx records in ``node.meta["nn_module_stack"]``. Everything here is a
+pure function of the model and the example input; the model passed in is never modified.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import inspect
+import logging
+import os
+import traceback
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
+from torch.utils._pytree import tree_flatten
+
+from .errors import InputError, TraceError
+
+__all__ = [
+    "EligibleInput",
+    "GrowthPoint",
+    "LayerGraph",
+    "trace",
+    "as_args",
+    "outputs_equal",
+]
+
+logger = logging.getLogger(__name__)
+
+_CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
+_TORCH_DIR = os.path.dirname(torch.__file__)
+
+
+@dataclass(frozen=True)
+class EligibleInput:
+    """An earlier growth point that may feed a candidate at a later point.
+
+    ``relation`` is ``"same"`` (same spatial size / token count) or ``"down"`` (spatially larger by
+    the integer ``factor``; a candidate op resamples it with stride ``factor``).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    relation: str
+    factor: int
+    channels: int
+
+
+@dataclass(frozen=True)
+class GrowthPoint:
+    """A block output where a shortcut can be grown.
+
+    ``name`` is the fx node name (stable across re-traces of the same architecture), ``module``
+    the module path of the block, ``layout`` one of ``"nchw"``, ``"nhwc"``, ``"tokens"``.
+    """
+
+    name: str
+    module: str
+    shape: tuple[int, ...]
+    dtype: str
+    layout: str
+    stage: int
+    inputs: tuple[EligibleInput, ...] = ()
+
+    @property
+    def channels(self) -> int:
+        return self.shape[1] if self.layout == "nchw" else self.shape[-1]
+
+    @property
+    def spatial(self) -> tuple[int, ...]:
+        if self.layout == "nchw":
+            return tuple(self.shape[2:])
+        if self.layout == "nhwc":
+            return tuple(self.shape[1:3])
+        return (self.shape[1],)
+
+
+@dataclass
+class LayerGraph:
+    """Plain-data view of a traced model.
+
+    Attributes:
+        graph_module: the traced ``torch.fx.GraphModule`` (exactly equal to the model, eval mode).
+        nodes: fx node name -> ``{"op", "target", "module", "shape", "dtype"}``.
+        points: growth points in topological order.
+        skipped: block module path -> why its output is not a growth point.
+        model_name: a re-creatable name for the model (``timm:resnet18``) when one is known.
+    """
+
+    graph_module: torch.fx.GraphModule
+    nodes: dict[str, dict[str, Any]]
+    points: list[GrowthPoint]
+    skipped: dict[str, str] = field(default_factory=dict)
+    model_name: str | None = None
+
+    def point(self, name: str) -> GrowthPoint:
+        """The growth point called ``name`` (fx node name or block module path)."""
+        for p in self.points:
+            if p.name == name or p.module == name:
+                return p
+        from .errors import PointError
+
+        raise PointError(
+            f"no growth point named {name!r}; available: "
+            f"{', '.join(p.name for p in self.points) or '(none)'}"
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-serialisable summary (everything but the GraphModule)."""
+        return {
+            "model_name": self.model_name,
+            "points": [dataclasses.asdict(p) for p in self.points],
+            "skipped": dict(self.skipped),
+            "num_nodes": len(self.nodes),
+        }
+
+    def table(self) -> str:
+        """A fixed-width table: one row per growth point with shape, stage and eligible inputs."""
+        rows = [("#", "point (fx node)", "module", "layout", "shape", "stage", "eligible inputs")]
+        for i, p in enumerate(self.points):
+            ins = ", ".join(
+                f"{z.name}({'=' if z.relation == 'same' else '/' + str(z.factor)},c{z.channels})"
+                for z in p.inputs
+            )
+            rows.append(
+                (str(i), p.name, p.module, p.layout, "x".join(map(str, p.shape)), str(p.stage), ins or "-")
+            )
+        widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]) - 1)]
+        lines = []
+        for r in rows:
+            lines.append("  ".join(r[c].ljust(widths[c]) for c in range(len(widths))) + "  " + r[-1])
+        lines.insert(1, "-" * min(120, max(len(line) for line in lines)))
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        head = (
+            f"LayerGraph({self.model_name or type(self.graph_module).__name__}: "
+            f"{len(self.nodes)} nodes, {len(self.points)} growth points, "
+            f"{len(self.skipped)} blocks skipped)"
+        )
+        out = [head, self.table()]
+        if self.skipped:
+            out.append("skipped blocks:")
+            out.extend(f"  {k}: {v}" for k, v in self.skipped.items())
+        return "\n".join(out)
+
+    __repr__ = __str__
+
+
+# ----------------------------------------------------------------------------------------------
+# tracing
+
+
+class _GrowkitTracer(torch.fx.Tracer):
+    """fx Tracer with user / timm leaf modules; keeps the module stack for error messages."""
+
+    def __init__(self, leaf_classes: tuple[type, ...], leaf_names: set[str], autowrap: Iterable[Callable]):
+        super().__init__(autowrap_functions=tuple(autowrap))
+        self._leaf_classes = leaf_classes
+        self._leaf_names = leaf_names
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        if self._leaf_classes and isinstance(m, self._leaf_classes):
+            return True
+        if module_qualified_name in self._leaf_names:
+            return True
+        return super().is_leaf_module(m, module_qualified_name)
+
+
+def _timm_registries() -> tuple[list[type], list[Callable]]:
+    try:
+        from timm.layers import _fx as timm_fx
+    except Exception:  # timm missing or changed layout: plain fx still works
+        return [], []
+    return list(timm_fx.get_notrace_modules()), list(timm_fx.get_notrace_functions())
+
+
+def as_args(example_input: Any) -> tuple[torch.Tensor, ...]:
+    """Normalise ``example_input`` (a tensor or a tuple/list of tensors) to positional args."""
+    if isinstance(example_input, torch.Tensor):
+        return (example_input,)
+    if isinstance(example_input, (tuple, list)) and example_input and all(
+        isinstance(t, torch.Tensor) for t in example_input
+    ):
+        return tuple(example_input)
+    raise InputError(
+        f"example_input must be a torch.Tensor or a tuple of tensors (the model's positional "
+        f"inputs), got {type(example_input).__name__}; pass e.g. torch.randn(1, 3, 224, 224)"
+    )
+
+
+def outputs_equal(a: Any, b: Any, rtol: float = 0.0) -> bool:
+    """True when two (nested) model outputs have the same structure and equal tensors."""
+    fa, sa = tree_flatten(a)
+    fb, sb = tree_flatten(b)
+    if sa != sb or len(fa) != len(fb):
+        return False
+    for x, y in zip(fa, fb):
+        if isinstance(x, torch.Tensor) != isinstance(y, torch.Tensor):
+            return False
+        if not isinstance(x, torch.Tensor):
+            if x != y:
+                return False
+            continue
+        if x.shape != y.shape or x.dtype != y.dtype:
+            return False
+        if rtol == 0.0:
+            if not torch.equal(x, y):
+                return False
+        else:
+            scale = y.abs().max().item() if y.numel() else 0.0
+            if (x - y).abs().max().item() > rtol * max(scale, 1e-12):
+                return False
+    return True
+
+
+def _user_frame(exc: BaseException) -> str | None:
+    """The deepest traceback frame outside torch, as ``file:line: code``."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    for fr in reversed(frames):
+        if not fr.filename.startswith(_TORCH_DIR) and "/growkit/" not in fr.filename:
+            return f"{fr.filename}:{fr.lineno}: {(fr.line or '').strip()}"
+    return None
+
+
+def _training_dependent(model: nn.Module) -> list[type]:
+    """Module classes (below the root) whose forward branches on ``self.training``.
+
+    fx freezes such a branch at trace time (DropPath traced in train mode drops paths in eval
+    too), so they are traced as leaves and keep switching with ``.train()`` / ``.eval()``.
+    """
+    seen: dict[type, bool] = {}
+    for name, m in model.named_modules():
+        cls = type(m)
+        if not name or cls in seen or isinstance(m, _CONTAINERS) or cls.__module__.startswith("torch.nn"):
+            continue
+        try:
+            src = inspect.getsource(cls.forward)
+        except (OSError, TypeError):
+            src = ""
+        seen[cls] = "self.training" in src
+    return [c for c, dep in seen.items() if dep]
+
+
+def _symbolic_trace(
+    model: nn.Module, leaf_modules: Sequence[type | str], autowrap_functions: Sequence[Callable]
+) -> torch.fx.GraphModule:
+    timm_leaves, timm_fns = _timm_registries()
+    classes = (
+        tuple(timm_leaves)
+        + tuple(_training_dependent(model))
+        + tuple(m for m in leaf_modules if isinstance(m, type))
+    )
+    names = {m for m in leaf_modules if isinstance(m, str)}
+    bad = [m for m in leaf_modules if not isinstance(m, (type, str))]
+    if bad:
+        raise InputError(f"leaf_modules must hold nn.Module classes or module paths, got {bad!r}")
+    tracer = _GrowkitTracer(classes, names, list(timm_fns) + list(autowrap_functions))
+    try:
+        graph = tracer.trace(model)
+    except Exception as exc:
+        stack = list(tracer.module_stack.values())
+        where = _user_frame(exc)
+        if stack:
+            path, cls = stack[-1]
+            cls_name = getattr(cls, "__qualname__", str(cls))
+            what = f"module '{path or '<root>'}' ({cls_name})"
+            remedy = (
+                f"register it as a leaf so fx calls it without tracing inside: "
+                f"growkit.trace(model, x, leaf_modules=[{cls_name}]) (or the path {path!r}), or "
+                f"timm.layers.register_notrace_module({cls_name})"
+            )
+        else:
+            what = f"the model's own forward ({type(model).__name__})"
+            remedy = (
+                "move the data-dependent Python (if/for on tensor values, len() of tensors) into a "
+                "submodule and register that as a leaf, or wrap the function with "
+                "autowrap_functions=[fn]"
+            )
+        raise TraceError(
+            f"torch.fx could not trace {what}"
+            + (f" at {where}" if where else "")
+            + f": {type(exc).__name__}: {exc}. Remedy: {remedy}."
+        ) from exc
+    name = model.__class__.__name__
+    return torch.fx.GraphModule(tracer.root, graph, name)
+
+
+# ----------------------------------------------------------------------------------------------
+# growth points
+
+
+def _block_paths(model: nn.Module) -> list[str]:
+    """Module paths at block granularity.
+
+    A block is a repeated unit with at least two weight layers (conv / linear): a child of a
+    container (Sequential / ModuleList / ModuleDict, or a module whose parametrised children are
+    all of one block class, like timm's RegStage) that has no such unit nested inside it that is
+    itself composite, and no block above it. This picks ``layer2.1`` (not ``layer2``),
+    ``stages.1.blocks.0`` (not ``stages.1``) and ``features.3`` of torchvision's MobileNet (whose
+    conv-bn-act sub-sequences have one weight layer and are not blocks).
+    """
+    mods = dict(model.named_modules())
+    weights: dict[int, int] = {}
+
+    def n_weights(m: nn.Module) -> int:
+        if id(m) not in weights:
+            weights[id(m)] = sum(
+                1
+                for sub in m.modules()
+                if not any(True for _ in sub.children())
+                and isinstance(getattr(sub, "weight", None), torch.Tensor)
+                and sub.weight.dim() >= 2
+            )
+        return weights[id(m)]
+
+    def unit(m: nn.Module) -> bool:
+        return any(True for _ in m.children()) and n_weights(m) >= 2
+
+    def repeats(m: nn.Module) -> bool:
+        kids = [c for c in m.children() if any(True for _ in c.parameters())]
+        return len(kids) >= 2 and len({type(c) for c in kids}) == 1 and all(unit(c) for c in kids)
+
+    # Classes seen repeating (RegStage) are containers even where a stage holds a single block.
+    stage_classes = {type(m) for m in mods.values() if repeats(m)}
+    indexed: set[str] = set()
+    for name, m in mods.items():
+        if isinstance(m, _CONTAINERS) or type(m) in stage_classes:
+            for child_name, child in m.named_children():
+                if any(True for _ in child.children()) and n_weights(child) >= 1:
+                    indexed.add(f"{name}.{child_name}" if name else child_name)
+
+    def composite(path: str) -> bool:
+        return any(any(True for _ in c.children()) for c in mods[path].children())
+
+    blocks = [
+        path for path in indexed
+        if not any(o.startswith(path + ".") and composite(o) for o in indexed)
+    ]
+    return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]
+
+
+def _channel_hint(model: nn.Module, node_modules: list[str]) -> int | None:
+    """Output feature count of the last parametrised leaf module run in a block."""
+    mods = dict(model.named_modules())
+    for path in reversed(node_modules):
+        m = mods.get(path)
+        if m is None:
+            continue
+        for attr in ("out_features", "out_channels", "num_features"):
+            v = getattr(m, attr, None)
+            if isinstance(v, int):
+                return v
+        ns = getattr(m, "normalized_shape", None)
+        if ns:
+            return int(ns[-1])
+    return None
+
+
+def _layout(shape: tuple[int, ...], hint: int | None) -> tuple[str | None, str]:
+    if len(shape) == 4:
+        if hint is None or shape[1] == hint:
+            return "nchw", ""
+        if shape[-1] == hint:
+            return "nhwc", ""
+        return None, f"4-D output {shape} whose channel axis could not be identified"
+    if len(shape) == 3:
+        if hint is None or shape[-1] == hint:
+            return "tokens", ""
+        return None, f"3-D output {shape} is not a (B, N, C) token tensor"
+    return None, f"{len(shape)}-D output {tuple(shape)}: only NCHW/NHWC feature maps and (B, N, C) tokens grow"
+
+
+def _spatial(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
+    return GrowthPoint("", "", shape, "", layout, 0).spatial
+
+
+def _relation(z: GrowthPoint, p: GrowthPoint) -> tuple[str, int] | None:
+    if z.dtype != p.dtype or (z.layout == "tokens") != (p.layout == "tokens"):
+        return None
+    zs, ps = z.spatial, p.spatial
+    if zs == ps:
+        return "same", 1
+    if z.layout == "tokens":
+        return None
+    if all(a % b == 0 for a, b in zip(zs, ps)):
+        factors = {a // b for a, b in zip(zs, ps)}
+        if len(factors) == 1:
+            return "down", factors.pop()
+    return None
+
+
+def _find_points(gm: torch.fx.GraphModule, model: nn.Module) -> tuple[list[GrowthPoint], dict[str, str]]:
+    nodes = [n for n in gm.graph.nodes]
+    order = {n: i for i, n in enumerate(nodes)}
+    members: dict[str, list[torch.fx.Node]] = {}
+    for n in nodes:
+        stack = n.meta.get("nn_module_stack") or {}
+        for key, (path, _cls) in stack.items():
+            members.setdefault(path, []).append(n)
+            if "@" in key:  # a second call of the same module: not a well-defined block
+                members.setdefault("@shared", []).append(n)
+
+    found: list[tuple[int, str, torch.fx.Node, str]] = []
+    block_inputs: dict[str, torch.fx.Node | None] = {}
+    skipped: dict[str, str] = {}
+    shared_paths = set()
+    for n in members.get("@shared", []):
+        for key, (path, _cls) in (n.meta.get("nn_module_stack") or {}).items():
+            if "@" in key:
+                shared_paths.add(path)
+    for path in _block_paths(model):
+        inside = members.get(path)
+        if not inside:
+            continue  # not called in forward
+        if path in shared_paths:
+            skipped[path] = "module is called more than once in forward"
+            continue
+        inset = set(inside)
+        outs = [n for n in inside if any(u not in inset for u in n.users)]
+        if len(outs) != 1:
+            skipped[path] = f"block has {len(outs)} outputs; growth needs exactly one tensor"
+            continue
+        out = outs[0]
+        meta = out.meta.get("tensor_meta")
+        if not isinstance(meta, TensorMetadata):
+            skipped[path] = "block output is not a single tensor"
+            continue
+        if not meta.dtype.is_floating_point:
+            skipped[path] = f"block output has dtype {meta.dtype}"
+            continue
+        leaf_paths = [n.target for n in inside if n.op == "call_module"]
+        layout, why = _layout(tuple(meta.shape), _channel_hint(model, leaf_paths))
+        if layout is None:
+            skipped[path] = why
+            continue
+        parent = path.rsplit(".", 1)[0] if "." in path else ""
+        ext = {a for n in inside for a in n.all_input_nodes if a not in inset}
+        ext_t = [a for a in ext if isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
+        block_inputs[out.name] = ext_t[0] if len(ext_t) == 1 else None
+        found.append((order[out], path, out, layout + "|" + parent))
+
+    found.sort(key=lambda t: t[0])
+    points: list[GrowthPoint] = []
+    stage = -1
+    last_key = None
+    for _, path, node, key in found:
+        layout = key.split("|", 1)[0]
+        meta = node.meta["tensor_meta"]
+        shape = tuple(int(s) for s in meta.shape)
+        stage_key = (key, _spatial(shape, layout))
+        if stage_key != last_key:
+            stage += 1
+            last_key = stage_key
+        points.append(GrowthPoint(node.name, path, shape, str(meta.dtype).replace("torch.", ""), layout, stage))
+
+    with_inputs = []
+    for k, p in enumerate(points):
+        earlier = points[:k]
+        same_stage = [z for z in earlier if z.stage == p.stage]
+        prev_stage_outs = []
+        for s in (p.stage - 1, p.stage - 2):
+            outs = [z for z in earlier if z.stage == s]
+            if outs:
+                prev_stage_outs.append(outs[-1])
+        elig = []
+        # The block's own input (e.g. the stem output for the first block) when it is no point.
+        bin_node = block_inputs.get(p.name)
+        if bin_node is not None and all(z.name != bin_node.name for z in earlier):
+            meta = bin_node.meta["tensor_meta"]
+            shape = tuple(int(s) for s in meta.shape)
+            layout = p.layout if len(shape) == len(p.shape) else "?"
+            z = GrowthPoint(bin_node.name, "", shape, str(meta.dtype).replace("torch.", ""), layout, p.stage)
+            rel = _relation(z, p) if layout != "?" else None
+            if rel is not None:
+                elig.append(EligibleInput(z.name, z.shape, rel[0], rel[1], z.channels))
+        for z in prev_stage_outs[::-1] + same_stage:
+            rel = _relation(z, p)
+            if rel is not None:
+                elig.append(EligibleInput(z.name, z.shape, rel[0], rel[1], z.channels))
+        with_inputs.append(dataclasses.replace(p, inputs=tuple(elig)))
+    return with_inputs, skipped
+
+
+def model_name(model: nn.Module) -> str | None:
+    """``timm:<arch>`` for timm models (from ``pretrained_cfg``), else ``None``."""
+    cfg = getattr(model, "pretrained_cfg", None)
+    if isinstance(cfg, dict) and cfg.get("architecture"):
+        return f"timm:{cfg['architecture']}"
+    return None
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    leaf_modules: Sequence[type | str] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    check: bool = True,
+) -> LayerGraph:
+    """Trace ``model`` with torch.fx and find its growth points.
+
+    Args:
+        model: any ``nn.Module``; it is deep-copied, never modified.
+        example_input: a tensor (or tuple of tensors) the model accepts; used for shapes.
+        leaf_modules: extra module classes or module paths fx should not trace into
+            (timm's own registry is always used).
+        autowrap_functions: extra free functions fx should record as calls instead of tracing.
+        check: verify that the traced module gives exactly the eager output (eval mode).
+
+    Raises:
+        TraceError: fx cannot trace the model (the message names the module and line and the
+            remedy), or the traced module is not exact.
+        InputError: ``example_input`` is not a tensor, or the model rejects it.
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    args = as_args(example_input)
+    work = copy.deepcopy(model)
+    work.eval()
+    try:
+        with torch.no_grad():
+            eager = work(*args)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(a.shape)) for a in args)
+        raise InputError(
+            f"{type(model).__name__} rejected example_input of shape {shapes}: "
+            f"{type(exc).__name__}: {exc}. Pass an input the model accepts (same as a training batch, "
+            f"e.g. batch 1)."
+        ) from exc
+    # Trace in training mode: growth trains the module, and Python-level `if self.training`
+    # branches are frozen at trace time.
+    # Modules below the root that branch on self.training are traced as leaves; a branch in the
+    # root's own forward (timm's F.dropout(training=self.training) before the classifier) can
+    # only be frozen, so if the train-mode trace is not exact in eval we fall back to eval mode.
+    gm = None
+    for mode in (True, False):
+        work.train(mode)
+        gm = _symbolic_trace(work, leaf_modules, autowrap_functions)
+        gm.eval()
+        try:
+            ShapeProp(gm).propagate(*args)
+        except Exception as exc:
+            raise TraceError(
+                f"the traced graph of {type(model).__name__} fails to run on example_input: "
+                f"{type(exc).__name__}: {exc}"
+            ) from exc
+        if not check:
+            break
+        with torch.no_grad():
+            traced = gm(*args)
+        if outputs_equal(traced, eager):
+            if not mode:
+                logger.warning(
+                    "%s branches on self.training in its own forward (e.g. dropout before the "
+                    "classifier); the traced graph keeps the eval-mode branch, so that op is off "
+                    "while growing",
+                    type(model).__name__,
+                )
+            break
+    else:
+        raise TraceError(
+            f"the fx trace of {type(model).__name__} does not reproduce the eager output "
+            "exactly (a Python branch on input values was frozen at trace time); register the "
+            "module with that branch as a leaf via leaf_modules=[...]"
+        )
+    assert gm is not None
+    points, skipped = _find_points(gm, work)
+    infos: dict[str, dict[str, Any]] = OrderedDict()
+    for n in gm.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        stack = n.meta.get("nn_module_stack") or {}
+        infos[n.name] = {
+            "op": n.op,
+            "target": n.target if isinstance(n.target, str) else getattr(n.target, "__name__", str(n.target)),
+            "module": next(reversed(stack.values()))[0] if stack else "",
+            "shape": tuple(int(s) for s in meta.shape) if isinstance(meta, TensorMetadata) else None,
+            "dtype": str(meta.dtype).replace("torch.", "") if isinstance(meta, TensorMetadata) else None,
+        }
+    gm.train(model.training)
+    return LayerGraph(gm, infos, points, skipped, model_name(model))

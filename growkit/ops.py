@@ -1,0 +1,300 @@
+"""Candidate op registry: the paper's feature-map ops, token ops, and user-registered ops.
+
+An op maps one eligible input ``z`` onto the growth point's shape. Each factory receives an
+:class:`OpSpec` (input / output channels, integer downsampling factor, layout) and returns an
+``nn.Module`` that works in the layout's canonical form: NCHW for feature maps (NHWC points are
+permuted at the candidate's boundary) and (B, N, C) for tokens.
+
+Registries are instances of :class:`OpRegistry`; ``DEFAULT_REGISTRY`` holds the built-in ops.
+A user adds an op with ``growkit.register_op("name", layouts=("nchw",))(factory)`` or builds their
+own registry and passes it around.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .errors import OpError
+
+__all__ = [
+    "OpSpec",
+    "OpRegistry",
+    "DEFAULT_REGISTRY",
+    "register_op",
+    "PAPER_OPS",
+    "DEFAULT_OPS",
+    "TOKEN_OPS",
+    "default_ops",
+    "feature_norm",
+]
+
+
+@dataclass(frozen=True)
+class OpSpec:
+    """What an op must do: map ``c_in`` channels at ``factor`` x the spatial size to ``c_out``."""
+
+    c_in: int
+    c_out: int
+    factor: int = 1
+    layout: str = "nchw"  # canonical layout the op sees: "nchw" or "tokens"
+
+
+OpFactory = Callable[[OpSpec], nn.Module]
+
+
+class OpRegistry:
+    """Name -> factory, per layout family (``"nchw"`` feature maps, ``"tokens"``)."""
+
+    def __init__(self) -> None:
+        self._ops: dict[str, tuple[OpFactory, tuple[str, ...]]] = {}
+
+    def register(self, name: str, factory: OpFactory, layouts: Iterable[str] = ("nchw",)) -> OpFactory:
+        layouts = tuple(layouts)
+        bad = [lay for lay in layouts if lay not in ("nchw", "tokens")]
+        if bad:
+            raise OpError(f"op {name!r}: unknown layouts {bad}; use 'nchw' and/or 'tokens'")
+        self._ops[name] = (factory, layouts)
+        return factory
+
+    def names(self, layout: str | None = None) -> list[str]:
+        return [n for n, (_, lays) in self._ops.items() if layout is None or layout in lays]
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._ops
+
+    def copy(self) -> "OpRegistry":
+        new = OpRegistry()
+        new._ops = dict(self._ops)
+        return new
+
+    def build(self, name: str, spec: OpSpec) -> nn.Module:
+        """Instantiate op ``name`` for ``spec``; raises :class:`OpError` if unknown or unfit."""
+        if name not in self._ops:
+            raise OpError(f"unknown op {name!r}; registered ops: {', '.join(self._ops)}")
+        factory, layouts = self._ops[name]
+        if spec.layout not in layouts:
+            raise OpError(
+                f"op {name!r} is for {'/'.join(layouts)} tensors and cannot be used at a "
+                f"{spec.layout} growth point; choose from {', '.join(self.names(spec.layout))}"
+            )
+        return factory(spec)
+
+
+DEFAULT_REGISTRY = OpRegistry()
+
+
+def register_op(name: str, layouts: Iterable[str] = ("nchw",), registry: OpRegistry | None = None):
+    """Decorator registering an op factory ``f(spec: OpSpec) -> nn.Module``."""
+
+    def deco(factory: OpFactory) -> OpFactory:
+        return (registry or DEFAULT_REGISTRY).register(name, factory, layouts)
+
+    return deco
+
+
+# ----------------------------------------------------------------------------------------------
+# feature-map ops (DARTS / Petridish op set)
+
+
+class SepConv(nn.Module):
+    """ReLU-dwconv-pwconv-BN applied twice (DARTS separable conv); the first dwconv strides."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int) -> None:
+        super().__init__()
+        p = k // 2
+        self.net = nn.Sequential(
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_in, k, stride, p, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_in, 1, bias=False),
+            nn.BatchNorm2d(c_in),
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_in, k, 1, p, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class DilConv(nn.Sequential):
+    """ReLU-dilated dwconv-pwconv-BN (DARTS dilated conv, dilation 2)."""
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int, dilation: int = 2) -> None:
+        super().__init__(
+            nn.ReLU(),
+            nn.Conv2d(c_in, c_in, k, stride, dilation * (k - 1) // 2, dilation=dilation, groups=c_in, bias=False),
+            nn.Conv2d(c_in, c_out, 1, bias=False),
+            nn.BatchNorm2d(c_out),
+        )
+
+
+class PoolProj(nn.Sequential):
+    """3x3 pooling (stride = factor) followed by a 1x1 projection when channels differ."""
+
+    def __init__(self, kind: str, c_in: int, c_out: int, stride: int) -> None:
+        pool = (
+            nn.MaxPool2d(3, stride, 1)
+            if kind == "max"
+            else nn.AvgPool2d(3, stride, 1, count_include_pad=False)
+        )
+        layers: list[nn.Module] = [pool]
+        if c_in != c_out:
+            layers += [nn.Conv2d(c_in, c_out, 1, bias=False)]
+        super().__init__(*layers)
+
+
+class Skip(nn.Sequential):
+    """Identity; average-pools by ``factor`` and projects 1x1 when shapes differ."""
+
+    def __init__(self, c_in: int, c_out: int, factor: int) -> None:
+        layers: list[nn.Module] = []
+        if factor > 1:
+            layers.append(nn.AvgPool2d(factor, factor))
+        if c_in != c_out:
+            layers.append(nn.Conv2d(c_in, c_out, 1, bias=False))
+        super().__init__(*layers)  # empty Sequential is the identity
+
+
+for _k in (3, 5):
+    DEFAULT_REGISTRY.register(f"sep_conv_{_k}x{_k}", lambda s, k=_k: SepConv(s.c_in, s.c_out, k, s.factor))
+    DEFAULT_REGISTRY.register(f"dil_conv_{_k}x{_k}", lambda s, k=_k: DilConv(s.c_in, s.c_out, k, s.factor))
+DEFAULT_REGISTRY.register("max_pool_3x3", lambda s: PoolProj("max", s.c_in, s.c_out, s.factor))
+DEFAULT_REGISTRY.register("avg_pool_3x3", lambda s: PoolProj("avg", s.c_in, s.c_out, s.factor))
+
+
+# ----------------------------------------------------------------------------------------------
+# token ops, (B, N, C)
+
+
+class TokenDWConv(nn.Module):
+    """Depthwise conv over the token axis (k=3), then a linear map to ``c_out``."""
+
+    def __init__(self, c_in: int, c_out: int, k: int = 3) -> None:
+        super().__init__()
+        self.dw = nn.Conv1d(c_in, c_in, k, padding=k // 2, groups=c_in, bias=False)
+        self.act = nn.GELU()
+        self.proj = nn.Linear(c_in, c_out, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.act(self.dw(x.transpose(1, 2)).transpose(1, 2)))
+
+
+def _token_mlp(s: OpSpec) -> nn.Module:
+    hidden = max(s.c_in, s.c_out)
+    return nn.Sequential(nn.LayerNorm(s.c_in), nn.Linear(s.c_in, hidden), nn.GELU(), nn.Linear(hidden, s.c_out))
+
+
+def _skip(s: OpSpec) -> nn.Module:
+    if s.layout == "tokens":
+        return nn.Identity() if s.c_in == s.c_out else nn.Linear(s.c_in, s.c_out, bias=False)
+    return Skip(s.c_in, s.c_out, s.factor)
+
+
+DEFAULT_REGISTRY.register("identity", _skip, layouts=("nchw", "tokens"))
+DEFAULT_REGISTRY.register("linear", lambda s: nn.Linear(s.c_in, s.c_out), layouts=("tokens",))
+DEFAULT_REGISTRY.register("mlp", _token_mlp, layouts=("tokens",))
+DEFAULT_REGISTRY.register("dwconv_tokens", lambda s: TokenDWConv(s.c_in, s.c_out), layouts=("tokens",))
+
+
+PAPER_OPS: tuple[str, ...] = (
+    "sep_conv_3x3",
+    "sep_conv_5x5",
+    "dil_conv_3x3",
+    "dil_conv_5x5",
+    "max_pool_3x3",
+    "avg_pool_3x3",
+    "identity",
+)
+"""The paper's feature-map op set (Petridish / DARTS)."""
+
+DEFAULT_OPS: tuple[str, ...] = ("sep_conv_3x3", "dil_conv_3x3", "identity")
+"""A cheaper default for feature maps: keeps weak learning within a small constant factor."""
+
+TOKEN_OPS: tuple[str, ...] = ("linear", "mlp", "dwconv_tokens", "identity")
+
+
+def default_ops(layout: str) -> tuple[str, ...]:
+    """The op set used when ``ops=None``."""
+    return TOKEN_OPS if layout == "tokens" else DEFAULT_OPS
+
+
+def resolve_ops(ops: Iterable[str] | str | None, layout: str) -> tuple[str, ...]:
+    """``None`` -> default, ``"paper"`` / ``"all"`` -> the full set, else the given names."""
+    if ops is None:
+        return default_ops(layout)
+    if isinstance(ops, str):
+        if ops in ("paper", "all"):
+            return TOKEN_OPS if layout == "tokens" else PAPER_OPS
+        ops = (ops,)
+    out = tuple(ops)
+    if not out:
+        raise OpError("ops must name at least one op")
+    return out
+
+
+def feature_norm(channels: int, layout: str) -> nn.Module:
+    """BatchNorm without affine parameters, so |alpha| alone carries an op's importance."""
+    if layout == "tokens":
+        return _TokenBN(channels)
+    return nn.BatchNorm2d(channels, affine=False)
+
+
+class _TokenBN(nn.BatchNorm1d):
+    """BatchNorm1d over the channel axis of (B, N, C) tokens."""
+
+    def __init__(self, channels: int) -> None:
+        super().__init__(channels, affine=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+
+
+# ----------------------------------------------------------------------------------------------
+# building an op for one (input, point) pair
+
+
+def canonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """The layout ops compute in: NHWC feature maps are permuted to NCHW."""
+    return x.permute(0, 3, 1, 2) if layout == "nhwc" else x
+
+
+def decanonical(x: torch.Tensor, layout: str) -> torch.Tensor:
+    """Inverse of :func:`canonical`."""
+    return x.permute(0, 2, 3, 1) if layout == "nhwc" else x
+
+
+def _family(layout: str) -> str:
+    return "tokens" if layout == "tokens" else "nchw"
+
+
+def build_edge_op(registry: OpRegistry, op: str, z, point) -> nn.Module:
+    """Instantiate ``op`` mapping eligible input ``z`` onto growth point ``point``.
+
+    The op is checked on a zero tensor of batch 2 (BatchNorm needs > 1 sample in training) so
+    an op that cannot produce the point's shape fails here, with a clear message.
+    """
+    spec = OpSpec(z.channels, point.channels, z.factor, _family(point.layout))
+    module = registry.build(op, spec)
+    zshape = list(canonical(torch.empty(z.shape, device="meta"), point.layout).shape)
+    want = list(canonical(torch.empty(point.shape, device="meta"), point.layout).shape)
+    zshape[0] = want[0] = 2
+    try:
+        with torch.no_grad():
+            got = list(module.eval()(torch.zeros(zshape)).shape)
+    except Exception as exc:
+        raise OpError(
+            f"op {op!r} cannot map input {z.name} {tuple(z.shape)} onto point {point.name} "
+            f"{tuple(point.shape)}: {type(exc).__name__}: {exc}"
+        ) from exc
+    finally:
+        module.train()
+    if got != want:
+        raise OpError(
+            f"op {op!r} maps input {z.name} {tuple(z.shape)} to {tuple(got)} but point "
+            f"{point.name} needs {tuple(want)} (canonical layout); pick another op"
+        )
+    return module

@@ -1,0 +1,209 @@
+"""Growth plans: the serialisable record of what was grown, and its replay onto a base model.
+
+A plan is a list of edits against fx node names of the *base* model. Each edit adds one grown
+branch ``x_k <- x_k + eta * proj(concat(BN(op_e(z_e)) for e in edges))`` at point ``x_k``. The plan
+is data only (JSON): replaying it never executes anything from the file.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import OpError, PlanError, PointError
+from .ops import DEFAULT_REGISTRY, OpRegistry
+
+__all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "apply_edit", "apply_plan", "BRANCHES"]
+
+FORMAT = "growkit.plan"
+VERSION = 1
+BRANCHES = "growkit_branches"
+"""Name of the ModuleDict holding grown branches inside a grown GraphModule."""
+
+
+@dataclass(frozen=True)
+class Edge:
+    """One shortcut of a grown branch: ``op`` applied to base node ``input``."""
+
+    input: str
+    op: str
+
+
+@dataclass(frozen=True)
+class Edit:
+    """A grown branch at base point ``point``, merging ``edges`` by concat + 1x1 projection."""
+
+    point: str
+    edges: tuple[Edge, ...]
+    key: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"point": self.point, "key": self.key, "edges": [asdict(e) for e in self.edges]}
+
+
+@dataclass
+class GrowthPlan:
+    """Serialisable growth record (see module docstring)."""
+
+    base: dict[str, Any] = field(default_factory=dict)
+    input_shapes: list[list[int]] = field(default_factory=list)
+    input_dtypes: list[str] = field(default_factory=list)
+    fingerprint: str = ""
+    edits: list[Edit] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.edits)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT,
+            "version": VERSION,
+            "base": self.base,
+            "input_shapes": self.input_shapes,
+            "input_dtypes": self.input_dtypes,
+            "fingerprint": self.fingerprint,
+            "edits": [e.to_dict() for e in self.edits],
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2)
+
+    @classmethod
+    def from_dict(cls, d: Any) -> "GrowthPlan":
+        """Validate and build a plan from parsed JSON; raises :class:`PlanError` on any defect."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise PlanError(f"not a growkit plan (expected format {FORMAT!r})")
+        if d.get("version") != VERSION:
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (this growkit reads {VERSION})")
+
+        def ident(v: Any, what: str) -> str:
+            if not isinstance(v, str) or not v.replace("_", "a").isalnum():
+                raise PlanError(f"plan {what} {v!r} is not a node/op identifier")
+            return v
+
+        edits = []
+        for i, e in enumerate(d.get("edits", [])):
+            if not isinstance(e, dict) or not isinstance(e.get("edges"), list) or not e["edges"]:
+                raise PlanError(f"plan edit {i} is malformed: {e!r}")
+            edges = tuple(
+                Edge(ident(x.get("input") if isinstance(x, dict) else None, "input"),
+                     ident(x.get("op") if isinstance(x, dict) else None, "op"))
+                for x in e["edges"]
+            )
+            edits.append(Edit(ident(e.get("point"), "point"), edges, ident(e.get("key"), "key")))
+        shapes = d.get("input_shapes", [])
+        if not (isinstance(shapes, list) and all(isinstance(s, list) and all(isinstance(v, int) and v > 0 for v in s) for s in shapes)):
+            raise PlanError(f"plan input_shapes {shapes!r} must be lists of positive ints")
+        dtypes = d.get("input_dtypes", [])
+        for dt in dtypes:
+            if not isinstance(dt, str) or not isinstance(getattr(torch, dt, None), torch.dtype):
+                raise PlanError(f"plan input dtype {dt!r} is not a torch dtype")
+        base = d.get("base", {})
+        if not isinstance(base, dict):
+            raise PlanError("plan 'base' must be an object")
+        return cls(base, shapes, list(dtypes), str(d.get("fingerprint", "")), edits)
+
+    @classmethod
+    def from_json(cls, text: str) -> "GrowthPlan":
+        try:
+            d = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"plan is not valid JSON: {exc}") from exc
+        return cls.from_dict(d)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(self.to_json())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "GrowthPlan":
+        return cls.from_json(Path(path).read_text())
+
+    def example_input(self) -> tuple[torch.Tensor, ...]:
+        """Zero tensors of the recorded input shapes (enough to re-trace the base model)."""
+        if not self.input_shapes:
+            raise PlanError("plan records no input shape; pass example_input explicitly")
+        dts = self.input_dtypes or ["float32"] * len(self.input_shapes)
+        return tuple(torch.zeros(s, dtype=getattr(torch, dt)) for s, dt in zip(self.input_shapes, dts))
+
+
+def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
+    """Hash of the base graph's node names, ops and targets: detects a plan replayed on another model."""
+    h = hashlib.sha256()
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and str(n.target).startswith(("growkit_", BRANCHES)):
+            continue
+        h.update(f"{n.name}|{n.op}|{n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None = None) -> nn.Module:
+    """Grow one branch onto growable ``gm`` (eta = 0: output unchanged); returns the branch."""
+    from .branch import GrownBranch
+    from .surgery import insert_at_point, state_of
+
+    st = state_of(gm)
+    if st is None:
+        raise PlanError("apply_edit needs a growable module (from growkit.trace / inject / finalize)")
+    try:
+        p = st.point(edit.point)
+    except PointError as exc:
+        raise PlanError(f"plan names growth point {edit.point!r} that the base model does not have") from exc
+    eligible = {z.name: z for z in p.inputs}
+    specs = []
+    for e in edit.edges:
+        if e.input not in eligible:
+            raise PlanError(
+                f"plan edge input {e.input!r} is not an eligible input of point {p.name!r} "
+                f"(eligible: {', '.join(eligible) or 'none'})"
+            )
+        specs.append((eligible[e.input], e.op))
+    try:
+        branch = GrownBranch(p, specs, registry or DEFAULT_REGISTRY)
+    except OpError as exc:
+        raise PlanError(f"plan edit at {p.name!r}: {exc}") from exc
+    insert_at_point(gm, p.name, [e.input for e in edit.edges], branch, BRANCHES, edit.key)
+    st.plan.edits.append(edit)
+    return branch
+
+
+def apply_plan(
+    base_model: nn.Module,
+    plan: GrowthPlan,
+    example_input: Any = None,
+    *,
+    registry: OpRegistry | None = None,
+    **trace_kwargs: Any,
+) -> torch.fx.GraphModule:
+    """Replay ``plan`` onto a fresh trace of ``base_model`` (which is not modified).
+
+    The result has freshly initialised branches with eta = 0 (so it computes the base function);
+    load the grown model's ``state_dict`` to get its weights. Raises :class:`PlanError` when the
+    plan does not belong to this base model.
+    """
+    from .surgery import growable, state_of
+
+    if example_input is None:
+        example_input = plan.example_input()
+    gm = growable(base_model, example_input, **trace_kwargs)
+    st = state_of(gm)
+    assert st is not None
+    if st.plan.edits:
+        raise PlanError("apply_plan expects an ungrown base model; this one already carries a plan")
+    if plan.fingerprint and st.plan.fingerprint != plan.fingerprint:
+        raise PlanError(
+            f"plan was made for a different base graph (fingerprint {plan.fingerprint}, this model "
+            f"traces to {st.plan.fingerprint}); pass the base model the plan was grown from"
+        )
+    if plan.base:
+        st.plan.base = dict(plan.base)
+    for edit in plan.edits:
+        apply_edit(gm, edit, registry)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

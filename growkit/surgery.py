@@ -1,0 +1,167 @@
+"""Graph surgery shared by inject, finalize and plan replay.
+
+A growable module is a ``torch.fx.GraphModule`` whose ``meta["growkit"]`` holds a
+:class:`GrowState`: the base model's growth points, the growth plan applied so far and, for every
+base point, the fx node that currently carries its value (after growth, the branch node that
+replaced it). Points and plan always speak in the *base* model's node names, so a plan replays on
+a fresh trace of the base model.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from .errors import InputError, PointError
+from .graph import GrowthPoint, LayerGraph, as_args, trace
+
+__all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted"]
+
+META_KEY = "growkit"
+
+
+@dataclass
+class GrowState:
+    """What growkit knows about a growable GraphModule (see module docstring)."""
+
+    points: list[GrowthPoint]
+    plan: Any  # growkit.plan.GrowthPlan (typed loosely to avoid an import cycle)
+    node_of: dict[str, str] = field(default_factory=dict)
+    node_shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
+
+    def point(self, name: str) -> GrowthPoint:
+        for p in self.points:
+            if p.name == name or p.module == name:
+                return p
+        raise PointError(
+            f"no growth point named {name!r}; growth points of this model: "
+            f"{', '.join(p.name for p in self.points) or '(none)'}"
+        )
+
+    def copy(self) -> "GrowState":
+        return dataclasses.replace(
+            self, plan=copy.deepcopy(self.plan), node_of=dict(self.node_of), node_shapes=dict(self.node_shapes)
+        )
+
+
+def state_of(gm: nn.Module) -> GrowState | None:
+    """The :class:`GrowState` of a growable module, or ``None`` for any other module."""
+    meta = getattr(gm, "meta", None)
+    if isinstance(gm, torch.fx.GraphModule) and isinstance(meta, dict):
+        st = meta.get(META_KEY)
+        if isinstance(st, GrowState):
+            return st
+    return None
+
+
+def from_layer_graph(lg: LayerGraph, example_input: Any, base: dict[str, Any] | None = None) -> torch.fx.GraphModule:
+    """Turn a traced :class:`LayerGraph` into a growable module with an empty plan."""
+    from .plan import GrowthPlan, graph_fingerprint
+
+    gm = lg.graph_module
+    args = as_args(example_input)
+    plan = GrowthPlan(
+        base=dict(base or ({"source": lg.model_name} if lg.model_name else {})),
+        input_shapes=[list(a.shape) for a in args],
+        input_dtypes=[str(a.dtype).replace("torch.", "") for a in args],
+        fingerprint=graph_fingerprint(gm),
+    )
+    gm.meta[META_KEY] = GrowState(
+        points=list(lg.points), plan=plan, node_shapes={k: v["shape"] for k, v in lg.nodes.items()}
+    )
+    return gm
+
+
+def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -> torch.fx.GraphModule:
+    """A deep copy of ``model`` as a growable GraphModule (traced unless it already is one)."""
+    if state_of(model) is not None:
+        gm = copy.deepcopy(model)
+        gm.meta[META_KEY] = state_of(model).copy()  # type: ignore[union-attr]
+        return gm
+    if example_input is None:
+        raise InputError(
+            "example_input is required to trace a model that growkit has not traced before; "
+            "pass one batch-1 input, e.g. torch.randn(1, 3, 224, 224)"
+        )
+    lg = trace(model, example_input, **trace_kwargs)
+    base = _base_record(model, example_input)
+    return from_layer_graph(lg, example_input, base)
+
+
+def _base_record(model: nn.Module, example_input: Any) -> dict[str, Any]:
+    """How to re-create the base model: timm architecture and constructor arguments when known."""
+    from .graph import model_name
+
+    name = model_name(model)
+    if not name:
+        return {}
+    kwargs: dict[str, Any] = {}
+    nc = getattr(model, "num_classes", None)
+    if isinstance(nc, int):
+        kwargs["num_classes"] = nc
+    args = as_args(example_input)
+    if args[0].dim() == 4:
+        kwargs["in_chans"] = int(args[0].shape[1])
+    return {"source": name, "kwargs": kwargs}
+
+
+def insert_at_point(
+    gm: torch.fx.GraphModule,
+    point: str,
+    input_names: Sequence[str],
+    module: nn.Module,
+    container: str,
+    key: str,
+) -> torch.fx.Node:
+    """Insert ``module(x_point, *z)`` right after the point's current node and reroute its users.
+
+    ``point`` and ``input_names`` are base node names; they are mapped to the nodes that carry
+    their values now. The module is stored as ``gm.<container>[key]``.
+    """
+    st = state_of(gm)
+    assert st is not None, "insert_at_point needs a growable module"
+    named = {n.name: n for n in gm.graph.nodes}
+
+    def current(name: str) -> torch.fx.Node:
+        cur = st.node_of.get(name, name)
+        if cur not in named:
+            raise PointError(f"node {name!r} is not in this model's graph")
+        return named[cur]
+
+    x = current(point)
+    zs = [current(z) for z in input_names]
+    if not hasattr(gm, container):
+        gm.add_module(container, nn.ModuleDict())
+    ref = next((t for t in gm.parameters() if t.is_floating_point()), None)
+    if ref is not None:
+        module.to(device=ref.device, dtype=ref.dtype)
+    module.train(gm.training)
+    getattr(gm, container)[key] = module
+    with gm.graph.inserting_after(x):
+        new = gm.graph.call_module(f"{container}.{key}", (x, *zs))
+    x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    st.node_of[point] = new.name
+    return new
+
+
+def remove_inserted(gm: torch.fx.GraphModule, container: str) -> None:
+    """Remove every node calling ``gm.<container>.*`` (restoring its first argument) and the modules."""
+    st = state_of(gm)
+    for n in list(gm.graph.nodes):
+        if n.op == "call_module" and str(n.target).startswith(container + "."):
+            x = n.args[0]
+            n.replace_all_uses_with(x)
+            gm.graph.erase_node(n)
+            if st is not None:
+                for p, cur in list(st.node_of.items()):
+                    if cur == n.name:
+                        st.node_of[p] = x.name
+    if hasattr(gm, container):
+        delattr(gm, container)
+    gm.graph.lint()
+    gm.recompile()
