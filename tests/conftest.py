@@ -5,6 +5,10 @@ import pytest
 import torch
 from torch import nn
 
+# Test tensors are tiny: one intra-op thread is faster than two and avoids OpenMP spin contention
+# when other processes share the two cores.
+torch.set_num_threads(1)
+
 
 class TinyResNet(nn.Module):
     """A 3-stage residual CNN small enough for exactness tests in milliseconds."""

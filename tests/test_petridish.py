@@ -1,0 +1,244 @@
+"""Petridish core: inject (Algorithm 1), finalize (Algorithm 2), growth plans."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+import growkit
+from growkit.graph import outputs_equal
+
+from .conftest import TinyResNet, run_eval
+
+MODELS = {
+    "tiny_resnet": (lambda: TinyResNet(), (4, 1, 16, 16)),
+    "timm_resnet18": (lambda: timm.create_model("resnet18", num_classes=10), (4, 3, 32, 32)),
+    "timm_convnext_atto": (lambda: timm.create_model("convnext_atto", num_classes=10), (4, 3, 32, 32)),
+    "timm_mobilenetv3": (lambda: timm.create_model("mobilenetv3_small_050", num_classes=10), (4, 3, 32, 32)),
+    "timm_vit_tiny": (lambda: timm.create_model("vit_tiny_patch16_224", img_size=32, depth=4, num_classes=10), (4, 3, 32, 32)),
+    "timm_swin_nhwc": (lambda: timm.create_model("swin_tiny_patch4_window7_224", img_size=56, depths=(1, 1), num_heads=(3, 6), drop_path_rate=0.0, num_classes=10), (4, 3, 56, 56)),
+    "tv_resnet18": (lambda: torchvision.models.resnet18(num_classes=10), (4, 3, 32, 32)),
+}
+
+
+def _make(name):
+    torch.manual_seed(0)
+    factory, shape = MODELS[name]
+    model = factory()
+    x = torch.randn(*shape)
+    y = torch.randint(0, 10, (shape[0],))
+    return model, x, y
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_inject_is_exact_and_trains_candidates(name):
+    model, x, y = _make(name)
+    ref = copy.deepcopy(model)
+    cm = growkit.inject(model, x[:1], ops="paper" if name == "tiny_resnet" else None)
+    assert cm.candidates
+    assert outputs_equal(run_eval(cm, x), run_eval(copy.deepcopy(model), x))
+    # the user's model is untouched
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), ref.state_dict().values()))
+
+    # one training step: base gradients identical to training without candidates
+    base = copy.deepcopy(model).train()
+    cm.train()
+    torch.manual_seed(1)
+    F.cross_entropy(base(x), y).backward()
+    torch.manual_seed(1)
+    (F.cross_entropy(cm(x), y) + cm.extra_loss()).backward()
+    base_grads = dict(base.named_parameters())
+    cand_ids = {id(p) for p in cm.candidate_parameters()}
+    checked = 0
+    for n, p in cm.module.named_parameters():
+        if id(p) in cand_ids:
+            continue
+        g0 = base_grads[n].grad
+        assert (p.grad is None) == (g0 is None), n
+        if g0 is not None:
+            assert torch.equal(p.grad, g0), f"gradient of {n} changed"
+            checked += 1
+    assert checked == len([p for p in base.parameters() if p.grad is not None])
+    cps = list(cm.candidate_parameters())
+    nonzero = [p for p in cps if p.grad is not None and p.grad.abs().sum() > 0]
+    assert len(nonzero) >= 0.8 * len(cps)
+    for c in cm.candidates.values():
+        assert c.alpha.grad is not None and (c.alpha.grad != 0).all()
+        assert c.score == c.score  # a backward pass recorded a score (not nan)
+
+
+def test_gradient_identity_of_weak_learning():
+    """d loss / d theta == d/dtheta <dL/dx_k, x_c> for candidate parameters (float64)."""
+    torch.manual_seed(0)
+    model = TinyResNet().double()
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    cm = growkit.inject(model, x[:1], ops=("sep_conv_3x3", "avg_pool_3x3", "identity"), l1=0.0)
+    cm.train()
+    cand = list(cm.candidates.values())[2]
+    seen = {}
+    handle = cand.register_forward_hook(lambda m, args, out: seen.update(args=args, out=out))
+    loss = F.cross_entropy(cm(x), y)
+    handle.remove()
+    (g_k,) = torch.autograd.grad(loss, seen["out"], retain_graph=True)  # dL/dx_k
+    params = [cand.alpha, *cand.ops.parameters()]
+    got = torch.autograd.grad(loss, params)
+    # Explicit boosting objective from the same inputs (train-mode BN: same batch statistics).
+    probe = copy.deepcopy(cand)
+    xc = probe.weak_learner(*(z.detach() for z in seen["args"][1:]))
+    expect = torch.autograd.grad((g_k * xc).sum(), [probe.alpha, *probe.ops.parameters()])
+    assert len(got) == len(expect) > 1
+    for g, e in zip(got, expect):
+        torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-12)
+    assert any(g.abs().sum() > 0 for g in got[1:])
+
+
+def _weak_learn(cm, x, y, steps=5, lr=0.05):
+    opt = torch.optim.SGD(cm.parameters(), lr=lr, momentum=0.9)
+    cm.train()
+    for _ in range(steps):
+        opt.zero_grad()
+        (F.cross_entropy(cm(x), y) + cm.extra_loss()).backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("name", ["tiny_resnet", "timm_vit_tiny", "timm_swin_nhwc"])
+def test_finalize_exact_topk_and_eta_trains(name):
+    model, x, y = _make(name)
+    cm = growkit.inject(model, x[:1], ops="paper" if name == "tiny_resnet" else None)
+    _weak_learn(cm, x, y)
+    max_ops = 2
+    grown = growkit.finalize(cm, max_ops=max_ops)
+    assert outputs_equal(run_eval(grown, x), run_eval(cm, x))
+    plan = growkit.plan_of(grown)
+    assert len(plan.edits) == len(cm.candidates)
+    for edit in plan.edits:
+        cand = cm.candidates[edit.point]
+        assert len(edit.edges) <= max_ops
+        flat = sorted(((abs(a), (z, op)) for (z, op), a in zip(cand.edges(), cand.alpha.detach().flatten().tolist())), reverse=True)
+        assert [(e.input, e.op) for e in edit.edges] == [k for _, k in flat[:max_ops]]
+    # train mode too: same output (eta = 0) and gradients of the base parameters unchanged
+    torch.manual_seed(3)
+    out_g = grown.train()(x)
+    torch.manual_seed(3)
+    out_c = cm.module.train()(x)
+    assert torch.equal(out_g, out_c)
+    # a few fine-tuning steps move eta off zero
+    opt = torch.optim.SGD(grown.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(grown(x), y).backward()
+        opt.step()
+    etas = [b.eta.item() for b in grown.growkit_branches.values()]
+    assert any(e != 0.0 for e in etas)
+
+
+def test_finalize_chosen_points_only_and_proj_init():
+    model, x, y = _make("tiny_resnet")
+    cm = growkit.inject(model, x[:1], ops=("sep_conv_3x3", "identity"))
+    _weak_learn(cm, x, y, steps=2)
+    pts = list(cm.candidates)
+    grown = growkit.finalize(cm, max_ops=3, points=[pts[1]])
+    plan = growkit.plan_of(grown)
+    assert [e.point for e in plan.edits] == [pts[1]]
+    branch = next(iter(grown.growkit_branches.values()))
+    # the projection starts as the alpha-weighted sum: with eta = 1 the branch adds exactly x_c
+    cand = cm.candidates[pts[1]]
+    seen = {}
+    h = branch.register_forward_hook(lambda m, a, o: seen.update(args=a))
+    run_eval(grown, x)
+    h.remove()
+    branch.eval()
+    cand.eval()
+    with torch.no_grad():
+        branch.eta.fill_(1.0)
+        zs = seen["args"][1:]
+        got = branch(torch.zeros_like(seen["args"][0]), *zs)
+        by_name = dict(zip(branch.input_names, zs))
+        kept = {(e.input, e.op) for e in plan.edits[0].edges}
+        want = 0
+        for (z, op), a, opm, norm in zip(cand.edges(), cand.alpha.flatten(), cand.ops, cand.norms):
+            if (z, op) in kept:
+                want = want + a * norm(opm(by_name[z]))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_plan_round_trip_replays_exactly(tmp_path):
+    model, x, y = _make("tiny_resnet")
+    cm = growkit.inject(model, x[:1], ops="paper", max_inputs=2)
+    _weak_learn(cm, x, y)
+    grown = growkit.finalize(cm)
+    # train the grown model so eta and branches are non-trivial
+    opt = torch.optim.SGD(grown.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(grown.train()(x), y).backward()
+        opt.step()
+    plan = growkit.plan_of(grown)
+    path = tmp_path / "plan.json"
+    plan.save(path)
+    loaded = growkit.GrowthPlan.load(path)
+    assert loaded.to_dict() == plan.to_dict()
+    assert json.loads(path.read_text())["format"] == "growkit.plan"
+    replayed = growkit.apply_plan(model, loaded)
+    assert list(replayed.state_dict()) == list(grown.state_dict())
+    replayed.load_state_dict(grown.state_dict())
+    assert torch.equal(run_eval(replayed, x), run_eval(grown, x))
+    # a second round of growth on the grown model also replays
+    cm2 = growkit.inject(grown, ops=("identity",), points=[plan.edits[0].point])
+    assert torch.equal(run_eval(cm2, x), run_eval(grown, x))
+    grown2 = growkit.finalize(cm2)
+    plan2 = growkit.plan_of(grown2)
+    assert len(plan2.edits) == len(plan.edits) + 1
+    replayed2 = growkit.apply_plan(model, growkit.GrowthPlan.from_json(plan2.to_json()))
+    replayed2.load_state_dict(grown2.state_dict())
+    assert torch.equal(run_eval(replayed2, x), run_eval(grown2, x))
+
+
+def test_user_registered_op():
+    reg = growkit.OpRegistry()
+    reg = growkit.ops.DEFAULT_REGISTRY.copy()
+    reg.register("conv1x1", lambda s: nn.Conv2d(s.c_in, s.c_out, 1, stride=s.factor))
+    model, x, y = _make("tiny_resnet")
+    cm = growkit.inject(model, x[:1], ops=("conv1x1",), registry=reg)
+    assert outputs_equal(run_eval(cm, x), run_eval(model, x))
+    grown = growkit.finalize(cm, registry=reg)
+    assert {e.op for ed in growkit.plan_of(grown).edits for e in ed.edges} == {"conv1x1"}
+    assert "conv1x1" not in growkit.ops.DEFAULT_REGISTRY
+
+
+def test_bad_inputs_raise_clear_errors():
+    model, x, y = _make("tiny_resnet")
+    with pytest.raises(growkit.PointError, match="no growth point named 'nope'"):
+        growkit.inject(model, x[:1], points=["nope"])
+    with pytest.raises(growkit.OpError, match="unknown op 'sep_conv_9x9'"):
+        growkit.inject(model, x[:1], ops=("sep_conv_9x9",))
+    with pytest.raises(growkit.OpError, match="tokens"):
+        growkit.inject(model, x[:1], ops=("mlp",))
+    reg = growkit.ops.DEFAULT_REGISTRY.copy()
+    reg.register("bad", lambda s: nn.Conv2d(s.c_in, s.c_out, 3))  # no padding: wrong shape
+    with pytest.raises(growkit.OpError, match="op 'bad' maps input"):
+        growkit.inject(model, x[:1], ops=("bad",), registry=reg)
+    cm = growkit.inject(model, x[:1])
+    with pytest.raises(growkit.InputError, match="max_ops"):
+        growkit.finalize(cm, max_ops=0)
+    with pytest.raises(growkit.PointError):
+        growkit.finalize(cm, points=["nope"])
+    with pytest.raises(growkit.InputError, match="finalize"):
+        growkit.inject(cm, x[:1])
+    with pytest.raises(growkit.InputError, match="example_input"):
+        growkit.inject(model)
+    with pytest.raises(growkit.InputError):
+        growkit.inject(model, x[:1], max_inputs=0)
+    with pytest.raises(growkit.PlanError, match="not a growkit plan"):
+        growkit.GrowthPlan.from_json("{}")
+    other = timm.create_model("resnet18")
+    grown = growkit.finalize(cm)
+    with pytest.raises(growkit.PlanError):
+        growkit.apply_plan(other, growkit.plan_of(grown), torch.randn(1, 3, 32, 32))
