@@ -250,8 +250,30 @@ def _training_dependent(model: nn.Module) -> list[type]:
     return [c for c, dep in seen.items() if dep]
 
 
+def _optional_args(model: nn.Module, n_inputs: int) -> dict[str, Any] | None:
+    """Forward parameters beyond the example inputs, fixed to their defaults.
+
+    Without this fx turns ``forward(x, mask=None)`` into a two-input graph whose ``mask`` branch
+    is traced as if a mask were given.
+    """
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    fixed = {}
+    for prm in params[n_inputs:]:
+        if prm.kind in (prm.VAR_POSITIONAL, prm.VAR_KEYWORD):
+            continue
+        if prm.default is not inspect.Parameter.empty:
+            fixed[prm.name] = prm.default
+    return fixed or None
+
+
 def _symbolic_trace(
-    model: nn.Module, leaf_modules: Sequence[type | str], autowrap_functions: Sequence[Callable]
+    model: nn.Module,
+    leaf_modules: Sequence[type | str],
+    autowrap_functions: Sequence[Callable],
+    n_inputs: int = 1,
 ) -> torch.fx.GraphModule:
     timm_leaves, timm_fns = _timm_registries()
     classes = (
@@ -265,7 +287,7 @@ def _symbolic_trace(
         raise InputError(f"leaf_modules must hold nn.Module classes or module paths, got {bad!r}")
     tracer = _GrowkitTracer(classes, names, list(timm_fns) + list(autowrap_functions))
     try:
-        graph = tracer.trace(model)
+        graph = tracer.trace(model, concrete_args=_optional_args(model, n_inputs))
     except Exception as exc:
         stack = list(tracer.module_stack.values())
         where = _user_frame(exc)
@@ -331,9 +353,11 @@ def _block_paths(model: nn.Module) -> list[str]:
 
     # Classes seen repeating (RegStage) are containers even where a stage holds a single block.
     stage_classes = {type(m) for m in mods.values() if repeats(m)}
+    # A root holding its blocks directly as attributes (Inception's Mixed_5b, ...) is a container.
+    root_is_container = sum(1 for c in model.children() if unit(c)) >= 2
     indexed: set[str] = set()
     for name, m in mods.items():
-        if isinstance(m, _CONTAINERS) or type(m) in stage_classes:
+        if isinstance(m, _CONTAINERS) or type(m) in stage_classes or (name == "" and root_is_container):
             for child_name, child in m.named_children():
                 if any(True for _ in child.children()) and n_weights(child) >= 1:
                     indexed.add(f"{name}.{child_name}" if name else child_name)
@@ -341,9 +365,15 @@ def _block_paths(model: nn.Module) -> list[str]:
     def composite(path: str) -> bool:
         return any(any(True for _ in c.children()) for c in mods[path].children())
 
+    def repeated_unit(path: str) -> bool:
+        parent = mods[path.rsplit(".", 1)[0]] if "." in path else model
+        cls = type(mods[path])
+        return unit(mods[path]) and sum(1 for c in parent.children() if type(c) is cls) >= 2
+
+    # A stage holds blocks: composite units, or units repeated side by side (layer1.0, layer1.1).
     blocks = [
         path for path in indexed
-        if not any(o.startswith(path + ".") and composite(o) for o in indexed)
+        if not any(o.startswith(path + ".") and (composite(o) or repeated_unit(o)) for o in indexed)
     ]
     return [b for b in blocks if not any(b.startswith(o + ".") for o in blocks)]
 
@@ -366,12 +396,17 @@ def _channel_hint(model: nn.Module, node_modules: list[str]) -> int | None:
 
 
 def _layout(shape: tuple[int, ...], hint: int | None) -> tuple[str | None, str]:
+    """Layout of a block output from its shape and the block's last output-feature count."""
     if len(shape) == 4:
         if hint is None or shape[1] == hint:
             return "nchw", ""
-        if shape[-1] == hint:
+        if shape[-1] == hint and hint != shape[2]:
             return "nhwc", ""
-        return None, f"4-D output {shape} whose channel axis could not be identified"
+        # Concatenating blocks (DenseNet, Inception, GhostNet, DPN) end in fewer channels than
+        # they output; fall back to the square-spatial convention of the two layouts.
+        if shape[2] == shape[3] or shape[1] != shape[2]:
+            return "nchw", ""
+        return "nhwc", ""
     if len(shape) == 3:
         if hint is None or shape[-1] == hint:
             return "tokens", ""
@@ -544,7 +579,7 @@ def trace(
     gm = None
     for mode in (True, False):
         work.train(mode)
-        gm = _symbolic_trace(work, leaf_modules, autowrap_functions)
+        gm = _symbolic_trace(work, leaf_modules, autowrap_functions, len(args))
         gm.eval()
         try:
             ShapeProp(gm).propagate(*args)
