@@ -37,7 +37,7 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
 
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
-    "paper-ops-all-inputs": {"ops": "paper"},
+    "paper-ops-all-inputs": {"ops": "paper", "max_inputs": None},
 }
 
 

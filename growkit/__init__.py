@@ -18,6 +18,11 @@ from .branch import GrownBranch
 from .finalize import finalize
 from .plan import Edge, Edit, GrowthPlan, apply_plan
 from .surgery import state_of
+from .cost import Budget, Cost
+from .gallery import Entry, Gallery
+from .grow import GrowResult, grow
+from .io import load, save
+from . import cost
 
 
 def plan_of(model):
@@ -33,4 +38,5 @@ __all__ = [
     "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
+    "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "load", "save", "cost",
 ]

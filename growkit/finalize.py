@@ -26,8 +26,20 @@ __all__ = ["finalize", "selected_edges"]
 logger = logging.getLogger(__name__)
 
 
-def selected_edges(candidate_model: CandidateModel, max_ops: int = 3, points: Iterable[str] | None = None) -> dict[str, list[tuple[str, str, float]]]:
-    """Point -> the top-``max_ops`` (input, op, alpha) by |alpha| that finalize would keep."""
+def selected_edges(
+    candidate_model: CandidateModel,
+    max_ops: int = 3,
+    points: Iterable[str] | None = None,
+    selection: str = "alpha",
+    generator: torch.Generator | None = None,
+) -> dict[str, list[tuple[str, str, float]]]:
+    """Point -> the (input, op, alpha) edges finalize keeps.
+
+    ``selection="alpha"`` keeps the top-``max_ops`` by |alpha| (the paper's L1 feature
+    selection); ``"random"`` keeps ``max_ops`` edges drawn uniformly (the paper's ablation).
+    """
+    if selection not in ("alpha", "random"):
+        raise InputError(f"selection must be 'alpha' or 'random', got {selection!r}")
     if not isinstance(max_ops, int) or isinstance(max_ops, bool) or max_ops < 1:
         raise InputError(f"max_ops must be an int >= 1, got {max_ops!r}")
     cands = candidate_model.candidates
@@ -42,7 +54,15 @@ def selected_edges(candidate_model: CandidateModel, max_ops: int = 3, points: It
                 if not match:
                     raise PointError(f"no candidate at point {n!r}; candidates are at: {', '.join(cands)}")
         names = [k for k in cands if k in names or candidate_model.state.point(k).module in names]
-    return {k: cands[k].top_edges(max_ops) for k in names}
+    if selection == "alpha":
+        return {k: cands[k].top_edges(max_ops) for k in names}
+    out = {}
+    for k in names:
+        c = cands[k]
+        flat = c.alpha.detach().flatten().tolist()
+        pick = torch.randperm(len(flat), generator=generator)[:max_ops].tolist()
+        out[k] = [(*c.edges()[i], flat[i]) for i in pick]
+    return out
 
 
 def finalize(
@@ -50,6 +70,8 @@ def finalize(
     max_ops: int = 3,
     points: Iterable[str] | None = None,
     *,
+    selection: str = "alpha",
+    generator: torch.Generator | None = None,
     registry: OpRegistry | None = None,
 ) -> torch.fx.GraphModule:
     """Grow the chosen points of ``candidate_model`` (not modified) into a new module.
@@ -58,6 +80,8 @@ def finalize(
         candidate_model: result of :func:`growkit.inject`, after weak learning.
         max_ops: Imax, the number of (input, op) edges kept per point (top |alpha|).
         points: points to grow (default: every candidate); unchosen points get nothing.
+        selection: ``"alpha"`` (top |alpha|) or ``"random"`` edges (ablation baseline).
+        generator: RNG for ``selection="random"``.
 
     Returns:
         A ``torch.fx.GraphModule`` computing exactly the candidate model's function, with the
@@ -67,7 +91,7 @@ def finalize(
         raise InputError(
             f"finalize expects the CandidateModel returned by growkit.inject, got {type(candidate_model).__name__}"
         )
-    chosen = selected_edges(candidate_model, max_ops, points)
+    chosen = selected_edges(candidate_model, max_ops, points, selection, generator)
     cands = candidate_model.candidates
     gm = copy.deepcopy(candidate_model.module)
     gm.meta["growkit"] = candidate_model.state.copy()

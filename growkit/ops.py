@@ -211,15 +211,20 @@ PAPER_OPS: tuple[str, ...] = (
 )
 """The paper's feature-map op set (Petridish / DARTS)."""
 
-DEFAULT_OPS: tuple[str, ...] = ("sep_conv_3x3", "dil_conv_3x3", "identity")
-"""A cheaper default for feature maps: keeps weak learning within a small constant factor."""
+DEFAULT_OPS: tuple[str, ...] = ("sep_conv_3x3", "identity")
+"""The default for feature maps: one spatial op and the skip, about 1.5x a plain train step
+(see benchmarks/results/weak_learning_overhead.md); ``ops="paper"`` for the full set."""
 
 TOKEN_OPS: tuple[str, ...] = ("linear", "mlp", "dwconv_tokens", "identity")
+"""The full token op set."""
+
+DEFAULT_TOKEN_OPS: tuple[str, ...] = ("dwconv_tokens", "identity")
+"""The default for tokens: token mixing plus the skip."""
 
 
 def default_ops(layout: str) -> tuple[str, ...]:
     """The op set used when ``ops=None``."""
-    return TOKEN_OPS if layout == "tokens" else DEFAULT_OPS
+    return DEFAULT_TOKEN_OPS if layout == "tokens" else DEFAULT_OPS
 
 
 def resolve_ops(ops: Iterable[str] | str | None, layout: str) -> tuple[str, ...]:

@@ -1,0 +1,186 @@
+"""Training and evaluation helpers shared by grow(), streams and benchmarks."""
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from .errors import InputError
+
+__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats"]
+
+logger = logging.getLogger(__name__)
+
+BatchFn = Callable[[Any], tuple[Any, torch.Tensor]]
+LossFn = Callable[[Any, torch.Tensor], torch.Tensor]
+
+_X_KEYS = ("x", "input", "inputs", "image", "images", "pixel_values")
+_Y_KEYS = ("y", "label", "labels", "target", "targets")
+
+
+def default_batch_fn(batch: Any) -> tuple[Any, torch.Tensor]:
+    """``(x, y)`` from a tuple/list batch or a dict with common key names."""
+    if isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        x, y = batch[0], batch[1]
+    elif isinstance(batch, dict):
+        xk = next((k for k in _X_KEYS if k in batch), None)
+        yk = next((k for k in _Y_KEYS if k in batch), None)
+        if xk is None or yk is None:
+            raise InputError(
+                f"dict batch with keys {sorted(batch)}: growkit looks for one of {_X_KEYS} and one of "
+                f"{_Y_KEYS}; pass batch_fn=lambda b: (inputs, targets) for other layouts"
+            )
+        x, y = batch[xk], batch[yk]
+    else:
+        raise InputError(
+            f"loader yielded {type(batch).__name__}; expected (inputs, targets) or a dict, or pass "
+            "batch_fn=lambda b: (inputs, targets)"
+        )
+    if not isinstance(x, torch.Tensor) or not isinstance(y, torch.Tensor):
+        raise InputError(
+            f"loader yielded inputs of type {type(x).__name__} and targets of type {type(y).__name__}; "
+            "both must be torch.Tensor (use a transform such as ToTensor, or batch_fn)"
+        )
+    return x, y
+
+
+def _to(x: Any, device: torch.device) -> Any:
+    if isinstance(x, torch.Tensor):
+        return x.to(device, non_blocking=True)
+    if isinstance(x, (tuple, list)):
+        return type(x)(_to(v, device) for v in x)
+    return x
+
+
+def iter_batches(loader: Iterable, batch_fn: BatchFn | None, device: torch.device) -> Iterator[tuple[Any, torch.Tensor]]:
+    """Yield device-placed ``(x, y)``; raises :class:`InputError` for an empty loader."""
+    fn = batch_fn or default_batch_fn
+    n = 0
+    for batch in loader:
+        x, y = fn(batch)
+        n += 1
+        yield _to(x, device), _to(y, device)
+    if n == 0:
+        raise InputError("the data loader yielded no batches; check the dataset is not empty")
+
+
+class NonFiniteLoss(RuntimeError):
+    """Raised inside a phase when the loss becomes NaN or Inf (grow() catches it)."""
+
+
+@dataclass
+class PhaseStats:
+    steps: int
+    mean_loss: float
+    train_accuracy: float | None
+
+
+def _forward(model: nn.Module, x: Any) -> Any:
+    return model(*x) if isinstance(x, (tuple, list)) else model(x)
+
+
+def _logits(out: Any) -> torch.Tensor:
+    if isinstance(out, torch.Tensor):
+        return out
+    if isinstance(out, dict):
+        return next(iter(out.values()))
+    if isinstance(out, (tuple, list)):
+        return out[0]
+    raise InputError(f"model returned {type(out).__name__}; growkit needs a tensor (or dict/tuple of them)")
+
+
+def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(_logits(out), y)
+
+
+def train_steps(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    *,
+    epochs: int = 1,
+    scheduler: Any = None,
+    loss_fn: LossFn | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    batch_fn: BatchFn | None = None,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "train",
+    after_step: Callable[[], None] | None = None,
+) -> PhaseStats:
+    """Train ``model`` for ``epochs`` passes over ``loader``; the scheduler steps per batch."""
+    device = device or next(model.parameters()).device
+    loss_fn = loss_fn or default_loss
+    model.train()
+    total, count, correct, seen = 0.0, 0, 0, 0
+    for ep in range(epochs):
+        it = iter_batches(loader, batch_fn, device)
+        bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+        for x, y in bar:
+            optimizer.zero_grad(set_to_none=True)
+            out = _forward(model, x)
+            loss = loss_fn(out, y)
+            if not torch.isfinite(loss):
+                raise NonFiniteLoss(f"loss became {loss.item()} at step {count} of phase '{desc}'")
+            full = loss + extra_loss() if extra_loss is not None else loss
+            full.backward()
+            optimizer.step()
+            if scheduler is not None:
+                scheduler.step()
+            if after_step is not None:
+                after_step()
+            total += float(loss.detach())
+            count += 1
+            logits = _logits(out)
+            if logits.dim() == 2 and y.dim() == 1:
+                correct += int((logits.detach().argmax(1) == y).sum())
+                seen += int(y.numel())
+            if progress:
+                bar.set_postfix(loss=f"{total / count:.4f}")
+    return PhaseStats(count, total / max(count, 1), correct / seen if seen else None)
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    loader: Iterable,
+    *,
+    loss_fn: LossFn | None = None,
+    batch_fn: BatchFn | None = None,
+    device: torch.device | None = None,
+) -> dict[str, float]:
+    """Mean loss and top-1 accuracy (eval mode; the training flag is restored)."""
+    device = device or next(model.parameters()).device
+    loss_fn = loss_fn or default_loss
+    was = model.training
+    model.eval()
+    total, n, correct = 0.0, 0, 0
+    try:
+        for x, y in iter_batches(loader, batch_fn, device):
+            out = _forward(model, x)
+            b = int(y.shape[0]) if y.dim() else 1
+            total += float(loss_fn(out, y)) * b
+            n += b
+            logits = _logits(out)
+            if logits.dim() == 2 and y.dim() == 1:
+                correct += int((logits.argmax(1) == y).sum())
+    finally:
+        model.train(was)
+    loss = total / max(n, 1)
+    return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
+
+
+def first_input(loader: Iterable, batch_fn: BatchFn | None) -> Any:
+    """The first batch's inputs, sliced to batch 1 (used as ``example_input``)."""
+    for batch in loader:
+        x, _ = (batch_fn or default_batch_fn)(batch)
+        if isinstance(x, torch.Tensor):
+            return x[:1].detach().cpu()
+        return tuple(t[:1].detach().cpu() for t in x)
+    raise InputError("the data loader yielded no batches; check the dataset is not empty")
