@@ -4,11 +4,12 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from pathlib import Path
 from typing import Sequence
 
 import torch
 
-from .errors import GrowkitError
+from .errors import GrowkitError, InputError
 
 __all__ = ["main"]
 
@@ -30,6 +31,101 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     return 0
 
 
+def _load_data(spec: str, size: int | None):
+    from growkit.adapters import data as gdata
+
+    kind, _, path = spec.partition(":")
+    if kind == "digits":
+        return gdata.digits_dataset(size or 16), None
+    if kind in ("mnist", "kmnist"):
+        fn = gdata.mnist_dataset if kind == "mnist" else gdata.kmnist_dataset
+        return fn(path or None, size), None
+    if kind == "imagefolder":
+        root = Path(path)
+        if (root / "train").is_dir():
+            val = root / "val" if (root / "val").is_dir() else None
+            return gdata.image_folder(root / "train", size or 224), (
+                gdata.image_folder(val, size or 224, train=False) if val else None
+            )
+        return gdata.image_folder(root, size or 224), None
+    raise InputError(f"--data {spec!r}: use digits, mnist[:ROOT], kmnist[:ROOT] or imagefolder:PATH")
+
+
+def _load_checkpoint(model, path: str) -> None:
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        sd = load_file(path)
+    else:
+        sd = torch.load(path, map_location="cpu", weights_only=True)
+        sd = sd.get("state_dict", sd) if isinstance(sd, dict) else sd
+    try:
+        model.load_state_dict(sd)
+    except RuntimeError as exc:
+        raise InputError(f"checkpoint {path} does not fit the model: {exc}") from exc
+
+
+def _cmd_grow(args: argparse.Namespace) -> int:
+    from growkit.adapters import data as gdata
+
+    from .cost import Budget
+    from .grow import grow
+    from .io import save
+    from .modelspec import create_model
+    from .train import evaluate, train_steps
+
+    ds, val_ds = _load_data(args.data, args.image_size)
+    x0 = ds[0][0]
+    model = create_model(args.model, num_classes=args.num_classes, in_chans=int(x0.shape[0]))
+    if val_ds is None:
+        n = len(ds)
+        n_val = max(1, int(0.15 * n))
+        train_ds, val_ds = gdata.split(ds, [n - n_val, n_val], seed=args.seed)
+    else:
+        train_ds = ds
+    train_l, val_l = gdata.make_loaders([train_ds, val_ds], args.batch_size, seed=args.seed)
+    torch.manual_seed(args.seed)
+    if args.checkpoint:
+        _load_checkpoint(model, args.checkpoint)
+    elif args.base_epochs:
+        opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9, weight_decay=5e-4)
+        steps = args.base_epochs * len(train_l)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps)
+        train_steps(model, train_l, opt, epochs=args.base_epochs, scheduler=sched, progress=True, desc="base")
+    res = grow(
+        model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
+        search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
+        checkpoint_dir=args.out,
+    )
+    out = Path(args.out)
+    save(res, out)
+    res.plot(out / "gallery.png")
+    (out / "report.md").write_text(res.report() + "\n")
+    print(res.report())
+    print(f"\nwrote {out}/plan.json, weights.safetensors, gallery.json, gallery.png, report.md")
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    import json
+
+    from .cost import Cost
+    from .gallery import Entry, Gallery
+
+    path = Path(args.dir) / "gallery.json"
+    if not path.is_file():
+        raise InputError(f"{path} not found: point growkit report at a directory written by growkit grow / save")
+    data = json.loads(path.read_text())["gallery"]
+    gal = Gallery(cost_axis=data.get("cost_axis", "params"), eps=data.get("eps", 0.025))
+    for e in data["entries"]:
+        gal.add(Entry(e["id"], e["parent"], Cost(e["params"], e["flops"], e.get("latency_ms")), e["val_error"],
+                      e.get("val_loss"), e.get("plan", {}), e["round"], e["kind"], e.get("times_chosen", 0)))
+    print(gal.report())
+    png = gal.plot(Path(args.dir) / "gallery.png")
+    print(f"\nplot: {png}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="growkit",
@@ -43,11 +139,33 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--num-classes", type=int, default=None)
     t.add_argument("--json", action="store_true", help="print the graph as JSON")
     t.set_defaults(func=_cmd_trace)
+
+    g = sub.add_parser("grow", help="grow a trained model on local data and write the result")
+    g.add_argument("--model", required=True, help="timm:NAME or package.module:factory")
+    g.add_argument("--checkpoint", help="trained weights (.safetensors, or a torch state dict loaded weights-only)")
+    g.add_argument("--data", required=True, help="digits | mnist[:ROOT] | kmnist[:ROOT] | imagefolder:PATH")
+    g.add_argument("--budget", default="params=1.5", help="e.g. params=1.2,flops=1.5 (ratios) or abs:params=2e6")
+    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--num-classes", type=int, default=10)
+    g.add_argument("--image-size", type=int, default=None)
+    g.add_argument("--base-epochs", type=int, default=0, help="train the base first when no --checkpoint is given")
+    g.add_argument("--rounds", type=int, default=2)
+    g.add_argument("--search-epochs", type=int, default=1)
+    g.add_argument("--finetune-epochs", type=int, default=1)
+    g.add_argument("--lr", type=float, default=0.01)
+    g.add_argument("--batch-size", type=int, default=64)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=_cmd_grow)
+
+    r = sub.add_parser("report", help="print the gallery table of a grow output directory and plot it")
+    r.add_argument("dir")
+    r.set_defaults(func=_cmd_report)
     for extra in _extra_commands:
         extra(sub)
     return p
 
 
+# Optional subcommands (e.g. export) register themselves here: callables taking the subparsers.
 _extra_commands: list = []
 
 

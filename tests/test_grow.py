@@ -1,0 +1,159 @@
+"""growkit.grow end to end on a tiny model and real (bundled) data; save/load; CLI."""
+from __future__ import annotations
+
+import copy
+import logging
+
+import pytest
+import timm
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+import growkit
+from growkit.adapters.data import digits_dataset, make_loaders, split
+from growkit.cost import count_params
+from growkit.train import evaluate, train_steps
+
+from .conftest import TinyResNet, run_eval
+
+
+@pytest.fixture(scope="module")
+def digits():
+    ds = digits_dataset(16)
+    tr, va = split(ds, [320, 160], seed=0)
+    return make_loaders([tr, va], batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    train_l, _ = digits
+    torch.manual_seed(0)
+    m = TinyResNet(widths=(4, 8, 16))
+    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
+    train_steps(m, train_l, opt, epochs=2)
+    return m
+
+
+def test_grow_end_to_end(digits, trained):
+    train_l, val_l = digits
+    before = copy.deepcopy(trained.state_dict())
+    budget = growkit.Budget(params=1.6)
+    res = growkit.grow(trained, train_l, val_l, rounds=2, budget=budget, seed=0, progress=False)
+    # the user's model is untouched
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
+    kinds = [e.kind for e in res.gallery]
+    assert kinds[0] == "base" and kinds.count("grown") >= 1
+    base = res.gallery[0]
+    assert base.cost.params == count_params(trained)
+    for e in res.gallery:
+        if e.kind != "grown":
+            continue
+        m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+        added = sum(count_params(b) for b in m.growkit_branches.values())
+        assert e.cost.params == base.cost.params + added
+        assert e.cost.params <= 1.6 * base.cost.params
+        assert e.cost.flops > base.cost.flops
+    assert isinstance(res.model, torch.nn.Module)
+    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict()
+    best = res.best
+    assert evaluate(res.model, val_l)["accuracy"] == pytest.approx(1 - best.val_error)
+    assert "base: val acc" in res.report() and "| id |" in res.report()
+    assert res.gallery.hull()[0].id == 0 or res.gallery.hull()[0].cost.params <= base.cost.params
+    assert [h["round"] for h in res.history if "round" in h] == [1, 2]
+
+
+def test_grow_reproducible_with_seed(trained):
+    ds = digits_dataset(16)
+    tr, va = split(ds, [320, 160], seed=0)
+    kw = dict(rounds=1, seed=3, progress=False)
+    # Loaders without their own generator draw shuffles from torch's global RNG, which seed= sets.
+    a = growkit.grow(trained, DataLoader(tr, 32, shuffle=True), DataLoader(va, 64), **kw)
+    b = growkit.grow(trained, DataLoader(tr, 32, shuffle=True), DataLoader(va, 64), **kw)
+    assert a.plan.to_dict() == b.plan.to_dict()
+    sa, sb = a.model.state_dict(), b.model.state_dict()
+    assert all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_budget_nothing_fits_returns_base(digits, trained, caplog):
+    train_l, val_l = digits
+    with caplog.at_level(logging.WARNING, logger="growkit"):
+        res = growkit.grow(trained, train_l, val_l, rounds=1, budget=growkit.Budget(params=1.0001), progress=False)
+    assert len(res.plan.edits) == 0
+    assert [e.kind for e in res.gallery] == ["base"]
+    assert "budget" in caplog.text
+
+
+def test_save_load_round_trip(tmp_path, digits, trained):
+    train_l, val_l = digits
+    res = growkit.grow(trained, train_l, val_l, rounds=1, progress=False, seed=0)
+    growkit.save(res, tmp_path / "g")
+    assert {p.name for p in (tmp_path / "g").iterdir()} >= {"plan.json", "weights.safetensors", "gallery.json"}
+    loaded = growkit.load(tmp_path / "g", base_model=trained)
+    x = next(iter(val_l))[0]
+    assert torch.equal(run_eval(loaded, x), run_eval(res.model, x))
+
+
+def test_load_recreates_timm_base_from_plan(tmp_path):
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10, in_chans=1)
+    x = torch.randn(2, 1, 16, 16)
+    cm = growkit.inject(model, x[:1], ops=("identity",))
+    grown = growkit.finalize(cm)
+    with torch.no_grad():
+        for b in grown.growkit_branches.values():
+            b.eta.fill_(0.5)
+    growkit.save(grown, tmp_path / "m")
+    loaded = growkit.load(tmp_path / "m")  # base re-created from "timm:resnet10t" + kwargs
+    assert growkit.plan_of(loaded).base["source"] == "timm:resnet10t"
+    assert torch.equal(run_eval(loaded, x), run_eval(grown, x))
+
+
+def test_dict_batches_and_bad_inputs(digits, trained):
+    train_l, val_l = digits
+    x, y = next(iter(train_l))
+    dict_loader = [{"image": x, "label": y}]
+    res = growkit.grow(trained, dict_loader, dict_loader, rounds=1, progress=False)
+    assert res.gallery[0].kind == "base"
+    with pytest.raises(growkit.InputError, match="no batches"):
+        growkit.grow(trained, DataLoader(TensorDataset(torch.zeros(0, 1, 16, 16), torch.zeros(0).long())), rounds=1)
+    with pytest.raises(growkit.InputError, match="torch.Tensor"):
+        growkit.grow(trained, [([1, 2], [0, 1])], rounds=1)
+    with pytest.raises(growkit.InputError, match="do not match the loader"):
+        growkit.grow(trained, train_l, val_l, example_input=torch.randn(1, 1, 8, 8), rounds=1)
+    with pytest.raises(growkit.InputError, match="unknown method"):
+        growkit.grow(trained, train_l, method="nope")
+    with pytest.raises(growkit.BudgetError):
+        growkit.Budget(params=0.5)
+    with pytest.raises(growkit.BudgetError):
+        growkit.Budget.parse("widgets=2")
+
+
+def test_nan_loss_stops_round_and_keeps_last_good(digits, trained, caplog):
+    train_l, val_l = digits
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        loss = torch.nn.functional.cross_entropy(out, y)
+        return loss * float("nan") if calls["n"] > 3 and torch.is_grad_enabled() else loss
+
+    before = copy.deepcopy(trained.state_dict())
+    with caplog.at_level(logging.WARNING, logger="growkit"):
+        res = growkit.grow(trained, train_l, val_l, rounds=1, loss_fn=loss_fn, progress=False)
+    assert "stopped" in res.history[0]["note"] and "nan" in res.history[0]["note"]
+    assert [e.kind for e in res.gallery] == ["base"]
+    assert "keeping the last good model" in caplog.text
+    assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
+
+
+def test_cli_grow_and_report(tmp_path, capsys):
+    from growkit.cli import main
+
+    out = tmp_path / "run"
+    rc = main(["grow", "--model", "tests.conftest:TinyResNet", "--data", "digits", "--out", str(out),
+               "--base-epochs", "1", "--rounds", "1", "--budget", "params=2.0", "--num-classes", "10"])
+    assert rc == 0
+    assert (out / "plan.json").is_file() and (out / "gallery.png").is_file()
+    assert main(["report", str(out)]) == 0
+    assert "| id |" in capsys.readouterr().out
+    assert main(["report", str(tmp_path / "missing")]) == 2
