@@ -22,6 +22,7 @@ from .cost import Budget, Cost
 from .gallery import Entry, Gallery
 from .grow import GrowResult, grow
 from .io import load, save
+from .export import ExportReport, export_onnx
 from . import cost
 
 
@@ -39,4 +40,5 @@ __all__ = [
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
     "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "load", "save", "cost",
+    "ExportReport", "export_onnx",
 ]

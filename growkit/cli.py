@@ -126,6 +126,20 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from .export import export_onnx
+    from .io import load
+
+    model = load(args.dir)
+    plan = __import__("growkit").plan_of(model)
+    example = plan.example_input()
+    example = tuple(torch.randn(a.shape, dtype=a.dtype) for a in example)
+    report = export_onnx(model, args.out, example if len(example) > 1 else example[0], opset=args.opset,
+                         dynamic_batch=not args.static_batch)
+    print(report)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="growkit",
@@ -160,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
     r = sub.add_parser("report", help="print the gallery table of a grow output directory and plot it")
     r.add_argument("dir")
     r.set_defaults(func=_cmd_report)
+    e = sub.add_parser("export", help="export a saved growkit model to ONNX, checked against onnxruntime")
+    e.add_argument("dir", help="directory written by growkit grow / growkit.save")
+    e.add_argument("--out", required=True, help="path of the .onnx file")
+    e.add_argument("--opset", type=int, default=None)
+    e.add_argument("--static-batch", action="store_true", help="export with a fixed batch size")
+    e.set_defaults(func=_cmd_export)
     for extra in _extra_commands:
         extra(sub)
     return p
