@@ -51,8 +51,6 @@ from typing import Any
 logger = logging.getLogger("trace_coverage")
 
 MODELS_CACHE = "trace_coverage_models.json"
-RESULTS_JSON = "trace_coverage.json"
-RESULTS_MD = "trace_coverage.md"
 REASON_CHARS = 300
 FULL_ERROR_CHARS = 4000
 STATUSES = ("ok", "trace_error", "input_error", "create_error", "other_error", "timeout")
@@ -209,7 +207,68 @@ def timm_fx_reference(model: Any, x: Any) -> tuple[str, str]:
     return "ok", ""
 
 
-def run_worker(name: str, out_path: Path, threads: int) -> None:
+def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
+    """inject -> exact? -> randomised alphas -> finalize -> exact? -> eta = 0.1 -> ONNX + onnxruntime.
+
+    ``res["grow"]`` ends as ``ok`` or ``<stage>_error`` / ``<stage>_inexact`` with a reason.
+    """
+    import torch
+
+    import growkit
+
+    stage = "inject"
+    res["grow"] = "timeout"
+    dump()
+    try:
+        model.eval()
+        with torch.no_grad():
+            eager = model(x)
+        t0 = time.perf_counter()
+        cm = growkit.inject(model, x)
+        res["candidates"] = len(cm.candidates)
+        cm.eval()
+        with torch.no_grad():
+            res["inject_exact"] = _outputs_equal(cm(x), eager)
+        if not res["inject_exact"]:
+            res["grow"], res["grow_reason"] = "inject_inexact", "output with candidates differs (torch.equal)"
+            return
+        stage = "finalize"
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for c in cm.candidates.values():
+                c.alpha.copy_(torch.randn(c.alpha.shape, generator=gen))
+        grown = growkit.finalize(cm)
+        grown.eval()
+        with torch.no_grad():
+            res["finalize_exact"] = _outputs_equal(grown(x), eager)
+        if not res["finalize_exact"]:
+            res["grow"], res["grow_reason"] = "finalize_inexact", "grown output at eta=0 differs (torch.equal)"
+            return
+        res["grown_branches"] = len(growkit.plan_of(grown).edits)
+        res["grow_s"] = round(time.perf_counter() - t0, 3)
+        with torch.no_grad():
+            for b in grown.growkit_branches.values():
+                b.eta.fill_(0.1)
+            res["eta_changes_output"] = not _outputs_equal(grown(x), eager)
+        dump()
+        stage = "export"
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
+            rep = growkit.export_onnx(grown, Path(tmp) / "m.onnx", x, check=False)
+        res.update(exporter=rep.exporter, onnx_max_abs=rep.max_abs_diff, onnx_max_rel=rep.max_rel_diff,
+                   onnx_parity=rep.passed, export_s=round(time.perf_counter() - t0, 2))
+        if rep.fallback_reason:
+            res["dynamo_reason"] = _short(rep.fallback_reason)
+        res["grow"] = "ok" if rep.passed else "parity_fail"
+        if not rep.passed:
+            res["grow_reason"] = f"onnxruntime differs: max abs {rep.max_abs_diff:.3g}, rel {rep.max_rel_diff:.3g}"
+    except Exception as exc:  # noqa: BLE001
+        res["grow"] = f"{stage}_error"
+        res["grow_reason"] = _short(_exc_text(exc))
+        res["grow_error_full"] = _exc_text(exc)[:FULL_ERROR_CHARS]
+
+
+def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -> None:
     """Create ``name``, run growkit.trace and the timm-fx reference; write JSON to ``out_path``.
 
     The JSON is rewritten after each phase, so a timeout in a later phase keeps earlier results.
@@ -270,6 +329,12 @@ def run_worker(name: str, out_path: Path, threads: int) -> None:
     if err is not None:
         res["reason"] = _short(_exc_text(err))
         res["error_full"] = _exc_text(err)[:FULL_ERROR_CHARS]
+    if stages == "grow":
+        res["grow"] = "not run"
+        if res["status"] == "ok":
+            grow_stages(model, x, res, dump)
+        dump()
+
     res["timm_fx"] = "timeout"
     dump()
 
@@ -286,12 +351,12 @@ def run_worker(name: str, out_path: Path, threads: int) -> None:
 # driver
 
 
-def run_one(name: str, timeout: float, threads: int) -> dict[str, Any]:
+def run_one(name: str, timeout: float, threads: int, stages: str = "trace") -> dict[str, Any]:
     """Run :func:`run_worker` for ``name`` in a fresh interpreter; never raises."""
     with tempfile.TemporaryDirectory(prefix="trace_cov_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--stages", stages]
         t0 = time.perf_counter()
         timed_out = False
         try:
@@ -315,6 +380,8 @@ def run_one(name: str, timeout: float, threads: int) -> dict[str, Any]:
             res["reason"] = f"no result within {timeout:g} s ({phase} phase)"
         if res.get("timm_fx") == "timeout":
             res["timm_fx_reason"] = f"no result within {timeout:g} s"
+        if res.get("grow") == "timeout":
+            res["grow_reason"] = f"no result within {timeout:g} s"
     elif rc != 0 or res.get("status") == "timeout":
         tail = (stderr or "").strip().splitlines()[-3:]
         res["status"] = "other_error" if res.get("status") in (None, "timeout") else res["status"]
@@ -329,7 +396,7 @@ def summarise(rows: list[dict[str, Any]], n_families: int) -> dict[str, Any]:
     reps = [r for r in rows if r.get("model")]
     ok = [r for r in reps if r.get("status") == "ok"]
     status = Counter(r.get("status") for r in reps)
-    return {
+    out = {
         "families": n_families,
         "families_without_model": sum(1 for r in rows if not r.get("model")),
         "representatives": len(reps),
@@ -341,6 +408,18 @@ def summarise(rows: list[dict[str, Any]], n_families: int) -> dict[str, Any]:
         "status_counts": {s: status[s] for s in STATUSES if status[s]},
         "layouts": dict(Counter(lay for r in ok for lay in r.get("layouts", []))),
     }
+    if any("grow" in r for r in reps):
+        grow = Counter(r.get("grow") for r in reps if r.get("status") == "ok")
+        out.update(
+            grow_counts=dict(grow),
+            inject_exact=sum(1 for r in reps if r.get("inject_exact")),
+            finalize_exact=sum(1 for r in reps if r.get("finalize_exact")),
+            exported=sum(1 for r in reps if r.get("exporter")),
+            exported_dynamo=sum(1 for r in reps if r.get("exporter") == "dynamo"),
+            onnx_parity=sum(1 for r in reps if r.get("onnx_parity")),
+            grown_ok=grow.get("ok", 0),
+        )
+    return out
 
 
 def _fmt(v: Any) -> str:
@@ -355,7 +434,7 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     """Markdown report: header, summary, one table row per family."""
     s = summary
     lines = [
-        "# growkit trace coverage over timm",
+        "# growkit coverage over timm" + (" (trace, grow, ONNX)" if "grow_counts" in s else " (trace)"),
         "",
         f"torch {meta['torch_version']}, timm {meta['timm_version']}, growkit {meta['growkit_version']}, "
         f"{meta['date']}; smallest model per family with <= {meta['max_params_m']:g}M params, "
@@ -370,22 +449,44 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
         + ".",
         "",
     ]
+    if "grow_counts" in s:
+        lines += [
+            f"**Growth stages** (trace -> inject -> finalize with randomised alphas -> eta = 0.1 -> "
+            f"ONNX -> onnxruntime at batch 1 and 3, tolerance 1e-4 + 1e-3 max|y|): of {s['growkit_ok']} "
+            f"traced, inject exact {s['inject_exact']}, finalize exact {s['finalize_exact']}, exported "
+            f"{s['exported']} ({s['exported_dynamo']} by the dynamo exporter), onnxruntime parity "
+            f"{s['onnx_parity']}; all stages ok: {s['grown_ok']}. Outcomes: "
+            + ", ".join(f"{k} {v}" for k, v in sorted(s["grow_counts"].items(), key=lambda kv: str(kv[0])))
+            + ".",
+            "",
+        ]
     if s["timm_fx_ok_growkit_fails"]:
         lines += [f"**timm-fx ok but growkit fails:** {', '.join(s['timm_fx_ok_growkit_fails'])}", ""]
+    grow_cols = "grow_counts" in s
     head = ["family", "model", "params (M)", "status", "points", "skipped", "layouts", "trace s",
-            "timm_fx", "reason"]
+            "timm_fx"]
+    if grow_cols:
+        head += ["candidates", "inject exact", "finalize exact", "exporter", "onnx max rel", "grow"]
+    head += ["reason"]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|" + "|".join("---" for _ in head) + "|")
     for r in sorted(rows, key=lambda r: (r["family"], r.get("model") or "")):
         if not r.get("model"):
-            cells = [r["family"], "-", "", "-", "", "", "", "", "", r.get("reason", "")]
+            cells = [r["family"], "-", "", "-", "", "", "", "", ""] + [""] * (6 if grow_cols else 0) + [r.get("reason", "")]
         else:
             reason = r.get("reason", "")
+            if r.get("grow_reason"):
+                reason = (reason + " " if reason else "") + f"[grow: {_short(r['grow_reason'], 200)}]"
             if r.get("timm_fx_reason") and r.get("timm_fx") != "ok":
                 reason = (reason + " " if reason else "") + f"[timm_fx: {_short(r['timm_fx_reason'], 150)}]"
             cells = [r["family"], f"`{r['model']}`", r.get("params_m", r.get("meta_params_m")),
                      r.get("status"), r.get("points"), r.get("skipped"), r.get("layouts"),
-                     r.get("trace_s"), r.get("timm_fx"), reason]
+                     r.get("trace_s"), r.get("timm_fx")]
+            if grow_cols:
+                rel = r.get("onnx_max_rel")
+                cells += [r.get("candidates"), r.get("inject_exact"), r.get("finalize_exact"), r.get("exporter"),
+                          f"{rel:.2g}" if isinstance(rel, float) else rel, r.get("grow")]
+            cells += [reason]
         lines.append("| " + " | ".join(_fmt(c) for c in cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -402,6 +503,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--jobs", type=int, default=1, help="models run in parallel (1)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per model process (1)")
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    p.add_argument("--stages", choices=("trace", "grow"), default="trace",
+                   help="trace only, or also inject -> finalize -> ONNX export -> onnxruntime parity")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -412,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        run_worker(args.worker, Path(args.worker_out), args.threads)
+        run_worker(args.worker, Path(args.worker_out), args.threads, args.stages)
         return 0
 
     warnings.filterwarnings("ignore")
@@ -448,7 +551,7 @@ def main(argv: list[str] | None = None) -> int:
     t_start = time.perf_counter()
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads) for r in todo}
+            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages) for r in todo}
             for r in todo:
                 res = futures[r["model"]].result()
                 results[r["model"]] = res
@@ -478,11 +581,13 @@ def main(argv: list[str] | None = None) -> int:
         "limit": args.limit or None,
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    (out_dir / RESULTS_JSON).write_text(
+    stem = "coverage" if args.stages == "grow" else "trace_coverage"
+    results_json, results_md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    (results_json).write_text(
         json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
     md = markdown(rows, summary, meta)
-    (out_dir / RESULTS_MD).write_text(md)
-    logger.info("wrote %s and %s", out_dir / RESULTS_JSON, out_dir / RESULTS_MD)
+    results_md.write_text(md)
+    logger.info("wrote %s and %s", results_json, results_md)
     print(md)
     return 0
 
