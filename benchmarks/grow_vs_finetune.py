@@ -39,7 +39,8 @@ from typing import Any
 import timm
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
 from growkit.adapters import data as D
@@ -53,8 +54,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 # Per dataset: loader, split sizes, base channels. Widths were picked so the base underfits
 # (train accuracy clearly below 100 % after base training); see the base rows of the report.
 DATASETS: dict[str, dict[str, Any]] = {
-    "kmnist": {"load": lambda: D.kmnist_dataset(), "sizes": (7000, 1000, 2000), "channels": (2, 4, 8, 16)},
-    "mnist": {"load": lambda: D.mnist_dataset(), "sizes": (7000, 1000, 2000), "channels": (1, 2, 4, 8)},
+    "kmnist": {"load": lambda: pad32(D.kmnist_dataset()), "sizes": (7000, 1000, 2000), "channels": (2, 4, 8, 16)},
+    "mnist": {"load": lambda: pad32(D.mnist_dataset()), "sizes": (7000, 1000, 2000), "channels": (1, 2, 4, 8)},
     "digits": {"load": lambda: D.digits_dataset(size=16), "sizes": (1200, 300, 297), "channels": (1, 2, 4, 8)},
 }
 FAMILY = "resnet10t"
@@ -68,6 +69,14 @@ TUNE_SEED = 1000
 
 
 # ----------------------------------------------------------------------------------------- data
+def pad32(ds: TensorDataset) -> TensorDataset:
+    """28x28 -> 32x32, padded with the background value. With 28x28 the resnet's stride-2 stages
+    give 7x7 -> 4x4, a non-integer factor, so growkit finds no eligible input for layer2; with
+    32x32 every stage halves exactly (8, 4, 2, 1)."""
+    x, y = ds.tensors
+    return TensorDataset(F.pad(x, (2, 2, 2, 2), value=float(x.min())), y)
+
+
 def make_data(name: str, seed: int, batch_size: int, quick: bool) -> dict[str, Any]:
     spec = DATASETS[name]
     ds = spec["load"]()

@@ -19,7 +19,7 @@ from .graph import EligibleInput, GrowthPoint
 from .ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
 from .surgery import GrowState, growable, insert_at_point, state_of
 
-__all__ = ["sg", "sf", "Candidate", "CandidateModel", "inject", "CANDIDATES"]
+__all__ = ["sg", "sf", "sf_normalized", "Candidate", "CandidateModel", "inject", "CANDIDATES"]
 
 CANDIDATES = "growkit_candidates"
 """Name of the ModuleDict holding candidates inside a candidate model's GraphModule."""
@@ -35,6 +35,29 @@ def sf(x: torch.Tensor) -> torch.Tensor:
     return x - x.detach()
 
 
+class _StopForwardNormalized(torch.autograd.Function):
+    """Stop-forward whose backward rescales the gradient to unit RMS, averaged over elements.
+
+    The weak learner then minimises mean(dL/dx_k / rms(dL/dx_k) * x_c): the paper's objective
+    <dL/dx_k, x_c> up to a positive per-batch factor, at a scale that does not depend on how
+    small the loss gradient is at an intermediate layer (or on the tensor size), so one learning
+    rate and one L1 weight fit every point. The alpha gradient is then about cos(op, -grad).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x - x
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return g / (g.pow(2).mean().sqrt().clamp_min(1e-30) * g.numel())
+
+
+def sf_normalized(x: torch.Tensor) -> torch.Tensor:
+    """:func:`sf` with the gradient normalised to unit RMS (see ``_StopForwardNormalized``)."""
+    return _StopForwardNormalized.apply(x)
+
+
 class Candidate(nn.Module):
     """The joint weak learner at one growth point.
 
@@ -44,9 +67,17 @@ class Candidate(nn.Module):
             learner fits the negative gradient); ``nan`` before any backward pass.
     """
 
-    def __init__(self, point: GrowthPoint, inputs: Sequence[EligibleInput], ops: Sequence[str], registry: OpRegistry) -> None:
+    def __init__(
+        self,
+        point: GrowthPoint,
+        inputs: Sequence[EligibleInput],
+        ops: Sequence[str],
+        registry: OpRegistry,
+        normalize_grad: bool = False,
+    ) -> None:
         super().__init__()
         self.point = point.name
+        self.normalize_grad = normalize_grad
         self.layout = point.layout
         self.input_names = [z.name for z in inputs]
         self.op_names = list(ops)
@@ -78,7 +109,7 @@ class Candidate(nn.Module):
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
         xc = self.weak_learner(*(sg(z) for z in zs))
-        out = x + sf(xc)
+        out = x + (sf_normalized(xc) if self.normalize_grad else sf(xc))
         if out.requires_grad and self.training:
             target = xc.detach()
             out.register_hook(lambda g: self._record(target, g))
@@ -188,6 +219,7 @@ def inject(
     max_inputs: int | None = 2,
     l1: float = 1e-3,
     *,
+    normalize_grad: bool = False,
     registry: OpRegistry | None = None,
     **trace_kwargs: Any,
 ) -> CandidateModel:
@@ -201,6 +233,8 @@ def inject(
         max_inputs: keep only the nearest this many eligible inputs per point (``None``: all).
             The defaults (2 inputs, ``DEFAULT_OPS``) keep a train step near 1.5x a plain one.
         l1: weight of the L1 penalty on alphas (the paper's lambda).
+        normalize_grad: give candidates dL/dx_k scaled to unit RMS per batch (same direction,
+            scale-free; what :func:`growkit.grow` uses). ``False`` is the paper's exact identity.
         registry: op registry to build ops from (default: growkit's).
         **trace_kwargs: forwarded to :func:`growkit.trace` (``leaf_modules=...``).
     """
@@ -221,7 +255,7 @@ def inject(
         inputs = list(p.inputs)
         if max_inputs is not None:
             inputs = inputs[-max_inputs:]
-        cand = Candidate(p, inputs, resolve_ops(ops, p.layout), registry)
+        cand = Candidate(p, inputs, resolve_ops(ops, p.layout), registry, normalize_grad)
         insert_at_point(gm, p.name, cand.input_names, cand, CANDIDATES, p.name)
     gm.graph.lint()
     gm.recompile()

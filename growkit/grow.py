@@ -129,6 +129,7 @@ def grow(
     finetune_epochs: int = 1,
     lr: float = 0.01,
     new_lr_mult: float = 10.0,
+    candidate_lr: float = 3e-3,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     l1: float = 1e-3,
@@ -157,7 +158,8 @@ def grow(
         rounds: growth rounds; each round is one weak-learning phase and one fine-tuning phase.
         search_epochs / finetune_epochs: epochs of each phase per round.
         lr: base learning rate (SGD, cosine schedule restarted each phase).
-        new_lr_mult: learning-rate multiplier for candidates and newly grown parameters.
+        new_lr_mult: learning-rate multiplier for newly grown parameters while fine-tuning.
+        candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
@@ -225,20 +227,25 @@ def grow(
         try:
             # --- weak learning: the whole model keeps training while candidates learn
             t = time.perf_counter()
-            cm = inject(parent_model, ops=ops, max_inputs=max_inputs, l1=l1).to(dev)
+            cm = inject(parent_model, ops=ops, max_inputs=max_inputs, l1=l1, normalize_grad=True).to(dev)
             cand_ids = {id(p) for p in cm.candidate_parameters()}
-            opt = _optimizer(
-                [
-                    {"params": [p for p in cm.parameters() if id(p) not in cand_ids]},
-                    {"params": list(cm.candidate_parameters()), "lr": lr * new_lr_mult, "weight_decay": 0.0},
-                ],
-                lr, momentum, weight_decay,
-            )
+            opt = _optimizer([{"params": [p for p in cm.parameters() if id(p) not in cand_ids]}], lr, momentum, weight_decay)
+            # Candidates get their own Adam: their (normalised) boosting gradient has another
+            # scale than the loss gradient of the base weights.
+            cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=candidate_lr)
             steps = search_epochs * _num_batches(loader)
             sched = _cosine(opt, steps)
-            st = train_steps(cm, loader, opt, epochs=search_epochs, scheduler=sched, loss_fn=loss_fn,
+            counter = {"n": 0}
+
+            def after_step() -> None:
+                # Score only the second half of weak learning: early fits are from random init.
+                counter["n"] += 1
+                if counter["n"] == steps // 2:
+                    cm.reset_scores()
+
+            st = train_steps(cm, loader, [opt, cand_opt], epochs=search_epochs, scheduler=sched, loss_fn=loss_fn,
                              extra_loss=cm.extra_loss, batch_fn=batch_fn, device=dev, progress=progress,
-                             desc=f"round {rnd} weak learning")
+                             desc=f"round {rnd} weak learning", after_step=after_step)
             rec["search_s"] = time.perf_counter() - t
             rec["search_train_acc"] = st.train_accuracy
             scores = cm.scores()

@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -102,7 +102,7 @@ def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
 def train_steps(
     model: nn.Module,
     loader: Iterable,
-    optimizer: torch.optim.Optimizer,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
     *,
     epochs: int = 1,
     scheduler: Any = None,
@@ -117,20 +117,23 @@ def train_steps(
     """Train ``model`` for ``epochs`` passes over ``loader``; the scheduler steps per batch."""
     device = device or next(model.parameters()).device
     loss_fn = loss_fn or default_loss
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
     total, count, correct, seen = 0.0, 0, 0, 0
     for ep in range(epochs):
         it = iter_batches(loader, batch_fn, device)
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", leave=False, disable=not progress, dynamic_ncols=True)
         for x, y in bar:
-            optimizer.zero_grad(set_to_none=True)
+            for opt in optimizers:
+                opt.zero_grad(set_to_none=True)
             out = _forward(model, x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at step {count} of phase '{desc}'")
             full = loss + extra_loss() if extra_loss is not None else loss
             full.backward()
-            optimizer.step()
+            for opt in optimizers:
+                opt.step()
             if scheduler is not None:
                 scheduler.step()
             if after_step is not None:

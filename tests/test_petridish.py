@@ -242,3 +242,27 @@ def test_bad_inputs_raise_clear_errors():
     grown = growkit.finalize(cm)
     with pytest.raises(growkit.PlanError):
         growkit.apply_plan(other, growkit.plan_of(grown), torch.randn(1, 3, 32, 32))
+
+
+def test_normalized_gradient_is_scaled_identity():
+    """With normalize_grad the candidate receives d/dtheta mean(g / rms(g) * x_c): same direction."""
+    torch.manual_seed(0)
+    model = TinyResNet().double()
+    x = torch.randn(6, 1, 16, 16, dtype=torch.float64)
+    y = torch.randint(0, 10, (6,))
+    cm = growkit.inject(model, x[:1], ops=("sep_conv_3x3", "identity"), l1=0.0, normalize_grad=True)
+    cm.train()
+    cand = list(cm.candidates.values())[1]
+    seen = {}
+    h = cand.register_forward_hook(lambda m, a, o: seen.update(args=a, out=o))
+    out = cm(x)
+    h.remove()
+    assert torch.equal(out, copy.deepcopy(model).train()(x))
+    loss = F.cross_entropy(out, y)
+    (g,) = torch.autograd.grad(loss, seen["out"], retain_graph=True)
+    got = torch.autograd.grad(loss, [cand.alpha])
+    probe = copy.deepcopy(cand)
+    xc = probe.weak_learner(*(z.detach() for z in seen["args"][1:]))
+    g_hat = g / (g.pow(2).mean().sqrt() * g.numel())
+    (expect,) = torch.autograd.grad((g_hat * xc).sum(), [probe.alpha])
+    torch.testing.assert_close(got[0], expect, rtol=1e-9, atol=1e-12)
