@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
+import inspect
 import json
 import logging
 import math
@@ -63,8 +64,8 @@ STEM_WIDTH = 4
 MULTS = (1, 2, 4, 8)
 
 # Tuning grids (same number of configurations for grow and for fine-tuning).
-GROW_GRID = [{"lr": lr, "new_lr_mult": m} for lr in (0.01, 0.03) for m in (3.0, 10.0)]
-FT_GRID = [{"lr": lr} for lr in (0.003, 0.01, 0.03, 0.1)]
+GROW_GRID = [{"lr": 0.01, "new_lr_mult": 10.0}, {"lr": 0.03, "new_lr_mult": 10.0}, {"lr": 0.01, "new_lr_mult": 30.0}]
+FT_GRID = [{"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}]
 TUNE_SEED = 1000
 
 
@@ -187,12 +188,15 @@ def finetune(base: nn.Module, data: dict[str, Any], seed: int, lr: float, args: 
 def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: dict[str, Any],
          args: argparse.Namespace) -> dict[str, Any]:
     loader = train_loader(data, seed)
+    extra = {}
+    if args.candidate_lr is not None and "candidate_lr" in inspect.signature(growkit.grow).parameters:
+        extra["candidate_lr"] = args.candidate_lr
     res = growkit.grow(
         copy.deepcopy(base), loader, data["val"],
         rounds=args.rounds, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
         lr=hp["lr"], new_lr_mult=hp["new_lr_mult"], weight_decay=args.weight_decay,
         budget=growkit.Budget(params=args.budget), selection=selection, seed=seed, progress=False,
-        max_ops=args.max_ops, ops=args.ops, max_inputs=args.max_inputs, l1=args.l1,
+        max_ops=args.max_ops, ops=args.ops, max_inputs=args.max_inputs, l1=args.l1, **extra,
     )
     best = res.best
     hist = []
@@ -325,7 +329,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"batch {a['batch_size']}). Extra epochs E = rounds x (search + fine-tune) = {a['rounds']} x "
         f"({a['search_epochs']} + {a['finetune_epochs']}) = {result['extra_epochs']}, cosine restarted every phase for "
         f"(a), (b), (c). grow: budget params x{a['budget']}, max_ops {a['max_ops']}, ops {a['ops'] or 'default'}, "
-        f"max_inputs {a['max_inputs']}, l1 {a['l1']}. (d): channels widened so its params are closest to (a)'s "
+        f"max_inputs {a['max_inputs']}, l1 {a['l1']}, candidate_lr "
+        f"{a['candidate_lr'] if a['candidate_lr'] is not None else result['growkit'].get('candidate_lr_default', '-')}. "
+        f"growkit at commit {result['growkit']['commit'][:10]}{' + local changes' if result['growkit']['dirty'] else ''}. (d): channels widened so its params are closest to (a)'s "
         f"grown model, trained from scratch for {a['base_epochs']} + E epochs with the base recipe. "
         "Selection uses validation accuracy only; the numbers below are TEST accuracy (%), mean ± std over seeds "
         f"{a['seeds']}.",
@@ -384,6 +390,26 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
+def growkit_info() -> dict[str, Any]:
+    """Commit of the growkit checkout (grow() is under active development) and grow()'s defaults."""
+    import subprocess
+
+    root = Path(growkit.__file__).resolve().parent.parent
+    info: dict[str, Any] = {"commit": "unknown", "dirty": False}
+    try:
+        info["commit"] = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True,
+                                        check=True).stdout.strip()
+        info["dirty"] = bool(subprocess.run(["git", "status", "--porcelain", "growkit"], cwd=root,
+                                            capture_output=True, text=True).stdout.strip())
+    except (OSError, subprocess.CalledProcessError):
+        pass
+    sig = inspect.signature(growkit.grow).parameters
+    for k in ("candidate_lr", "new_lr_mult", "l1", "max_ops", "max_inputs"):
+        if k in sig:
+            info[f"{k}_default"] = sig[k].default
+    return info
+
+
 def _clean(x: Any) -> Any:
     if isinstance(x, float):
         return x if math.isfinite(x) else None
@@ -399,9 +425,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--datasets", default="kmnist,mnist,digits")
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--base-epochs", type=int, default=30)
-    p.add_argument("--rounds", type=int, default=2)
-    p.add_argument("--search-epochs", type=int, default=2)
-    p.add_argument("--finetune-epochs", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=1)
+    p.add_argument("--search-epochs", type=int, default=3)
+    p.add_argument("--finetune-epochs", type=int, default=7)
     p.add_argument("--base-lr", type=float, default=0.05)
     p.add_argument("--lr", type=float, default=0.01, help="grow lr (without --tune)")
     p.add_argument("--new-lr-mult", type=float, default=10.0, help="grow new_lr_mult (without --tune)")
@@ -413,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default=None, help="comma-separated op names, 'paper', or default")
     p.add_argument("--max-inputs", type=int, default=2)
     p.add_argument("--l1", type=float, default=1e-3)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--candidate-lr", type=float, default=None,
+                   help="grow's candidate_lr (Adam lr of the weak learners), if this growkit has it; default: growkit's")
+    p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/grow_vs_finetune)")
@@ -444,6 +472,7 @@ def main(argv: list[str] | None = None) -> int:
                      "channels": {n: list(DATASETS[n]["channels"]) for n in names},
                      "grow_grid": GROW_GRID, "finetune_grid": FT_GRID, "tune_seed": TUNE_SEED},
         "extra_epochs": extra_epochs(args),
+        "growkit": growkit_info(),
         "datasets": {},
     }
 
