@@ -64,8 +64,9 @@ STEM_WIDTH = 4
 MULTS = (1, 2, 4, 8)
 
 # Tuning grids (same number of configurations for grow and for fine-tuning).
-GROW_GRID = [{"lr": 0.01, "new_lr_mult": 10.0}, {"lr": 0.03, "new_lr_mult": 10.0}, {"lr": 0.01, "new_lr_mult": 30.0}]
-FT_GRID = [{"lr": 0.01}, {"lr": 0.03}, {"lr": 0.1}]
+# The same learning-rate grid for both; grow keeps new_lr_mult 10 (new params at 10x lr).
+GROW_GRID = [{"lr": lr, "new_lr_mult": 10.0} for lr in (0.01, 0.03, 0.1)]
+FT_GRID = [{"lr": lr} for lr in (0.01, 0.03, 0.1)]
 TUNE_SEED = 1000
 
 

@@ -491,6 +491,48 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     return "\n".join(lines) + "\n"
 
 
+def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, Any]],
+                  args: argparse.Namespace, out_dir: Path, t_start: float, final: bool) -> str:
+    """Write the JSON and markdown reports; called after every model so a stopped run keeps its rows."""
+    import timm
+    import torch
+
+    import growkit
+
+    rows = []
+    for sel in selection:
+        row = dict(sel)
+        if sel["model"]:
+            row.update(results.get(sel["model"], {"status": "pending", "reason": "not run yet"}))
+        if row.get("model") and row.get("status") == "pending":
+            continue
+        rows.append(row)
+    summary = summarise(rows, len(selection))
+    meta = {
+        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": torch.__version__,
+        "timm_version": timm.__version__,
+        "growkit_version": getattr(growkit, "__version__", "?"),
+        "python": sys.version.split()[0],
+        "max_params_m": args.max_params,
+        "timeout_s": args.timeout,
+        "threads": args.threads,
+        "families_arg": args.families or None,
+        "limit": args.limit or None,
+        "complete": final,
+        "models_done": len(results),
+        "wall_s": round(time.perf_counter() - t_start, 1),
+    }
+    stem = "coverage" if args.stages == "grow" else "trace_coverage"
+    results_json, results_md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
+    results_json.write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
+    md = markdown(rows, summary, meta)
+    if not final:
+        md = f"**Partial run: {len(results)} of {sum(1 for r in selection if r['model'])} models done.**\n\n" + md
+    results_md.write_text(md)
+    return md
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -555,39 +597,15 @@ def main(argv: list[str] | None = None) -> int:
             for r in todo:
                 res = futures[r["model"]].result()
                 results[r["model"]] = res
+                write_results(results, selection, args, out_dir, t_start, final=False)
                 bar.set_postfix_str(f"{r['model']}: {res.get('status')}")
                 bar.update(1)
                 if res.get("status") != "ok":
                     logger.info("%s (%s): %s - %s", r["model"], r["family"], res.get("status"),
                                 _short(res.get("reason", ""), 160))
 
-    rows = []
-    for sel in selection:
-        row = dict(sel)
-        if sel["model"]:
-            row.update(results[sel["model"]])
-        rows.append(row)
-    summary = summarise(rows, len(selection))
-    meta = {
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": torch.__version__,
-        "timm_version": timm.__version__,
-        "growkit_version": getattr(growkit, "__version__", "?"),
-        "python": sys.version.split()[0],
-        "max_params_m": args.max_params,
-        "timeout_s": args.timeout,
-        "threads": args.threads,
-        "families_arg": args.families or None,
-        "limit": args.limit or None,
-        "wall_s": round(time.perf_counter() - t_start, 1),
-    }
-    stem = "coverage" if args.stages == "grow" else "trace_coverage"
-    results_json, results_md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
-    (results_json).write_text(
-        json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
-    md = markdown(rows, summary, meta)
-    results_md.write_text(md)
-    logger.info("wrote %s and %s", results_json, results_md)
+    md = write_results(results, selection, args, out_dir, t_start, final=True)
+    logger.info("wrote results under %s", out_dir)
     print(md)
     return 0
 
