@@ -419,7 +419,7 @@ def _spatial(shape: tuple[int, ...], layout: str) -> tuple[int, ...]:
 
 
 def _relation(z: GrowthPoint, p: GrowthPoint) -> tuple[str, int] | None:
-    if z.dtype != p.dtype or (z.layout == "tokens") != (p.layout == "tokens"):
+    if z.dtype != p.dtype or z.layout != p.layout:  # e.g. gcvit mixes NHWC and NCHW blocks
         return None
     zs, ps = z.spatial, p.spatial
     if zs == ps:
