@@ -180,13 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--opset", type=int, default=None)
     e.add_argument("--static-batch", action="store_true", help="export with a fixed batch size")
     e.set_defaults(func=_cmd_export)
-    for extra in _extra_commands:
-        extra(sub)
     return p
-
-
-# Optional subcommands (e.g. export) register themselves here: callables taking the subparsers.
-_extra_commands: list = []
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -202,7 +202,6 @@ def test_plan_round_trip_replays_exactly(tmp_path):
 
 
 def test_user_registered_op():
-    reg = growkit.OpRegistry()
     reg = growkit.ops.DEFAULT_REGISTRY.copy()
     reg.register("conv1x1", lambda s: nn.Conv2d(s.c_in, s.c_out, 1, stride=s.factor))
     model, x, y = _make("tiny_resnet")
