@@ -39,30 +39,29 @@ def test_truncated_weights(saved):
         growkit.load(path, base_model=model)
 
 
-def test_plan_with_unknown_node(saved):
+def _set_point(d, v):
+    d["edits"][0]["point"] = v
+
+
+def _set_op(d, v):
+    d["edits"][0]["edges"][0]["op"] = v
+
+
+@pytest.mark.parametrize(
+    "edit, value, match",
+    [
+        (_set_point, "no_such_node", "no_such_node"),  # unknown node
+        (_set_op, "__import__('os').system('echo pwned')", "not a node/op identifier"),  # code injection
+        (_set_op, "warp_drive", "unknown op 'warp_drive'"),  # unknown op
+    ],
+    ids=["unknown_node", "python_expression", "unknown_op"],
+)
+def test_edited_plan_is_rejected(saved, edit, value, match):
     model, _, _, path = saved
     d = json.loads((path / "plan.json").read_text())
-    d["edits"][0]["point"] = "no_such_node"
+    edit(d, value)
     (path / "plan.json").write_text(json.dumps(d))
-    with pytest.raises(growkit.PlanError, match="no_such_node"):
-        growkit.load(path, base_model=model)
-
-
-def test_plan_with_python_expression_is_rejected(saved):
-    model, _, _, path = saved
-    d = json.loads((path / "plan.json").read_text())
-    d["edits"][0]["edges"][0]["op"] = "__import__('os').system('echo pwned')"
-    (path / "plan.json").write_text(json.dumps(d))
-    with pytest.raises(growkit.PlanError, match="not a node/op identifier"):
-        growkit.load(path, base_model=model)
-
-
-def test_plan_with_unknown_op(saved):
-    model, _, _, path = saved
-    d = json.loads((path / "plan.json").read_text())
-    d["edits"][0]["edges"][0]["op"] = "warp_drive"
-    (path / "plan.json").write_text(json.dumps(d))
-    with pytest.raises(growkit.PlanError, match="unknown op 'warp_drive'"):
+    with pytest.raises(growkit.PlanError, match=match):
         growkit.load(path, base_model=model)
 
 
