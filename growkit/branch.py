@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from .graph import EligibleInput, GrowthPoint
-from .ops import OpRegistry, build_edge_op, canonical, decanonical, feature_norm
+from .ops import OpRegistry, add_keep_strides, build_edge_op, canonical, decanonical, feature_norm
 
 __all__ = ["GrownBranch"]
 
@@ -51,7 +51,7 @@ class GrownBranch(nn.Module):
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
         ys = [norm(op(canonical(z, self.layout))) for op, norm, z in zip(self.ops, self.norms, zs)]
         y = self.proj(torch.cat(ys, dim=-1 if self.layout == "tokens" else 1))
-        return x + self.eta * decanonical(y, self.layout)
+        return add_keep_strides(x, self.eta * decanonical(y, self.layout))
 
     def extra_repr(self) -> str:
         return ", ".join(f"{op}({z})" for z, op in zip(self.input_names, self.op_names))

@@ -16,7 +16,7 @@ from torch import nn
 
 from .errors import InputError, PointError
 from .graph import EligibleInput, GrowthPoint
-from .ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
+from .ops import DEFAULT_REGISTRY, OpRegistry, add_keep_strides, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
 from .surgery import GrowState, growable, insert_at_point, state_of
 
 __all__ = ["sg", "sf", "sf_normalized", "Candidate", "CandidateModel", "inject", "CANDIDATES"]
@@ -109,7 +109,7 @@ class Candidate(nn.Module):
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
         xc = self.weak_learner(*(sg(z) for z in zs))
-        out = x + (sf_normalized(xc) if self.normalize_grad else sf(xc))
+        out = add_keep_strides(x, sf_normalized(xc) if self.normalize_grad else sf(xc))
         if out.requires_grad and self.training:
             target = xc.detach()
             out.register_hook(lambda g: self._record(target, g))

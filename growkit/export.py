@@ -105,6 +105,12 @@ def _export(model: nn.Module, args: tuple[torch.Tensor, ...], path: Path, opset:
     return "torchscript", reason
 
 
+def _with_batch(a: torch.Tensor, b: int) -> torch.Tensor:
+    """``a`` with its leading (batch) dimension cycled to size ``b``."""
+    reps = -(-b // a.shape[0])
+    return a.repeat(reps, *[1] * (a.dim() - 1))[:b]
+
+
 def _flat(out: Any) -> list[np.ndarray]:
     leaves, _ = tree_flatten(out)
     return [t.detach().cpu().numpy() for t in leaves if isinstance(t, torch.Tensor)]
@@ -142,7 +148,10 @@ def export_onnx(
     m = copy.deepcopy(m).cpu().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    exporter, reason = _export(m, args, path, opset, dynamic_batch)
+    # torch.export specialises a size-1 dimension to the constant 1 even when it is declared
+    # dynamic, so a batch-1 example would silently produce a batch-1-only file: trace at batch 2.
+    export_args = tuple(_with_batch(a, 2) for a in args) if dynamic_batch and args[0].shape[0] == 1 else args
+    exporter, reason = _export(m, export_args, path, opset, dynamic_batch)
     try:
         onnx.checker.check_model(str(path), full_check=True)
     except Exception as exc:
@@ -158,7 +167,7 @@ def export_onnx(
     max_abs, max_rel, per, passed = 0.0, 0.0, {}, True
     for b in batches:
         xs = args if b == batches[0] else tuple(
-            torch.randn((b, *a.shape[1:]), generator=gen, dtype=a.dtype) if a.is_floating_point() else a.repeat(b, *[1] * (a.dim() - 1))[:b]
+            torch.randn((b, *a.shape[1:]), generator=gen, dtype=a.dtype) if a.is_floating_point() else _with_batch(a, b)
             for a in args
         )
         with torch.no_grad():

@@ -272,6 +272,19 @@ def decanonical(x: torch.Tensor, layout: str) -> torch.Tensor:
     return x.permute(0, 2, 3, 1) if layout == "nhwc" else x
 
 
+def add_keep_strides(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``x + delta`` laid out in memory like ``x``.
+
+    Kernels downstream (e.g. depthwise convolutions) pick their algorithm from the input strides,
+    so a sum with different strides can round differently even when ``delta`` is exactly 0;
+    keeping ``x``'s strides keeps insertion bit-exact.
+    """
+    out = x + delta
+    if out.stride() != x.stride() and x.numel() > 0:
+        out = torch.empty_like(x).copy_(out)
+    return out
+
+
 def _family(layout: str) -> str:
     return "tokens" if layout == "tokens" else "nchw"
 

@@ -74,3 +74,13 @@ def test_cli_export(tmp_path, capsys):
     growkit.save(grown, tmp_path / "g")
     assert main(["export", str(tmp_path / "g"), "--out", str(tmp_path / "g.onnx")]) == 0
     assert "PASS" in capsys.readouterr().out
+
+
+def test_batch1_example_exports_a_dynamic_batch(tmp_path):
+    # convit's attention is shape-dependent; exporting from a batch-1 example used to bake in
+    # batch 1 (torch.export specialises size-1 dims), so onnxruntime rejected batch 3.
+    torch.manual_seed(0)
+    model = timm.create_model("convit_tiny", img_size=32, depth=2, num_classes=10)
+    x = torch.randn(1, 3, 32, 32)
+    rep = growkit.export_onnx(_grown(model, x), tmp_path / "c.onnx", x)
+    assert rep.passed and rep.batch_sizes == [1, 3] and rep.exporter == "dynamo"

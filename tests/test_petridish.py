@@ -265,3 +265,48 @@ def test_normalized_gradient_is_scaled_identity():
     g_hat = g / (g.pow(2).mean().sqrt() * g.numel())
     (expect,) = torch.autograd.grad((g_hat * xc).sum(), [probe.alpha])
     torch.testing.assert_close(got[0], expect, rtol=1e-9, atol=1e-12)
+
+
+class _ChannelsLastView(torch.nn.Module):
+    """Token blocks whose NCHW view (batch stride C) meets channels-last candidate outputs."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(8, 8, 1)
+        self.blocks = torch.nn.Sequential(*[_TokenBlock() for _ in range(2)])
+        self.dw = torch.nn.Conv2d(8, 8, 3, padding=1, groups=8)
+
+    def forward(self, x):
+        x = self.stem(x).contiguous(memory_format=torch.channels_last)
+        return self.dw(self.blocks(x)).mean((2, 3))
+
+
+class _TokenBlock(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = torch.nn.Linear(8, 8), torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        t = x.flatten(2).transpose(1, 2).contiguous()
+        t = t + self.fc2(torch.relu(self.fc1(t)))
+        return t.transpose(1, 2).view(b, c, h, w)
+
+
+def test_insertion_keeps_the_point_strides():
+    # Kernels pick algorithms from strides (davit differed by 6e-7 before this was kept).
+    torch.manual_seed(0)
+    model, x = _ChannelsLastView(), torch.randn(1, 8, 5, 5)
+    seen = []
+    cm = growkit.inject(model, x, ops=["identity"])
+    for c in cm.candidates.values():
+        c.register_forward_hook(lambda mod, args, out: seen.append((args[0].stride(), out.stride())))
+    assert torch.equal(run_eval(cm, x), run_eval(model, x))
+    assert seen and all(a == b for a, b in seen), seen
+    grown = growkit.finalize(cm)
+    seen.clear()
+    for b in grown.growkit_branches.values():
+        b.eta.data.fill_(0.3)
+        b.register_forward_hook(lambda mod, args, out: seen.append((args[0].stride(), out.stride())))
+    run_eval(grown, x)
+    assert seen and all(a == b for a, b in seen), seen
