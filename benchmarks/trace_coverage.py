@@ -266,6 +266,16 @@ def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
         res["grow"] = f"{stage}_error"
         res["grow_reason"] = _short(_exc_text(exc))
         res["grow_error_full"] = _exc_text(exc)[:FULL_ERROR_CHARS]
+    if res["grow"] in ("export_error", "parity_fail"):
+        # Attribute the failure: does the torch exporter handle the original (ungrown) model?
+        dump()
+        try:
+            with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
+                rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False)
+            res["orig_export"] = "ok" if rep.passed else "parity_fail"
+        except Exception as exc:  # noqa: BLE001
+            res["orig_export"] = "error"
+            res["orig_export_reason"] = _short(_exc_text(exc))
 
 
 def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -> None:
@@ -418,6 +428,8 @@ def summarise(rows: list[dict[str, Any]], n_families: int) -> dict[str, Any]:
             exported_dynamo=sum(1 for r in reps if r.get("exporter") == "dynamo"),
             onnx_parity=sum(1 for r in reps if r.get("onnx_parity")),
             grown_ok=grow.get("ok", 0),
+            export_fail_original_also=sorted(r["model"] for r in reps if r.get("orig_export") in ("error", "parity_fail")),
+            export_fail_original_ok=sorted(r["model"] for r in reps if r.get("orig_export") == "ok"),
         )
     return out
 
@@ -459,6 +471,11 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
             + ", ".join(f"{k} {v}" for k, v in sorted(s["grow_counts"].items(), key=lambda kv: str(kv[0])))
             + ".",
             "",
+            "Export failures where the torch exporter also fails on the original (ungrown) model: "
+            + (", ".join(s["export_fail_original_also"]) or "none")
+            + "; where the original exports but the grown model does not (a growkit problem): "
+            + (", ".join(s["export_fail_original_ok"]) or "none") + ".",
+            "",
         ]
     if s["timm_fx_ok_growkit_fails"]:
         lines += [f"**timm-fx ok but growkit fails:** {', '.join(s['timm_fx_ok_growkit_fails'])}", ""]
@@ -477,6 +494,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
             reason = r.get("reason", "")
             if r.get("grow_reason"):
                 reason = (reason + " " if reason else "") + f"[grow: {_short(r['grow_reason'], 200)}]"
+            if r.get("orig_export"):
+                reason += f" [original model export: {r['orig_export']} {_short(r.get('orig_export_reason', ''), 150)}]"
             if r.get("timm_fx_reason") and r.get("timm_fx") != "ok":
                 reason = (reason + " " if reason else "") + f"[timm_fx: {_short(r['timm_fx_reason'], 150)}]"
             cells = [r["family"], f"`{r['model']}`", r.get("params_m", r.get("meta_params_m")),

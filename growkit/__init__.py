@@ -9,6 +9,7 @@ from .errors import (
     OpError,
     PlanError,
     PointError,
+    ResourceError,
     TraceError,
 )
 from .graph import EligibleInput, GrowthPoint, LayerGraph, trace
@@ -35,7 +36,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "ExportError", "GrowkitError", "InputError", "OpError", "PlanError",
-    "PointError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
+    "PointError", "ResourceError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
     "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",

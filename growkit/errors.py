@@ -15,6 +15,7 @@ __all__ = [
     "PlanError",
     "BudgetError",
     "ExportError",
+    "ResourceError",
 ]
 
 
@@ -48,3 +49,7 @@ class BudgetError(GrowkitError, ValueError):
 
 class ExportError(GrowkitError, RuntimeError):
     """ONNX export failed or its output does not match PyTorch."""
+
+
+class ResourceError(GrowkitError, RuntimeError):
+    """The device ran out of memory (the message says what was being trained and what to reduce)."""

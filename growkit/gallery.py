@@ -56,6 +56,15 @@ class Entry:
             "note": self.note,
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> "Entry":
+        """Inverse of :meth:`to_dict` (weights are stored separately)."""
+        return cls(
+            int(d["id"]), d["parent"], Cost(int(d["params"]), int(d["flops"]), d.get("latency_ms")),
+            float(d["val_error"]), d.get("val_loss"), d["plan"], int(d["round"]), d.get("kind", "grown"),
+            int(d.get("times_chosen", 0)), state, d.get("note", ""),
+        )
+
 
 def lower_convex_hull(points: list[tuple[float, float, int]]) -> list[int]:
     """Ids on the lower convex hull of (cost, error, id), left to right (Andrew's monotone chain).

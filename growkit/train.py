@@ -76,9 +76,20 @@ class NonFiniteLoss(RuntimeError):
 
 @dataclass
 class PhaseStats:
-    steps: int
-    mean_loss: float
-    train_accuracy: float | None
+    """Running totals of a training phase (continued across epochs and resumes)."""
+
+    steps: int = 0
+    loss_sum: float = 0.0
+    correct: int = 0
+    seen: int = 0
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss_sum / max(self.steps, 1)
+
+    @property
+    def train_accuracy(self) -> float | None:
+        return self.correct / self.seen if self.seen else None
 
 
 def _forward(model: nn.Module, x: Any) -> Any:
@@ -113,14 +124,21 @@ def train_steps(
     progress: bool = False,
     desc: str = "train",
     after_step: Callable[[], None] | None = None,
+    start_epoch: int = 0,
+    stats: PhaseStats | None = None,
+    on_epoch_end: Callable[[int, PhaseStats], None] | None = None,
 ) -> PhaseStats:
-    """Train ``model`` for ``epochs`` passes over ``loader``; the scheduler steps per batch."""
+    """Train ``model`` for epochs ``start_epoch .. epochs - 1`` over ``loader``.
+
+    The scheduler steps per batch. ``stats`` continues the totals of an interrupted phase;
+    ``on_epoch_end(epoch, stats)`` runs after each epoch (checkpointing hooks in there).
+    """
     device = device or next(model.parameters()).device
     loss_fn = loss_fn or default_loss
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
-    total, count, correct, seen = 0.0, 0, 0, 0
-    for ep in range(epochs):
+    st = stats if stats is not None else PhaseStats()
+    for ep in range(start_epoch, epochs):
         it = iter_batches(loader, batch_fn, device)
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", leave=False, disable=not progress, dynamic_ncols=True)
         for x, y in bar:
@@ -129,7 +147,7 @@ def train_steps(
             out = _forward(model, x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss.item()} at step {count} of phase '{desc}'")
+                raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
             full = loss + extra_loss() if extra_loss is not None else loss
             full.backward()
             for opt in optimizers:
@@ -138,15 +156,17 @@ def train_steps(
                 scheduler.step()
             if after_step is not None:
                 after_step()
-            total += float(loss.detach())
-            count += 1
+            st.loss_sum += float(loss.detach())
+            st.steps += 1
             logits = _logits(out)
             if logits.dim() == 2 and y.dim() == 1:
-                correct += int((logits.detach().argmax(1) == y).sum())
-                seen += int(y.numel())
+                st.correct += int((logits.detach().argmax(1) == y).sum())
+                st.seen += int(y.numel())
             if progress:
-                bar.set_postfix(loss=f"{total / count:.4f}")
-    return PhaseStats(count, total / max(count, 1), correct / seen if seen else None)
+                bar.set_postfix(loss=f"{st.mean_loss:.4f}")
+        if on_epoch_end is not None:
+            on_epoch_end(ep, st)
+    return st
 
 
 @torch.no_grad()

@@ -142,7 +142,7 @@ def test_nan_loss_stops_round_and_keeps_last_good(digits, trained, caplog):
         res = growkit.grow(trained, train_l, val_l, rounds=1, loss_fn=loss_fn, progress=False)
     assert "stopped" in res.history[0]["note"] and "nan" in res.history[0]["note"]
     assert [e.kind for e in res.gallery] == ["base"]
-    assert "keeping the last good model" in caplog.text
+    assert "rolled back to the last good model" in caplog.text
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
 
 

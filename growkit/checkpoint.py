@@ -1,0 +1,225 @@
+"""Resumable run state: atomic checkpoint directories with weights, optimizer and RNG states.
+
+A checkpoint is a directory ``ckpt-<seq>`` holding ``state.json`` (progress, history, gallery
+metadata, RNG states, optimizer/scheduler scalars) and ``tensors.safetensors`` (the working model,
+optimizer buffers). It is written as ``ckpt-<seq>.tmp`` and renamed when complete, then
+``LATEST`` (a small JSON file, itself replaced atomically) is pointed at it, so a process killed at
+any instant leaves either the previous or the new checkpoint, never a torn one. Gallery entry
+weights are immutable and live once in ``entries/<id>.safetensors``.
+
+Everything is data (JSON + safetensors): reading a checkpoint never unpickles or evaluates code.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from .errors import PlanError
+from .io import _atomic_write, write_json_atomic
+
+__all__ = [
+    "capture_rng",
+    "restore_rng",
+    "full_state",
+    "load_full_state",
+    "optimizer_to_flat",
+    "optimizer_from_flat",
+    "CheckpointDir",
+]
+
+logger = logging.getLogger(__name__)
+
+LATEST = "LATEST"
+STATE = "state.json"
+TENSORS = "tensors.safetensors"
+ENTRIES = "entries"
+
+
+def _b64(t: torch.Tensor) -> str:
+    return base64.b64encode(t.cpu().numpy().tobytes()).decode("ascii")
+
+
+def _unb64(s: str) -> torch.Tensor:
+    return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
+
+
+def _loader_generators(loaders: Iterable[Any]) -> list[torch.Generator | None]:
+    """The torch generators a DataLoader shuffles / samples with, when it has its own."""
+    out: list[torch.Generator | None] = []
+    for ld in loaders:
+        gens = [getattr(ld, "generator", None), getattr(getattr(ld, "sampler", None), "generator", None)]
+        for g in gens:
+            if isinstance(g, torch.Generator) and not any(g is h for h in out):
+                out.append(g)
+    return out
+
+
+def capture_rng(rng: random.Random, loaders: Iterable[Any] = ()) -> dict[str, Any]:
+    """Every random state a growth run consumes: growkit's, torch's, numpy's, Python's, loaders'."""
+    pystate = rng.getstate()
+    gstate = random.getstate()
+    np_state = np.random.get_state()
+    out: dict[str, Any] = {
+        "growkit": [pystate[0], list(pystate[1]), pystate[2]],
+        "python": [gstate[0], list(gstate[1]), gstate[2]],
+        "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+        "torch": _b64(torch.get_rng_state()),
+        "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else [],
+        "loaders": [_b64(g.get_state()) if g is not None else None for g in _loader_generators(loaders)],
+    }
+    return out
+
+
+def restore_rng(state: dict[str, Any], rng: random.Random, loaders: Iterable[Any] = ()) -> None:
+    """Inverse of :func:`capture_rng`."""
+    g = state["growkit"]
+    rng.setstate((g[0], tuple(g[1]), g[2]))
+    p = state["python"]
+    random.setstate((p[0], tuple(p[1]), p[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], np.asarray(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(_unb64(state["torch"]))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
+    for gen, s in zip(_loader_generators(loaders), state.get("loaders", [])):
+        if gen is not None and s is not None:
+            gen.set_state(_unb64(s))
+
+
+def full_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
+    """``state_dict`` plus non-persistent buffers (running candidate scores), detached on CPU."""
+    out = {f"{prefix}{k}": v for k, v in model.state_dict().items()}
+    out.update({f"{prefix}{k}": v for k, v in model.named_buffers()})
+    return {k: v.detach().cpu().contiguous().clone() for k, v in out.items()}
+
+
+def load_full_state(model: nn.Module, tensors: dict[str, torch.Tensor], prefix: str = "") -> None:
+    """Inverse of :func:`full_state`; raises :class:`PlanError` when keys or shapes differ."""
+    mine = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+    want = full_state(model)
+    if set(mine) != set(want):
+        diff = sorted(set(mine) ^ set(want))
+        raise PlanError(f"checkpoint does not match the model being resumed: keys differ ({diff[:5]})")
+    sd = {k: mine[k] for k in model.state_dict()}
+    model.load_state_dict(sd)
+    with torch.no_grad():
+        for k, b in model.named_buffers():
+            b.copy_(mine[k])
+
+
+def optimizer_to_flat(opt: torch.optim.Optimizer, prefix: str) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Split an optimizer ``state_dict`` into JSON-able scalars and named tensors."""
+    sd = opt.state_dict()
+    meta: dict[str, Any] = {"param_groups": sd["param_groups"], "state": {}}
+    tensors: dict[str, torch.Tensor] = {}
+    for pid, st in sd["state"].items():
+        entry: dict[str, Any] = {}
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                key = f"{prefix}.{pid}.{name}"
+                tensors[key] = v.detach().cpu().contiguous().clone()
+                entry[name] = {"tensor": key}
+            else:
+                entry[name] = v
+        meta["state"][str(pid)] = entry
+    return meta, tensors
+
+
+def optimizer_from_flat(opt: torch.optim.Optimizer, meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Load what :func:`optimizer_to_flat` wrote into ``opt`` (built over the same parameters)."""
+    state: dict[int, dict[str, Any]] = {}
+    for pid, entry in meta["state"].items():
+        state[int(pid)] = {
+            name: tensors[v["tensor"]] if isinstance(v, dict) and "tensor" in v else v for name, v in entry.items()
+        }
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+
+
+class CheckpointDir:
+    """The on-disk layout described in the module docstring."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    def entry_path(self, entry_id: int) -> Path:
+        return self.root / ENTRIES / f"{entry_id}.safetensors"
+
+    def write_entry(self, entry_id: int, state: dict[str, torch.Tensor]) -> None:
+        """Gallery entry weights (replaced atomically: a resumed run rewrites what a killed one left)."""
+        from safetensors.torch import save_file
+
+        path = self.entry_path(entry_id)
+        tensors = {k: v.contiguous() for k, v in state.items()}
+        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+
+    def read_entry(self, entry_id: int) -> dict[str, torch.Tensor]:
+        return self._read_tensors(self.entry_path(entry_id))
+
+    @staticmethod
+    def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+            raise PlanError(f"checkpoint file {path} is unreadable ({exc})") from exc
+
+    def write(self, state: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Path:
+        """Write a complete checkpoint, point ``LATEST`` at it and drop older ones."""
+        from safetensors.torch import save_file
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        prev = self.latest_name()
+        seq = int(prev.split("-")[1]) + 1 if prev else 1
+        name = f"ckpt-{seq:06d}"
+        tmp = self.root / f"{name}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / TENSORS))
+        with open(tmp / STATE, "w") as f:
+            json.dump(state, f, default=str)
+            f.flush()
+            os.fsync(f.fileno())
+        final = self.root / name
+        os.replace(tmp, final)
+        write_json_atomic(self.root / LATEST, {"checkpoint": name})
+        for old in self.root.glob("ckpt-*"):
+            if old.name != name:
+                shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def latest_name(self) -> str | None:
+        p = self.root / LATEST
+        if not p.is_file():
+            return None
+        try:
+            name = json.loads(p.read_text())["checkpoint"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise PlanError(f"{p} is corrupt ({exc}); delete the checkpoint directory to start over") from exc
+        if not isinstance(name, str) or not name.startswith("ckpt-") or "/" in name or not (self.root / name).is_dir():
+            raise PlanError(f"{p} names a checkpoint {name!r} that does not exist")
+        return name
+
+    def read(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
+        """The latest complete checkpoint, or ``None`` when there is none."""
+        name = self.latest_name()
+        if name is None:
+            return None
+        d = self.root / name
+        try:
+            state = json.loads((d / STATE).read_text())
+        except (OSError, ValueError) as exc:
+            raise PlanError(f"checkpoint {d} is unreadable ({exc})") from exc
+        return state, self._read_tensors(d / TENSORS)
