@@ -22,6 +22,7 @@ from .surgery import state_of
 from .cost import Budget, Cost
 from .gallery import Entry, Gallery
 from .grow import GrowResult, grow
+from .methods import GrowthMethod, register_method
 from .io import load, save
 from .export import ExportReport, export_onnx
 from . import cost
@@ -40,6 +41,6 @@ __all__ = [
     "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
-    "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "load", "save", "cost",
+    "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "GrowthMethod", "register_method", "load", "save", "cost",
     "ExportReport", "export_onnx",
 ]

@@ -44,16 +44,15 @@ from .cost import Budget, Cost, count_params, measure
 from .errors import InputError, ResourceError
 from .finalize import finalize
 from .gallery import Entry, Gallery
+from .methods import get_method
 from .graph import as_args
 from .plan import BRANCHES, GrowthPlan, apply_plan
 from .surgery import growable, state_of
 from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, first_input, train_steps
 
-__all__ = ["grow", "GrowResult", "METHODS"]
+__all__ = ["grow", "GrowResult", "GrowRun"]
 
 logger = logging.getLogger(__name__)
-
-METHODS = ("petridish",)
 
 
 @dataclass
@@ -132,6 +131,7 @@ def grow(
     *,
     example_input: Any = None,
     method: str = "petridish",
+    method_options: dict[str, Any] | None = None,
     budget: Budget | None = None,
     rounds: int = 2,
     search_epochs: int = 1,
@@ -186,8 +186,7 @@ def grow(
         max_eta: a grown gate with ``|eta|`` above this (or non-finite) stops the round and
             rolls back to the last good model, like a NaN loss.
     """
-    if method not in METHODS:
-        raise InputError(f"unknown method {method!r}; available: {', '.join(METHODS)}")
+    growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, CandidateModel):
@@ -199,15 +198,15 @@ def grow(
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir= (the directory of the interrupted run)")
     config = {
-        "method": method, "budget": None if budget is None else repr(budget), "search_epochs": search_epochs,
+        "method": method, "method_options": method_options or {}, "budget": None if budget is None else repr(budget), "search_epochs": search_epochs,
         "finetune_epochs": finetune_epochs, "lr": lr, "new_lr_mult": new_lr_mult, "candidate_lr": candidate_lr,
         "momentum": momentum, "weight_decay": weight_decay, "l1": l1,
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
         "selection": selection, "seed": seed, "cost_axis": cost_axis, "eps": eps, "max_eta": max_eta,
     }
-    run = _GrowRun(model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device, progress,
-                   checkpoint_dir, seed)
+    run = GrowRun(model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device, progress,
+                  checkpoint_dir, seed, growth_method)
     return run.run(rounds, resume)
 
 
@@ -220,12 +219,19 @@ def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
 
 
-class _GrowRun:
-    """One grow() call: the loop, its gallery and its (resumable) progress."""
+class GrowRun:
+    """One grow() call: the loop, its gallery and its (resumable) progress.
+
+    This is the context a :class:`growkit.methods.GrowthMethod` works with: ``gallery``, ``rng``,
+    ``budget``, ``base_cost``, ``cfg`` (the grow() settings), ``loader`` / ``val_loader``,
+    ``history``; :meth:`materialize` (entry -> model), :meth:`model_from` (plan + weights ->
+    model), :meth:`finetune` (train a grown model and add it to the gallery), :meth:`save`.
+    """
 
     def __init__(self, model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device,
-                 progress, checkpoint_dir, seed) -> None:
+                 progress, checkpoint_dir, seed, method) -> None:
         self.cfg = config
+        self.method = method
         self.loader = loader
         self.budget = budget
         self.loss_fn, self.batch_fn, self.progress = loss_fn, batch_fn, progress
@@ -288,6 +294,7 @@ class _GrowRun:
             "gallery": self.gallery.to_dict(), "history": self.history, "optimizers": opt_meta,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": capture_rng(self.rng, (self.loader, self.val_loader)),
+            "method_state": self.method.state_dict(),
         }
         self.ckpt.write(state, tensors)
 
@@ -313,6 +320,7 @@ class _GrowRun:
         for d in state["gallery"]["entries"]:
             self.gallery.add(Entry.from_dict(d, self.ckpt.read_entry(int(d["id"]))))
         self.history[:] = state["history"]
+        self.method.load_state_dict(state.get("method_state") or {})
         return state, tensors
 
     def restore(self, state: dict[str, Any], tensors: dict[str, torch.Tensor], work: nn.Module | None,
@@ -368,6 +376,9 @@ class _GrowRun:
         return result
 
     def round(self, rnd: int, saved: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
+        self.method.round(self, rnd, saved)
+
+    def petridish_round(self, rnd: int, saved: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
         prog = saved[0]["progress"] if saved is not None else None
         try:
             if prog is None or prog["phase"] == "search":

@@ -157,3 +157,27 @@ def test_cli_grow_and_report(tmp_path, capsys):
     assert main(["report", str(out)]) == 0
     assert "| id |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 2
+
+
+def test_exploding_eta_rolls_back(digits, trained):
+    train_l, val_l = digits
+    res = growkit.grow(trained, train_l, val_l, rounds=1, max_eta=1e-6, seed=0, progress=False)
+    assert "eta" in res.history[0]["note"] and "rolled back" in res.history[0]["note"]
+    assert [e.kind for e in res.gallery] == ["base"]
+    x = next(iter(val_l))[0]
+    assert torch.equal(run_eval(res.model, x), run_eval(trained, x))  # the last good model: the base
+
+
+def test_out_of_memory_names_the_candidates(digits, trained):
+    train_l, val_l = digits
+    calls = {"n": 0}
+
+    def loss_fn(out, y):
+        calls["n"] += 1
+        if calls["n"] > 1 and torch.is_grad_enabled():
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return torch.nn.functional.cross_entropy(out, y)
+
+    with pytest.raises(growkit.ResourceError, match=r"out of memory while training \d+ candidates.*points=") as ei:
+        growkit.grow(trained, train_l, val_l, rounds=1, loss_fn=loss_fn, progress=False)
+    assert isinstance(ei.value.__cause__, torch.OutOfMemoryError)
