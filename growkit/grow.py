@@ -16,7 +16,6 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import math
@@ -28,7 +27,6 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
 from .candidates import CandidateModel, inject
 from .checkpoint import (
@@ -40,13 +38,14 @@ from .checkpoint import (
     optimizer_to_flat,
     restore_rng,
 )
-from .cost import Budget, Cost, count_params, measure
+from .cost import Budget, Cost, measure
 from .errors import InputError, ResourceError
 from .finalize import finalize
 from .gallery import Entry, Gallery
 from .methods import get_method
 from .graph import as_args
 from .plan import BRANCHES, GrowthPlan, apply_plan
+from .selection import branch_costs, choose_points
 from .surgery import growable, state_of
 from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, first_input, train_steps
 
@@ -106,22 +105,7 @@ def _check_example(example: tuple[torch.Tensor, ...], loader_x: Any) -> None:
         )
 
 
-def _branch_costs(grown: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:
-    """Point -> (params, FLOPs) of each grown branch, from one FlopCounterMode pass."""
-    st = state_of(grown)
-    assert st is not None
-    branches = dict(getattr(grown, BRANCHES).items()) if hasattr(grown, BRANCHES) else {}
-    grown.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        grown(*example)
-    counts = fc.get_flop_counts()
-    out = {}
-    key_of = {e.key: e.point for e in st.plan.edits}
-    for key, br in branches.items():
-        name = f"{BRANCHES}.{key}"
-        flops = sum(v for k, d in counts.items() if k.endswith(name) for v in d.values())
-        out[key_of[key]] = (count_params(br), int(flops))
-    return out
+_branch_costs = branch_costs  # kept for callers of the old private name
 
 
 def grow(
@@ -312,7 +296,7 @@ class GrowRun:
         diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise InputError(
-                f"resume=True with settings that differ from the checkpointed run: "
+                "resume=True with settings that differ from the checkpointed run: "
                 + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
                 + "; pass the original settings or use a new checkpoint_dir"
             )
@@ -461,28 +445,12 @@ class GrowRun:
         rec["scores"] = scores
 
         # Choose where to grow: fit to the negative gradient per unit of added cost.
-        full = finalize(cm, max_ops=cfg["max_ops"], selection=cfg["selection"], generator=_gen(self.rng))
-        costs = _branch_costs(full, self.example)
         assert self.base_cost is not None
-        ranked = sorted(
-            (p for p in scores if scores[p] == scores[p] and scores[p] > 0 and p in costs),
-            key=lambda p: scores[p] / (costs[p][0] / max(self.base_cost.params, 1) + 1e-9),
-            reverse=True,
-        )
-        chosen: list[str] = []
-        add_p, add_f = 0, 0
-        for p in ranked:
-            if cfg["points_per_round"] is not None and len(chosen) >= cfg["points_per_round"]:
-                break
-            trial = Cost(parent.cost.params + add_p + costs[p][0], parent.cost.flops + add_f + costs[p][1], None)
-            if self.budget is not None and not self.budget.allows(trial, self.base_cost):
-                continue
-            chosen.append(p)
-            add_p += costs[p][0]
-            add_f += costs[p][1]
+        chosen, why = choose_points(cm, self.example, current=parent.cost, base=self.base_cost, budget=self.budget,
+                                    max_ops=cfg["max_ops"], selection=cfg["selection"], generator=_gen(self.rng),
+                                    max_points=cfg["points_per_round"])
         rec["chosen"] = chosen
         if not chosen:
-            why = "no candidate fits the budget" if ranked else "no candidate fits the negative gradient"
             logger.warning("round %d: %s; nothing grown", rnd, why)
             rec["note"] = why
             return None, parent, rec

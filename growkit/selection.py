@@ -1,0 +1,80 @@
+"""Where to grow: rank growth points by fit per added cost and keep those within a budget.
+
+Shared by :func:`growkit.grow` and :class:`growkit.Grower`: every candidate point is finalized
+once (a dry run) to measure its branch's parameters and FLOPs; points whose weak learner fits the
+negative gradient (score > 0) are ranked by score per relative added parameters and taken while
+the grown model stays within the budget.
+"""
+from __future__ import annotations
+
+import torch
+import torch.fx
+from torch.utils.flop_counter import FlopCounterMode
+
+from .candidates import CandidateModel
+from .cost import Budget, Cost, count_params
+from .finalize import finalize
+from .plan import BRANCHES
+from .surgery import state_of
+
+__all__ = ["branch_costs", "choose_points"]
+
+
+def branch_costs(grown: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:
+    """Point -> (params, FLOPs) of each grown branch, from one FlopCounterMode pass."""
+    st = state_of(grown)
+    assert st is not None
+    branches = dict(getattr(grown, BRANCHES).items()) if hasattr(grown, BRANCHES) else {}
+    was = grown.training
+    grown.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        grown(*example)
+    grown.train(was)
+    counts = fc.get_flop_counts()
+    out = {}
+    key_of = {e.key: e.point for e in st.plan.edits}
+    for key, br in branches.items():
+        name = f"{BRANCHES}.{key}"
+        flops = sum(v for k, d in counts.items() if k.endswith(name) for v in d.values())
+        out[key_of[key]] = (count_params(br), int(flops))
+    return out
+
+
+def choose_points(
+    cm: CandidateModel,
+    example: tuple[torch.Tensor, ...],
+    *,
+    current: Cost,
+    base: Cost,
+    budget: Budget | None,
+    max_ops: int,
+    selection: str = "alpha",
+    generator: torch.Generator | None = None,
+    max_points: int | None = None,
+) -> tuple[list[str], str]:
+    """Points to grow (best first) and, when none, why.
+
+    ``current`` is the cost of the model the candidates sit on, ``base`` the cost budgets are
+    relative to.
+    """
+    scores = cm.scores()
+    full = finalize(cm, max_ops=max_ops, selection=selection, generator=generator)
+    costs = branch_costs(full, example)
+    ranked = sorted(
+        (p for p in scores if scores[p] == scores[p] and scores[p] > 0 and p in costs),
+        key=lambda p: scores[p] / (costs[p][0] / max(base.params, 1) + 1e-9),
+        reverse=True,
+    )
+    chosen: list[str] = []
+    add_p, add_f = 0, 0
+    for p in ranked:
+        if max_points is not None and len(chosen) >= max_points:
+            break
+        trial = Cost(current.params + add_p + costs[p][0], current.flops + add_f + costs[p][1], None)
+        if budget is not None and not budget.allows(trial, base):
+            continue
+        chosen.append(p)
+        add_p += costs[p][0]
+        add_f += costs[p][1]
+    why = "" if chosen else ("no candidate fits the budget" if ranked else "no candidate fits the negative gradient")
+    return chosen, why
