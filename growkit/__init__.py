@@ -24,6 +24,10 @@ from .gallery import Entry, Gallery
 from .grow import GrowResult, grow
 from .methods import GrowthMethod, register_method
 from .io import load, save
+from .grower import Grower, GrowthEvent
+from .cl_metrics import AccuracyMatrix
+from .streams import Experience, Stream, class_incremental, domain_incremental
+from .lifelong import ReplayBuffer, StreamResult, grow_stream
 from .export import ExportReport, export_onnx
 from . import cost
 
@@ -37,10 +41,11 @@ __version__ = "0.1.0"
 
 __all__ = [
     "BudgetError", "ExportError", "GrowkitError", "InputError", "OpError", "PlanError",
-    "PointError", "ResourceError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
+    "PointError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
     "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
     "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "GrowthMethod", "register_method", "load", "save", "cost",
-    "ExportReport", "export_onnx",
+    "ExportReport", "export_onnx", "Grower", "GrowthEvent", "AccuracyMatrix", "Experience", "Stream",
+    "class_incremental", "domain_incremental", "ReplayBuffer", "StreamResult", "grow_stream", "ResourceError",
 ]

@@ -1,0 +1,240 @@
+"""The candidate space every growth pass searches, and the cost of a plan in it.
+
+An *atom* is one shortcut ``(point, input, op)``: op ``op`` applied to eligible input ``input``
+and added at growth point ``point``. A within-round *plan* is a set of atoms; it becomes one
+:class:`~growkit.plan.Edit` per point (concat + projection, eta gate: a
+:class:`~growkit.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
+
+The space is built the way :func:`growkit.inject` builds candidates (the same points, the nearest
+``max_inputs`` eligible inputs, the same op set), so all passes search the same space. The added
+cost of a plan is computed from per-atom op costs plus the projection and gate of each branch;
+it equals what :func:`growkit.cost.measure` reports for the grown model (tests pin this down).
+"""
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from ..cost import Budget, Cost, count_params
+from ..errors import PointError
+from ..graph import GrowthPoint
+from ..ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
+from ..plan import Edge, Edit
+from ..surgery import state_of
+
+__all__ = ["Atom", "Plan", "SearchSpace", "plan_to_list", "plan_from_list"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, order=True)
+class Atom:
+    """One candidate shortcut: ``op`` applied to base node ``input``, added at base point ``point``."""
+
+    point: str
+    input: str
+    op: str
+
+
+Plan = frozenset  # frozenset[Atom]: the atoms a pass adds to its parent in one round
+
+
+def plan_to_list(plan: Iterable[Atom]) -> list[list[str]]:
+    """JSON form of a plan: sorted ``[point, input, op]`` triples."""
+    return [[a.point, a.input, a.op] for a in sorted(plan)]
+
+
+def plan_from_list(items: Iterable[Sequence[str]]) -> frozenset[Atom]:
+    return frozenset(Atom(*map(str, it)) for it in items)
+
+
+def _flops(module: nn.Module, x: torch.Tensor) -> int:
+    was = module.training
+    module.eval()
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as fc:
+            module(x)
+    finally:
+        module.train(was)
+    return int(fc.get_total_flops())
+
+
+class SearchSpace:
+    """Growth points x eligible inputs x ops of a growable parent, with costs and constraints.
+
+    Args:
+        model: the parent (a growable GraphModule: traced or grown by growkit).
+        points: growth points to search (``None``: every point with eligible inputs).
+        ops: op names, ``"paper"`` or ``None`` (as :func:`growkit.inject`).
+        max_inputs: the nearest this many eligible inputs per point (``None``: all).
+        max_ops: most atoms per point (Imax).
+        points_per_round: most points grown in one plan (``None``: no limit).
+        budget / base_cost / parent_cost: a plan is feasible when parent cost + added cost is
+            within ``budget`` relative to ``base_cost`` (params and FLOPs axes).
+    """
+
+    def __init__(
+        self,
+        model: torch.fx.GraphModule,
+        *,
+        points: Iterable[str] | None = None,
+        ops: Iterable[str] | str | None = None,
+        max_inputs: int | None = 2,
+        max_ops: int = 3,
+        points_per_round: int | None = None,
+        budget: Budget | None = None,
+        base_cost: Cost | None = None,
+        parent_cost: Cost | None = None,
+        registry: OpRegistry | None = None,
+    ) -> None:
+        st = state_of(model)
+        if st is None:
+            raise PointError("SearchSpace needs a growable model (traced or grown by growkit)")
+        self.registry = registry or DEFAULT_REGISTRY
+        self.max_ops = max_ops
+        self.points_per_round = points_per_round
+        self.budget = budget
+        self.base_cost = base_cost
+        self.parent_cost = parent_cost or Cost(0, 0)
+        if points is None:
+            chosen = [p for p in st.points if p.inputs]
+        else:
+            names = [points] if isinstance(points, str) else list(points)
+            chosen = [st.point(n) for n in names]  # PointError names the available points
+            order = {p.name: i for i, p in enumerate(st.points)}
+            chosen = sorted({p.name: p for p in chosen if p.inputs}.values(), key=lambda p: order[p.name])
+        if not chosen:
+            raise PointError("no growth point with eligible inputs to search")
+        self.points: list[GrowthPoint] = chosen
+        self.inputs: dict[str, list[str]] = {}
+        self.ops: dict[str, tuple[str, ...]] = {}
+        self.atoms: list[Atom] = []
+        self._atom_cost: dict[Atom, tuple[int, int]] = {}
+        self._proj_cost: dict[str, tuple[int, int]] = {}
+        for p in chosen:
+            ins = list(p.inputs)
+            if max_inputs is not None:
+                ins = ins[-max_inputs:]
+            self.inputs[p.name] = [z.name for z in ins]
+            self.ops[p.name] = resolve_ops(ops, p.layout)
+            for z in ins:
+                for op in self.ops[p.name]:
+                    a = Atom(p.name, z.name, op)
+                    self.atoms.append(a)
+                    self._atom_cost[a] = self._measure_op(op, z, p)
+            self._proj_cost[p.name] = self._measure_proj(p)
+        self.index = {a: i for i, a in enumerate(self.atoms)}
+        self._point_order = {p.name: i for i, p in enumerate(chosen)}
+        self.point_of = {p.name: p for p in chosen}
+
+    # ------------------------------------------------------------------ costs
+    def _measure_op(self, op: str, z, p: GrowthPoint) -> tuple[int, int]:
+        module = build_edge_op(self.registry, op, z, p)
+        x = torch.zeros(canonical(torch.empty(z.shape, device="meta"), p.layout).shape)[:1]
+        return count_params(module), _flops(module, x)
+
+    def _measure_proj(self, p: GrowthPoint) -> tuple[int, int]:
+        """Params and FLOPs that each edge adds to a branch's projection (linear in edges)."""
+        c = p.channels
+        proj: nn.Module = nn.Linear(c, c, bias=False) if p.layout == "tokens" else nn.Conv2d(c, c, 1, bias=False)
+        shape = list(canonical(torch.empty(p.shape, device="meta"), p.layout).shape)
+        shape[0] = 1
+        return count_params(proj), _flops(proj, torch.zeros(shape))
+
+    def added_cost(self, plan: Iterable[Atom]) -> tuple[int, int]:
+        """(params, FLOPs) the plan adds: ops, projections, and one gate ``eta`` per grown point."""
+        params = flops = 0
+        pts = set()
+        for a in plan:
+            ap, af = self._atom_cost[a]
+            pp, pf = self._proj_cost[a.point]
+            params += ap + pp
+            flops += af + pf
+            pts.add(a.point)
+        return params + len(pts), flops
+
+    def cost(self, plan: Iterable[Atom]) -> Cost:
+        """Serving cost of parent + plan (params and FLOPs)."""
+        p, f = self.added_cost(plan)
+        return Cost(self.parent_cost.params + p, self.parent_cost.flops + f)
+
+    # ------------------------------------------------------------------ constraints
+    def within_budget(self, plan: Iterable[Atom]) -> bool:
+        if self.budget is None or self.base_cost is None:
+            return True
+        return self.budget.allows(self.cost(plan), self.base_cost)
+
+    def structurally_valid(self, plan: Iterable[Atom]) -> bool:
+        """Atoms of this space, at most ``max_ops`` per point, at most ``points_per_round`` points."""
+        per: dict[str, int] = {}
+        for a in plan:
+            if a not in self.index:
+                return False
+            per[a.point] = per.get(a.point, 0) + 1
+        if any(n > self.max_ops for n in per.values()):
+            return False
+        return self.points_per_round is None or len(per) <= self.points_per_round
+
+    def feasible(self, plan: Iterable[Atom]) -> bool:
+        plan = frozenset(plan)
+        return bool(plan) and self.structurally_valid(plan) and self.within_budget(plan)
+
+    def can_add(self, plan: frozenset[Atom], atom: Atom) -> bool:
+        return atom not in plan and self.feasible(plan | {atom})
+
+    def expansions(self, plan: frozenset[Atom]) -> list[frozenset[Atom]]:
+        """Every feasible plan with exactly one more atom."""
+        return [plan | {a} for a in self.atoms if self.can_add(plan, a)]
+
+    def random_plan(self, rng: random.Random, size: int | None = None,
+                    start: frozenset[Atom] = frozenset()) -> frozenset[Atom]:
+        """Add atoms in random order while feasible, up to ``size`` atoms (``None``: until full)."""
+        plan = frozenset(start)
+        order = list(self.atoms)
+        rng.shuffle(order)
+        for a in order:
+            if size is not None and len(plan) >= size:
+                break
+            if self.can_add(plan, a):
+                plan = plan | {a}
+        return plan
+
+    def greedy(self, ranked: Iterable[Atom], size: int | None = None) -> frozenset[Atom]:
+        """Take atoms in the given order, skipping those that break a constraint."""
+        plan: frozenset[Atom] = frozenset()
+        for a in ranked:
+            if size is not None and len(plan) >= size:
+                break
+            if self.can_add(plan, a):
+                plan = plan | {a}
+        return plan
+
+    # ------------------------------------------------------------------ encodings
+    def encode(self, plan: Iterable[Atom]) -> list[float]:
+        """Fixed-length 0/1 vector over the atoms (for surrogates)."""
+        v = [0.0] * len(self.atoms)
+        for a in plan:
+            v[self.index[a]] = 1.0
+        return v
+
+    def by_point(self, plan: Iterable[Atom]) -> dict[str, list[Atom]]:
+        """Point -> its atoms, both in the space's order (topological points, input, op)."""
+        out: dict[str, list[Atom]] = {}
+        for a in sorted(plan, key=self.index.__getitem__):
+            out.setdefault(a.point, []).append(a)
+        return dict(sorted(out.items(), key=lambda kv: self._point_order[kv[0]]))
+
+    def edits(self, plan: Iterable[Atom], first_key: int) -> list[Edit]:
+        """One edit per grown point, keyed ``g<n>`` after the parent's edits (as finalize keys them)."""
+        return [Edit(p, tuple(Edge(a.input, a.op) for a in atoms), f"g{first_key + i}")
+                for i, (p, atoms) in enumerate(self.by_point(plan).items())]
+
+    def __len__(self) -> int:
+        return len(self.atoms)

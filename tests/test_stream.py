@@ -1,0 +1,171 @@
+"""Lifelong streams: builders, Grower in a user loop, grow_stream, metrics, resume."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import growkit
+from growkit.adapters.data import digits_dataset
+from growkit.cl_metrics import AccuracyMatrix
+from growkit.train import evaluate, train_steps
+
+from .conftest import TinyResNet, run_eval
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return digits_dataset(16)
+
+
+@pytest.fixture(scope="module")
+def stream3(digits):
+    return growkit.class_incremental(digits, 3, class_order=list(range(9)) + [9], batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def pretrained(stream3):
+    torch.manual_seed(0)
+    m = TinyResNet(widths=(4, 8, 16))
+    train_steps(m, stream3[0].train, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), epochs=2)
+    return m
+
+
+def test_class_incremental_partitions_classes(digits):
+    s = growkit.class_incremental(digits, 5, batch_size=64, seed=1)
+    assert len(s) == 5 and sorted(c for e in s for c in e.classes) == list(range(10))
+    for e in s:
+        ys = torch.cat([y for _, y in e.train] + [y for _, y in e.test])
+        assert set(ys.tolist()) <= set(e.classes)
+    with pytest.raises(growkit.InputError, match="n_experiences"):
+        growkit.class_incremental(digits, 11)
+    with pytest.raises(growkit.InputError, match="permutation"):
+        growkit.class_incremental(digits, 2, class_order=[0, 1])
+
+
+def test_domain_incremental_permutes_pixels(digits):
+    s = growkit.domain_incremental(digits, 3, kind="permuted", batch_size=64, seed=0)
+    assert [e.classes for e in s] == [list(range(10))] * 3
+    ds1, ds2 = s[1].train.dataset, s[2].train.dataset
+    for ds in (ds1, ds2):
+        xt, yt = ds[0]
+        xo, yo = ds.base[0]
+        assert yt == yo and not torch.equal(xt, xo)
+        assert torch.equal(xt.flatten().sort().values, xo.flatten().sort().values)  # same pixels, moved
+    assert not torch.equal(ds1.fn(ds1.base[0][0]), ds2.fn(ds1.base[0][0]))  # a new permutation per experience
+    # experiences draw disjoint samples
+    idx = [set(e.train.dataset.indices if k == 0 else e.train.dataset.base.indices) for k, e in enumerate(s)]
+    assert not (idx[0] & idx[1]) and not (idx[1] & idx[2])
+    r = growkit.domain_incremental(digits, 2, kind="rotated", batch_size=8, seed=0)
+    xr, _ = r[1].train.dataset[0]
+    assert xr.shape == (1, 16, 16) and not torch.equal(xr, r[1].train.dataset.base[0][0])
+
+
+def test_accuracy_matrix_metrics_by_hand():
+    m = AccuracyMatrix(3, initial=[0.1, 0.05, 0.0])
+    for row in ([0.9, 0.1, 0.2], [0.6, 0.8, 0.1], [0.5, 0.7, 0.9]):
+        m.add_row(row)
+    assert m.average_accuracy() == pytest.approx((0.5 + 0.7 + 0.9) / 3)
+    assert m.forgetting() == pytest.approx(((0.9 - 0.5) + (0.8 - 0.7)) / 2)
+    assert m.bwt() == pytest.approx(((0.5 - 0.9) + (0.7 - 0.8)) / 2)
+    assert m.fwt() == pytest.approx(((0.1 - 0.05) + (0.1 - 0.0)) / 2)
+    assert AccuracyMatrix.from_dict(m.to_dict()).summary() == m.summary()
+
+
+def test_grower_in_a_user_loop_is_exact_and_keeps_optimizer_state(stream3, pretrained):
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0)
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    base_ids = [id(p) for p in g.parameters()]
+    for x, y in stream3[1].train:
+        loss = F.cross_entropy(g.model(x), y) + g.extra_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        g.after_step()
+    momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in g.parameters()}
+    x, y = next(iter(stream3[1].test))
+    opt.zero_grad()
+    g.model.train()
+    F.cross_entropy(g.model(x), y).backward()
+    grads_before = {id(p): p.grad.clone() for p in g.parameters()}
+    opt.zero_grad()
+    before = run_eval(g.model, x)
+    ev = g.end_experience(1)
+    assert ev.chosen, ev.note
+    assert ev.exact and ev.params_after > ev.params_before
+    assert torch.equal(run_eval(g.model, x), before)  # growth preserves the function
+    g.model.train()
+    F.cross_entropy(g.model(x), y).backward()
+    for p in g.parameters():
+        if id(p) in grads_before:  # base gradients unchanged in train mode (eta = 0)
+            assert torch.equal(p.grad, grads_before[id(p)])
+    # base parameters are the same objects, their optimizer state is kept; new ones are added
+    assert all(i in {id(p) for p in g.parameters()} for i in base_ids)
+    assert all(torch.equal(opt.state[p]["momentum_buffer"], momentum[id(p)]) for p in g.parameters() if id(p) in momentum)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["lr"] == pytest.approx(0.1)
+    assert {id(p) for g_ in opt.param_groups for p in g_["params"]} == {id(p) for p in g.parameters()}
+    # the plan replays onto the original model
+    grown = g.grown_model()
+    replay = growkit.apply_plan(pretrained, g.plan)
+    replay.load_state_dict(grown.state_dict())
+    assert torch.equal(run_eval(replay, x), run_eval(grown, x))
+
+
+def test_grow_stream_grows_at_boundaries_and_fills_the_matrix(stream3, pretrained, tmp_path):
+    before = copy.deepcopy(pretrained.state_dict())
+    res = growkit.grow_stream(pretrained, stream3, epochs=2, lr=0.05, replay=64, seed=0, progress=False,
+                              grower_options={"warmup_steps": 3, "min_steps": 6})
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in before.items())
+    assert [e.experience for e in res.events] == [0, 1]  # growth only at the two inner boundaries
+    assert any(e.chosen for e in res.events) and all(e.exact for e in res.events if e.chosen)
+    params = [c["params"] for c in res.matrix.costs]
+    assert params[-1] > params[0] or params[1] > params[0]
+    # the last row is the final model's accuracy on each experience's test set
+    last = [evaluate(res.model, e.test)["accuracy"] for e in stream3]
+    assert res.matrix.rows[-1] == pytest.approx(last, abs=0)
+    assert len(res.matrix.rows) == 3 and res.matrix.initial is not None
+    # the plan replays
+    m = growkit.apply_plan(pretrained, res.plan)
+    m.load_state_dict(res.model.state_dict())
+    x = next(iter(stream3[2].test))[0]
+    assert torch.equal(run_eval(m, x), run_eval(res.model, x))
+    out = res.save(tmp_path / "run")
+    assert (out / "metrics.json").is_file() and (out / "accuracy.png").stat().st_size > 0
+
+
+class _Boom(Exception):
+    pass
+
+
+class _FailingLoader:
+    def __init__(self, loader, fail_at):
+        self.loader, self.fail_at, self.generator = loader, fail_at, loader.generator
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        for i, b in enumerate(self.loader):
+            if i == self.fail_at:
+                raise _Boom()
+            yield b
+
+
+def test_grow_stream_resumes_to_the_uninterrupted_result(digits, pretrained, tmp_path):
+    def stream():
+        return growkit.class_incremental(digits, 3, class_order=list(range(10)), batch_size=32, seed=0)
+
+    kw = dict(epochs=1, lr=0.05, replay=32, seed=0, progress=False, grower_options={"warmup_steps": 2, "min_steps": 4})
+    ref = growkit.grow_stream(pretrained, stream(), **kw)
+    s = stream()
+    s.experiences[2].train = _FailingLoader(s[2].train, 3)  # dies inside the last experience
+    with pytest.raises(_Boom):
+        growkit.grow_stream(pretrained, s, checkpoint_dir=tmp_path / "c", **kw)
+    res = growkit.grow_stream(pretrained, stream(), checkpoint_dir=tmp_path / "c", resume=True, **kw)
+    assert res.matrix.rows == ref.matrix.rows
+    assert res.plan.to_dict() == ref.plan.to_dict()
+    sa, sb = res.model.state_dict(), ref.model.state_dict()
+    assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
