@@ -42,7 +42,7 @@ __all__ = ["Grower", "GrowthEvent", "adopt_parameters"]
 
 logger = logging.getLogger(__name__)
 
-TRIGGERS = ("experience", "plateau", "score", "manual")
+TRIGGERS = ("experience", "epoch", "plateau", "score", "manual")
 
 
 @dataclass
@@ -189,34 +189,49 @@ class Grower:
         remove_inserted(gm, CANDIDATES)
         return gm
 
+    def to(self, device: torch.device | str) -> "Grower":
+        """Move the model, the example input and the candidates' optimizer state to ``device``.
+
+        Use it when something else moved ``grower.model`` (e.g. a trainer): growth checks run the
+        example input through the model, and Adam's state must sit beside its parameters.
+        """
+        self.model.to(device)
+        self.example = tuple(a.to(device) for a in self.example)
+        for st in self._cand_opt.state.values():
+            for k, v in st.items():
+                # Adam keeps a scalar "step" on the CPU unless capturable/fused; leave those be.
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    st[k] = v.to(device)
+        return self
+
     # ------------------------------------------------------------------ optimizer hand-over
     def attach(self, optimizer: torch.optim.Optimizer, schedulers: Iterable[Any] = ()) -> None:
         """Keep ``optimizer`` (and its LR schedulers) in step with growth.
 
-        Candidate parameters are removed from it (the grower trains them); at every growth the
-        new branch parameters are added as a param group at ``new_lr_mult`` x the first group's lr,
-        and the schedulers learn the new group.
+        Candidate parameters are removed from it (the grower trains them); parameters that are not
+        the grower's (e.g. a head outside the grown module) are left alone. At every growth the new
+        branch parameters are added as a param group at ``new_lr_mult`` x the first group's lr, and
+        the schedulers learn the new group.
         """
         self._optimizers.append((optimizer, list(schedulers)))
         self._sync(optimizer, list(schedulers), [])
 
-    def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter]) -> None:
-        live = {id(p) for p in self.model.base_parameters()}
-        for g in opt.param_groups:
-            keep = [p for p in g["params"] if id(p) in live]
-            for p in g["params"]:
-                if id(p) not in live:
-                    opt.state.pop(p, None)
-            g["params"] = keep
-        have = {id(p) for g in opt.param_groups for p in g["params"]}
-        add = [p for p in new if id(p) not in have]
-        if not add:
-            return
-        g0 = opt.param_groups[0]
-        group: dict[str, Any] = {"params": add, "lr": g0["lr"] * self.new_lr_mult}
+    def detach(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Stop keeping ``optimizer`` (every attached one when ``None``) in step with growth."""
+        self._optimizers = [(o, s) for o, s in self._optimizers if optimizer is not None and o is not optimizer]
+
+    def add_param_group(self, optimizer: torch.optim.Optimizer, params: list[nn.Parameter],
+                        schedulers: Iterable[Any] = ()) -> None:
+        """Add ``params`` to ``optimizer`` as one new group, exactly as growth adds grown parameters.
+
+        The group trains at ``new_lr_mult`` x the first group's lr and every scheduler gets an entry
+        for it (e.g. to rebuild an optimizer's layout before loading a checkpointed state).
+        """
+        g0 = optimizer.param_groups[0]
+        group: dict[str, Any] = {"params": list(params), "lr": g0["lr"] * self.new_lr_mult}
         if "initial_lr" in g0:
             group["initial_lr"] = g0["initial_lr"] * self.new_lr_mult
-        opt.add_param_group(group)
+        optimizer.add_param_group(group)
         for s in schedulers:
             # LR schedulers keep one entry per param group; extend them for the new group so it
             # follows the same schedule at new_lr_mult x the first group's rate.
@@ -226,6 +241,19 @@ class Grower:
                 s.lr_lambdas.append(s.lr_lambdas[0])
             if isinstance(getattr(s, "_last_lr", None), list):
                 s._last_lr.append(group["lr"])
+
+    def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
+              retired: Iterable[nn.Parameter] = ()) -> None:
+        drop = {id(p) for p in self.model.candidate_parameters()} | {id(p) for p in retired}
+        for g in opt.param_groups:
+            for p in g["params"]:
+                if id(p) in drop:
+                    opt.state.pop(p, None)
+            g["params"] = [p for p in g["params"] if id(p) not in drop]
+        have = {id(p) for g in opt.param_groups for p in g["params"]}
+        add = [p for p in new if id(p) not in have]
+        if add:
+            self.add_param_group(opt, add, schedulers)
 
     # ------------------------------------------------------------------ per step
     def extra_loss(self) -> torch.Tensor:
@@ -300,6 +328,7 @@ class Grower:
             return ev
         was = cm.training
         check = self._outputs(cm)
+        retired = list(cm.candidate_parameters())
         grown = finalize(cm, max_ops=self.cfg["max_ops"], points=chosen, selection=self.selection,
                          generator=torch.Generator().manual_seed(self.rng.getrandbits(63)))
         new_names = adopt_parameters(grown, cm.module)
@@ -318,7 +347,7 @@ class Grower:
         named = dict(cm.module.named_parameters())
         new_params = [named[n] for n in new_names if n in named and n.startswith(BRANCHES)]
         for opt, scheds in self._optimizers:
-            self._sync(opt, scheds, new_params)
+            self._sync(opt, scheds, new_params, retired)
         self._cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=self.candidate_lr)
         self._since_inject = 0
         self.events.append(ev)
