@@ -201,7 +201,8 @@ def grow_stream(
             grower = Grower.from_state(model, ex_cpu, saved[0]["grower"], saved[1], **gopts)
         else:
             grower = Grower(model, ex_cpu, **gopts)
-        net: nn.Module = grower.model.to(dev)
+        grower.to(dev)
+        net: nn.Module = grower.model
         params = list(grower.parameters())
     else:
         net = growable(model, example).to(dev)
