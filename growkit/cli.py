@@ -65,6 +65,20 @@ def _load_checkpoint(model, path: str) -> None:
         raise InputError(f"checkpoint {path} does not fit the model: {exc}") from exc
 
 
+def _method_options(text: str | None) -> dict:
+    import json
+
+    if not text:
+        return {}
+    try:
+        opts = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"--method-options must be a JSON object, e.g. '{{\"samples\": 8}}': {exc}") from exc
+    if not isinstance(opts, dict):
+        raise InputError("--method-options must be a JSON object, e.g. '{\"samples\": 8}'")
+    return opts
+
+
 def _cmd_grow(args: argparse.Namespace) -> int:
     from growkit.adapters import data as gdata
 
@@ -72,8 +86,11 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     from .grow import grow
     from .io import save
     from .modelspec import create_model
+    from .methods import get_method
     from .train import evaluate, train_steps
 
+    options = _method_options(args.method_options)
+    get_method(args.method, **options)  # an unknown pass or option fails now, not after base training
     ds, val_ds = _load_data(args.data, args.image_size)
     x0 = ds[0][0]
     model = create_model(args.model, num_classes=args.num_classes, in_chans=int(x0.shape[0]))
@@ -95,7 +112,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     res = grow(
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
-        checkpoint_dir=args.out,
+        checkpoint_dir=args.out, method=args.method, method_options=options,
     )
     out = Path(args.out)
     save(res, out)
@@ -169,6 +186,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.01)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--method", default="petridish",
+                   help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
+    g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')
     g.set_defaults(func=_cmd_grow)
 
     r = sub.add_parser("report", help="print the gallery table of a grow output directory and plot it")

@@ -1,0 +1,510 @@
+"""What the search passes share: the round driver, the search context, children, supernet cells.
+
+A pass subclasses :class:`SearchMethod` and implements :meth:`SearchMethod.search`, which gets a
+:class:`SearchContext` (the parent, the :class:`~growkit.search.space.SearchSpace`, the training
+step budget, helpers that build / train / evaluate children) and returns the :class:`Child` to
+keep. The driver does the rest the same way for every pass: parent sampling from the gallery,
+the budget check, rebuilding the child from its plan, fine-tuning with ``run.finetune`` (a fresh
+schedule, new parameters at ``lr * new_lr_mult``), the gallery entry and checkpoints. So passes
+differ only in how they search, and compare on equal terms::
+
+    @register_method
+    class FirstFit(SearchMethod):
+        name = "first-fit"
+
+        def search(self, ctx):
+            plan = ctx.space.greedy(ctx.space.atoms)        # any feasible set of atoms
+            child = ctx.build(plan)                         # exact: eta = 0
+            ctx.train(child, ctx.steps)
+            return ctx.child(plan, child)
+
+Training budget: every pass spends at most ``steps`` training batches in its search (default
+``search_epochs`` x batches per epoch, as Petridish's weak learning); how it splits them (one
+supernet, many briefly trained children) is its business, and :meth:`SearchContext.train` refuses
+to go beyond it. Validation batches used for decisions (rewards, architecture weights, child
+selection) are counted separately in the round's history.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
+
+import torch
+import torch.fx
+from torch import nn
+
+from ..cost import measure
+from ..errors import InputError, ResourceError
+from ..gallery import Entry
+from ..graph import EligibleInput, GrowthPoint
+from ..methods import GrowthMethod
+from ..ops import add_keep_strides, build_edge_op, decanonical, feature_norm
+from ..plan import BRANCHES, apply_edit
+from ..surgery import growable, insert_at_point, remove_inserted, state_of
+from ..train import NonFiniteLoss, PhaseStats, _forward, _logits, default_loss, evaluate, iter_batches
+from .space import Atom, SearchSpace, plan_to_list
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..branch import GrownBranch
+    from ..grow import GrowRun
+
+__all__ = [
+    "SearchMethod", "SearchContext", "Child", "BatchStream", "AtomCell", "set_proj_block", "proj_block",
+    "grow_plan", "new_branches", "inherit_branch", "insert_cells", "cells_of", "derive_from_cells", "SEARCH_CELLS",
+]
+
+logger = logging.getLogger(__name__)
+
+SEARCH_CELLS = "growkit_search"
+"""Name of the ModuleDict holding supernet cells (DARTS / ENAS) inside a GraphModule."""
+
+COMMON_OPTIONS: dict[str, Any] = {"size": None, "steps": None, "eval_batches": None}
+"""Options every search pass takes: ``size`` (most atoms a plan adds per round; ``None``: as
+many as the budget and ``max_ops`` allow), ``steps`` (training batches of the search; ``None``:
+``search_epochs`` epochs), ``eval_batches`` (validation batches per child evaluation; ``None``: all)."""
+
+
+@dataclass
+class Child:
+    """A candidate plan for this round and its (briefly trained) model."""
+
+    plan: frozenset
+    model: torch.fx.GraphModule
+    val_accuracy: float | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class BatchStream:
+    """Endless device-placed ``(x, y)`` batches: the loader is re-iterated when exhausted."""
+
+    def __init__(self, loader: Iterable, batch_fn: Any, device: torch.device) -> None:
+        self.loader, self.batch_fn, self.device = loader, batch_fn, device
+        self._it: Iterator | None = None
+        self.taken = 0
+
+    def next(self) -> tuple[Any, torch.Tensor]:
+        if self._it is None:
+            self._it = iter_batches(self.loader, self.batch_fn, self.device)
+        try:
+            out = next(self._it)
+        except StopIteration:
+            self._it = iter_batches(self.loader, self.batch_fn, self.device)
+            out = next(self._it)
+        self.taken += 1
+        return out
+
+
+class _Take:
+    """The first ``n`` batches of a loader, re-iterable (for capped evaluations)."""
+
+    def __init__(self, loader: Iterable, n: int) -> None:
+        self.loader, self.n = loader, n
+
+    def __iter__(self) -> Iterator:
+        return itertools.islice(iter(self.loader), self.n)
+
+
+def num_batches(loader: Iterable) -> int:
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1000
+
+
+def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    # The schedule grow() uses for its phases: cosine to 0 over the phase.
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+
+
+# ---------------------------------------------------------------------------------------- context
+class SearchContext:
+    """What a pass works with in one round (see the module docstring).
+
+    Attributes:
+        run: the :class:`growkit.grow.GrowRun`.
+        parent: the gallery entry grown from; ``parent_model`` its model.
+        space: the :class:`SearchSpace` of the parent within the run's budget.
+        steps: training batches this search may spend.
+        rng: the run's seeded ``random.Random`` (checkpointed with the run).
+        rec: the round's history record (JSON-able; add what is worth reporting).
+        opts: the pass's options (defaults merged).
+    """
+
+    def __init__(self, run: "GrowRun", parent: Entry, rec: dict[str, Any], opts: dict[str, Any]) -> None:
+        cfg = run.cfg
+        self.run, self.parent, self.rec, self.opts = run, parent, rec, opts
+        self.rng: random.Random = run.rng
+        self.dev = run.dev
+        self.parent_model = run.materialize(parent)
+        self.first_key = len(parent.plan.get("edits", []))
+        self.space = SearchSpace(
+            self.parent_model, points=cfg["points"], ops=cfg["ops"], max_inputs=cfg["max_inputs"],
+            max_ops=cfg["max_ops"], points_per_round=cfg["points_per_round"], budget=run.budget,
+            base_cost=run.base_cost, parent_cost=parent.cost,
+        )
+        self.steps = int(opts["steps"]) if opts["steps"] is not None else cfg["search_epochs"] * num_batches(run.loader)
+        self.size: int | None = opts["size"]
+        self.train_stream = BatchStream(run.loader, run.batch_fn, run.dev)
+        self.val_stream = BatchStream(run.val_loader, run.batch_fn, run.dev)
+        self.steps_used = 0
+        self.evaluations = 0
+        self.children: list[dict[str, Any]] = []
+
+    # ------------------------------------------------------------------ randomness
+    def generator(self) -> torch.Generator:
+        """A torch generator seeded from the run's RNG (reproducible, checkpoint-safe)."""
+        g = torch.Generator()
+        g.manual_seed(self.rng.getrandbits(63))
+        return g
+
+    # ------------------------------------------------------------------ children
+    def new_keys(self, model: torch.fx.GraphModule) -> list[str]:
+        st = state_of(model)
+        assert st is not None
+        return [e.key for e in st.plan.edits[self.first_key:]]
+
+    def branches(self, model: torch.fx.GraphModule) -> dict[str, "GrownBranch"]:
+        """Point -> the branch this round grew there."""
+        return new_branches(model, self.first_key)
+
+    def build(self, plan: Iterable[Atom], donor: Child | None = None) -> torch.fx.GraphModule:
+        """The parent grown by ``plan`` (see :func:`grow_plan`), on the run's device, in train mode."""
+        return grow_plan(self.parent_model, self.space, plan, self.first_key,
+                         donor.model if donor is not None else None).to(self.dev).train()
+
+    def child(self, plan: Iterable[Atom], model: torch.fx.GraphModule, val_accuracy: float | None = None,
+              **info: Any) -> Child:
+        return Child(frozenset(plan), model, val_accuracy, info)
+
+    # ------------------------------------------------------------------ training and evaluation
+    def loss(self, model: nn.Module, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
+        """Loss of one batch (raises ``NonFiniteLoss`` like grow's phases)."""
+        out = _forward(model, x)
+        loss = (self.run.loss_fn or default_loss)(out, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} during the {self.rec.get('method')} search")
+        return loss, out
+
+    def optimizer(self, model: torch.fx.GraphModule, extra_new: Sequence[nn.Parameter] = (),
+                  exclude: Sequence[nn.Parameter] = ()) -> torch.optim.SGD:
+        """SGD as grow() fine-tunes: this round's branches (and ``extra_new``) at ``lr * new_lr_mult``,
+        the rest of ``model`` but ``exclude`` at ``lr``."""
+        cfg = self.run.cfg
+        new = [p for k in self.new_keys(model) for p in getattr(model, BRANCHES)[k].parameters()] + list(extra_new)
+        ids = {id(p) for p in new} | {id(p) for p in exclude}
+        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
+                  {"params": new, "lr": cfg["lr"] * cfg["new_lr_mult"]}]
+        return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg["lr"], momentum=cfg["momentum"],
+                               weight_decay=cfg["weight_decay"])
+
+    def train(self, model: torch.fx.GraphModule, steps: int) -> PhaseStats:
+        """Train ``model`` for ``steps`` batches (cosine schedule over them), counted against the
+        search budget: never beyond it (a child asked for after the budget is spent stays untrained)."""
+        stats = PhaseStats()
+        steps = min(steps, self.steps - self.steps_used)
+        if steps <= 0:
+            return stats
+        opt = self.optimizer(model)
+        sched = _cosine(opt, steps)
+        model.train()
+        for _ in range(steps):
+            x, y = self.train_stream.next()
+            opt.zero_grad(set_to_none=True)
+            loss, out = self.loss(model, x, y)
+            loss.backward()
+            opt.step()
+            sched.step()
+            stats.steps += 1
+            stats.loss_sum += float(loss.detach())
+            logits = _logits(out)
+            if logits.dim() == 2 and y.dim() == 1:
+                stats.correct += int((logits.detach().argmax(1) == y).sum())
+                stats.seen += int(y.numel())
+        self.steps_used += steps
+        return stats
+
+    def evaluate(self, model: nn.Module) -> float:
+        """Validation accuracy (on ``eval_batches`` batches when that option is set)."""
+        n = self.opts["eval_batches"]
+        loader = self.run.val_loader if n is None else _Take(self.run.val_loader, int(n))
+        self.evaluations += 1
+        return evaluate(model, loader, loss_fn=self.run.loss_fn, batch_fn=self.run.batch_fn, device=self.dev)["accuracy"]
+
+    def record(self, plan: Iterable[Atom], val_accuracy: float, **info: Any) -> None:
+        """Note one evaluated child in the round's history."""
+        self.children.append({"atoms": plan_to_list(plan), "val_accuracy": val_accuracy, **info})
+
+    def child_steps(self, n_children: int) -> int:
+        """Steps per child when ``n_children`` share the search budget (at least 1 while any is
+        left; with fewer batches than children the last children stay untrained)."""
+        if self.steps <= 0:
+            return 0
+        return max(1, self.steps // max(1, n_children))
+
+
+def new_branches(model: torch.fx.GraphModule, first_key: int) -> dict[str, "GrownBranch"]:
+    """Point -> the branch grown there after the first ``first_key`` edits of the plan."""
+    st = state_of(model)
+    assert st is not None
+    mods = getattr(model, BRANCHES, {})
+    return {e.point: mods[e.key] for e in st.plan.edits[first_key:]}
+
+
+def grow_plan(parent: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[Atom], first_key: int,
+              donor: torch.fx.GraphModule | None = None) -> torch.fx.GraphModule:
+    """``parent`` (not modified) grown by ``plan``: one branch per point; function-preserving.
+
+    Without ``donor``: the parent's weights and fresh branches with ``eta = 0``, so the output is
+    exactly the parent's. With ``donor`` (another plan grown on the same parent, e.g. a trained
+    child), the new model inherits the donor's weights: base weights, and per point the ops,
+    norms and projection blocks of the atoms they share, its gate ``eta``, and zero projection
+    blocks for the atoms it adds, so a plan that only adds atoms to the donor's computes the
+    donor's function. A point that shares no atom with the donor gets a fresh branch (``eta = 0``).
+    """
+    plan = frozenset(plan)
+    if not space.structurally_valid(plan):
+        raise InputError(f"plan {plan_to_list(plan)} is not in this search space")
+    gm = growable(parent)
+    edits = space.edits(plan, first_key)
+    for e in edits:
+        apply_edit(gm, e, space.registry)
+    gm.graph.lint()
+    gm.recompile()
+    if donor is not None:
+        theirs = new_branches(donor, first_key)
+        skip = tuple(f"{BRANCHES}.{k}." for k in [e.key for e in state_of(donor).plan.edits[first_key:]])  # type: ignore[union-attr]
+        new = tuple(f"{BRANCHES}.{e.key}." for e in edits)
+        missing, unexpected = gm.load_state_dict(
+            {k: v for k, v in donor.state_dict().items() if not k.startswith(skip)}, strict=False)
+        if unexpected or not all(k.startswith(new) for k in missing):
+            raise InputError("donor was not grown from the same parent: "
+                             f"unexpected {unexpected[:3]}, missing {[k for k in missing if not k.startswith(new)][:3]}")
+        for point, br in new_branches(gm, first_key).items():
+            if point in theirs:
+                inherit_branch(br, theirs[point])
+    return gm
+
+
+def inherit_branch(dst: "GrownBranch", src: "GrownBranch") -> None:
+    """Copy into ``dst`` what it shares with ``src`` (same point): see :meth:`SearchContext.build`."""
+    src_edges = list(zip(src.input_names, src.op_names))
+    shared = [(e, src_edges.index(edge)) for e, edge in enumerate(zip(dst.input_names, dst.op_names)) if edge in src_edges]
+    if not shared:
+        return  # nothing to inherit: a fresh branch, eta = 0
+    with torch.no_grad():
+        for e in range(len(dst.op_names)):
+            set_proj_block(dst, e, None)
+        for e, j in shared:
+            dst.ops[e].load_state_dict(src.ops[j].state_dict())
+            dst.norms[e].load_state_dict(src.norms[j].state_dict())
+            set_proj_block(dst, e, proj_block(src, j))
+        dst.eta.copy_(src.eta)
+
+
+def proj_block(branch: "GrownBranch", e: int) -> torch.Tensor:
+    """The (c, c) block of the branch projection that maps edge ``e``."""
+    w = branch.proj.weight
+    c = w.shape[0]
+    return (w[:, e * c:(e + 1) * c, 0, 0] if w.dim() == 4 else w[:, e * c:(e + 1) * c]).detach().clone()
+
+
+@torch.no_grad()
+def set_proj_block(branch: "GrownBranch", e: int, block: torch.Tensor | None) -> None:
+    """Set the projection block of edge ``e`` (``None``: zero)."""
+    w = branch.proj.weight
+    c = w.shape[0]
+    view = w[:, e * c:(e + 1) * c, 0, 0] if w.dim() == 4 else w[:, e * c:(e + 1) * c]
+    if block is None:
+        view.zero_()
+    else:
+        view.copy_(block)
+
+
+# ---------------------------------------------------------------------------------- supernet cells
+class AtomCell(nn.Module):
+    """Every atom of one growth point in a supernet: an op and a BatchNorm (``affine=False``) per
+    (input, op), and a scalar gate ``eta`` initialised to 0, so inserting the cell leaves the
+    model's output exactly unchanged. Subclasses decide how atoms are combined.
+
+    Atom ``e = i * len(ops) + j`` is op ``j`` on input ``i`` (the layout of :class:`Candidate`).
+    """
+
+    def __init__(self, point: GrowthPoint, inputs: Sequence[EligibleInput], ops: Sequence[str], registry) -> None:
+        super().__init__()
+        self.point = point.name
+        self.layout = point.layout
+        self.channels = point.channels
+        self.input_names = [z.name for z in inputs]
+        self.op_names = list(ops)
+        self.ops = nn.ModuleList(build_edge_op(registry, op, z, point) for z in inputs for op in ops)
+        self.norms = nn.ModuleList(feature_norm(point.channels, point.layout) for _ in self.ops)
+        self.eta = nn.Parameter(torch.zeros(()))
+
+    def atom_index(self, atom: Atom) -> int:
+        return self.input_names.index(atom.input) * len(self.op_names) + self.op_names.index(atom.op)
+
+    def atoms(self) -> list[Atom]:
+        return [Atom(self.point, z, op) for z in self.input_names for op in self.op_names]
+
+    def term(self, e: int, zc: torch.Tensor) -> torch.Tensor:
+        return self.norms[e](self.ops[e](zc))
+
+    def gated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        # eta = 0 at insertion: x + 0 * y == x bit for bit (y is finite), with x's strides.
+        return add_keep_strides(x, self.eta * decanonical(y, self.layout))
+
+    def init_branch(self, branch: "GrownBranch", atoms: Sequence[Atom]) -> None:
+        """Warm-start a finalized branch over ``atoms`` from this cell (ops, norms, projection, eta)."""
+        with torch.no_grad():
+            for e, a in enumerate(atoms):
+                k = self.atom_index(a)
+                branch.ops[e].load_state_dict(self.ops[k].state_dict())
+                branch.norms[e].load_state_dict(self.norms[k].state_dict())
+                set_proj_block(branch, e, self.block(k))
+            branch.eta.copy_(self.eta)
+
+    def block(self, e: int) -> torch.Tensor:
+        """The (c, c) map the cell applies to atom ``e``'s normalised output."""
+        raise NotImplementedError
+
+
+def insert_cells(model: torch.fx.GraphModule, space: SearchSpace,
+                 make: Callable[[GrowthPoint, list[EligibleInput], Sequence[str]], AtomCell]) -> torch.fx.GraphModule:
+    """A copy of ``model`` with one cell per point of ``space`` (stored in ``SEARCH_CELLS``)."""
+    gm = growable(model)
+    for p in space.points:
+        eligible = {z.name: z for z in p.inputs}
+        cell = make(p, [eligible[n] for n in space.inputs[p.name]], space.ops[p.name])
+        insert_at_point(gm, p.name, cell.input_names, cell, SEARCH_CELLS, p.name)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def cells_of(model: torch.fx.GraphModule) -> dict[str, AtomCell]:
+    return dict(getattr(model, SEARCH_CELLS).items())
+
+
+def derive_from_cells(supernet: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[Atom],
+                      first_key: int) -> torch.fx.GraphModule:
+    """The supernet (not modified) with its cells replaced by grown branches over ``plan``
+    (warm-started from the cells; unselected atoms are dropped), in growkit's plan format."""
+    gm = growable(supernet)
+    cells = cells_of(gm)
+    remove_inserted(gm, SEARCH_CELLS)
+    for e in space.edits(plan, first_key):
+        branch = apply_edit(gm, e, space.registry)
+        cells[e.point].init_branch(branch, [Atom(e.point, d.input, d.op) for d in e.edges])
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+# ------------------------------------------------------------------------------------ the driver
+def _positive_int(name: str, v: Any, allow_none: bool = False, minimum: int = 1) -> None:
+    if v is None and allow_none:
+        return
+    if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
+        raise InputError(f"option {name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
+
+
+def _positive_float(name: str, v: Any, minimum: float = 0.0, strict: bool = True) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > minimum if strict else v >= minimum):
+        raise InputError(f"option {name} must be a number {'>' if strict else '>='} {minimum}, got {v!r}")
+
+
+class SearchMethod(GrowthMethod):
+    """Base class of search passes over growkit's candidate space (see the module docstring).
+
+    Subclasses set ``name`` and ``defaults`` (their options) and implement :meth:`search`.
+    """
+
+    defaults: ClassVar[dict[str, Any]] = {}
+
+    def __init__(self, **options: Any) -> None:
+        known = {**COMMON_OPTIONS, **self.defaults}
+        unknown = sorted(set(options) - set(known))
+        if unknown:
+            raise InputError(f"{self.name}: unknown method_options {unknown}; valid options: {', '.join(sorted(known))}")
+        super().__init__(**options)
+        self.opts: dict[str, Any] = {**known, **options}
+        _positive_int("size", self.opts["size"], allow_none=True)
+        _positive_int("steps", self.opts["steps"], allow_none=True, minimum=0)
+        _positive_int("eval_batches", self.opts["eval_batches"], allow_none=True)
+        self.validate()
+
+    def validate(self) -> None:
+        """Check the pass's own options (``self.opts``); raise :class:`InputError` on a bad one."""
+
+    def search(self, ctx: SearchContext) -> Child | None:
+        """Search this round's space; return the child to fine-tune, or ``None`` (nothing grown)."""
+        raise NotImplementedError
+
+    def round(self, run: "GrowRun", rnd: int, saved: Any) -> None:
+        prog = saved[0]["progress"] if saved is not None else None
+        try:
+            if prog is not None and prog["phase"] == "finetune":
+                # Resumed mid fine-tune: the checkpoint holds the plan and the weights.
+                parent = run.gallery[prog["parent"]]
+                grown = run.model_from(prog["plan"], None)
+                run.finetune(rnd, grown, parent, run.history[-1], saved)
+                return
+            self._search_and_grow(run, rnd)
+        except NonFiniteLoss as exc:
+            logger.warning("round %d stopped: %s; rolled back to the last good model", rnd, exc)
+            run.history[-1]["note"] = f"stopped and rolled back: {exc}"
+            run.save({"round": rnd, "phase": "round_end"})
+
+    def _search_and_grow(self, run: "GrowRun", rnd: int) -> None:
+        parent = run.gallery.sample_parent(run.rng, run.budget, run.base_cost)
+        rec: dict[str, Any] = {"round": rnd, "parent": parent.id, "method": self.name}
+        run.history.append(rec)
+        t = time.perf_counter()
+        ctx = SearchContext(run, parent, rec, self.opts)
+        try:
+            child = self.search(ctx)
+        except torch.OutOfMemoryError as exc:
+            raise ResourceError(
+                f"out of memory in the {self.name} search (round {rnd}, {len(ctx.space)} candidate atoms) on "
+                f"{run.dev}: pass points=[...] to search fewer points, max_inputs=1 or fewer ops, or use a smaller batch"
+            ) from exc
+        rec["search_s"] = time.perf_counter() - t
+        rec["search_steps"] = ctx.steps_used
+        rec["search_evaluations"] = ctx.evaluations
+        rec["search_val_batches"] = ctx.val_stream.taken
+        rec["space_atoms"] = len(ctx.space)
+        if ctx.children:
+            rec["children"] = ctx.children
+        if child is None or not child.plan:
+            why = "no plan fits the budget" if not ctx.space.feasible(ctx.space.greedy(ctx.space.atoms, 1)) \
+                else "the search kept no atom"
+            logger.warning("round %d: %s; nothing grown", rnd, why)
+            rec["note"] = why
+            run.save({"round": rnd, "phase": "round_end"})
+            return
+        if not ctx.space.feasible(child.plan):
+            raise InputError(f"method {self.name!r} returned plan {plan_to_list(child.plan)}, which breaks the "
+                             "budget or the max_ops / points_per_round limits")
+        rec["atoms"] = plan_to_list(child.plan)
+        rec["chosen"] = list(ctx.space.by_point(child.plan))
+        rec["search_val_accuracy"] = child.val_accuracy
+        rec.update({k: v for k, v in child.info.items() if k not in rec})
+        grown = child.model
+        if run.budget is not None and run.budget.needs_latency:
+            if not run.budget.allows(measure(grown, run.example, latency=True), run.base_cost):
+                logger.warning("round %d: grown model exceeds the latency budget; discarded", rnd)
+                rec["note"] = "latency over budget"
+                run.save({"round": rnd, "phase": "round_end"})
+                return
+        # Rebuilt from its plan, as a resumed run does, so both fine-tune the very same module.
+        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        grown = run.model_from(plan, grown.state_dict())
+        run.save({"round": rnd, "phase": "finetune", "epoch": 0, "parent": parent.id, "plan": plan, "stats": {}},
+                 work=grown)
+        run.finetune(rnd, grown, parent, rec, None)
+

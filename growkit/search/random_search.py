@@ -1,0 +1,46 @@
+"""Random search: the baseline every pass must beat, on the same space, budget and training.
+
+Each round draws ``samples`` random plans (atoms added in random order while they fit the budget,
+``max_ops`` and ``points_per_round``, up to ``size`` atoms: the same plan sizes the other passes
+may reach), grows each from the parent (fresh branches, ``eta = 0``: exact), trains each for an
+equal share of the search's training batches, evaluates it on the validation data and keeps the
+best.
+"""
+from __future__ import annotations
+
+from ..methods import register_method
+from .common import Child, SearchContext, SearchMethod, _positive_int
+
+__all__ = ["RandomSearch"]
+
+
+@register_method
+class RandomSearch(SearchMethod):
+    """Random plans with the same training budget (see the module docstring).
+
+    Options: ``samples`` (plans per round), ``child_steps`` (training batches per plan; default:
+    the search budget split evenly), plus the common ``size`` / ``steps`` / ``eval_batches``.
+    """
+
+    name = "random"
+    defaults = {"samples": 4, "child_steps": None}
+
+    def validate(self) -> None:
+        _positive_int("samples", self.opts["samples"])
+        _positive_int("child_steps", self.opts["child_steps"], allow_none=True, minimum=0)
+
+    def search(self, ctx: SearchContext) -> Child | None:
+        n = self.opts["samples"]
+        steps = self.opts["child_steps"] if self.opts["child_steps"] is not None else ctx.child_steps(n)
+        best: Child | None = None
+        for _ in range(n):
+            plan = ctx.space.random_plan(ctx.rng, ctx.size)
+            if not plan:
+                break  # nothing fits the budget
+            model = ctx.build(plan)
+            ctx.train(model, steps)
+            acc = ctx.evaluate(model)
+            ctx.record(plan, acc)
+            if best is None or acc > best.val_accuracy:  # type: ignore[operator]
+                best = ctx.child(plan, model, acc)
+        return best
