@@ -91,11 +91,14 @@ def pretrain(stream: growkit.Stream, channels: tuple[int, ...], seed: int, args:
 def run_variant(model: torch.nn.Module, name: str, seed: int, grow: bool, replay: bool,
                 args: argparse.Namespace) -> dict[str, Any]:
     stream = build_stream(name, seed, args)  # fresh loaders: every variant sees the same batch order
+    # Candidates warm up for a quarter of an experience and may grow after half of one.
+    steps = len(stream[1].train) * args.epochs
+    warmup = max(1, int(steps * args.warmup))
     t0 = time.perf_counter()
     res = growkit.grow_stream(
         model, stream, grow=grow, epochs=args.epochs, lr=args.lr, replay=args.replay if replay else 0,
         budget=growkit.Budget(params=args.budget), seed=seed, progress=False,
-        grower_options={"ops": args.ops, "warmup_steps": args.warmup, "min_steps": 2 * args.warmup},
+        grower_options={"ops": args.ops, "warmup_steps": warmup, "min_steps": 2 * warmup},
     )
     m = res.matrix
     return {"avg_acc": m.average_accuracy(), "forgetting": m.forgetting(), "bwt": m.bwt(), "fwt": m.fwt(),
@@ -122,7 +125,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{a['pretrain_epochs']} epochs on experience 0, then every variant runs the whole stream (5 experiences, "
         f"{a['epochs']} epoch(s) each, SGD lr {a['lr']}, momentum 0.9, batch {a['batch_size']}). Replay: reservoir of "
         f"{a['replay']} samples, as many replayed samples appended to each batch. Growth: budget params x{a['budget']}, "
-        f"ops {a['ops'] or 'default'}, warm-up {a['warmup']} steps. Single head over 10 classes. Metrics after the last "
+        f"ops {a['ops'] or 'default'}, candidate warm-up {a['warmup']:g} of an experience, growth allowed after "
+        f"{2 * a['warmup']:g}. Single head over 10 classes. Metrics after the last "
         "experience on each experience's held-out test split: average accuracy (%), forgetting (points), BWT (points); "
         f"mean ± std over seeds {a['seeds']}.",
         "",
@@ -150,14 +154,15 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--streams", default=",".join(STREAMS))
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--epochs", type=int, default=3)
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.03)
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--replay", type=int, default=200)
     p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--ops", default=None)
-    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--warmup", type=float, default=0.25,
+                   help="candidate warm-up as a fraction of an experience's steps (growth needs twice that)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="600-sample subsets, 2 seeds: a smoke run")
     p.add_argument("--out", default="benchmarks/results/stream")
@@ -167,7 +172,6 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     if args.quick:
         args.seeds = "0,1"
-        args.warmup = 3
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.perf_counter()
     result: dict[str, Any] = {"date": _dt.datetime.now().isoformat(timespec="seconds"), "args": vars(args),
