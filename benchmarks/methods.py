@@ -33,7 +33,6 @@ import copy
 import datetime as _dt
 import json
 import logging
-import math
 import platform
 import statistics
 import sys
@@ -340,16 +339,6 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(L) + "\n"
 
 
-def _clean(x: Any) -> Any:
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, dict):
-        return {str(k): _clean(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_clean(v) for v in x]
-    return x
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--datasets", default="digits,kmnist")
@@ -414,7 +403,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def write() -> None:
         result["total_wall_s"] = time.perf_counter() - t0
-        Path(f"{out_prefix}.json").write_text(json.dumps(_clean(result), indent=1))
+        Path(f"{out_prefix}.json").write_text(json.dumps(gvf._clean(result), indent=1))
         Path(f"{out_prefix}.md").write_text(markdown(result))
 
     for name in names:

@@ -87,7 +87,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     from .io import save
     from .modelspec import create_model
     from .methods import get_method
-    from .train import evaluate, train_steps
+    from .train import train_steps
 
     options = _method_options(args.method_options)
     get_method(args.method, **options)  # an unknown pass or option fails now, not after base training

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils._pytree import tree_flatten
 
-from .errors import ExportError, InputError
+from .errors import ExportError
 from .graph import as_args
 
 __all__ = ["ExportReport", "export_onnx"]

@@ -433,7 +433,12 @@ class GrowRun:
                              start_epoch=start, stats=stats, on_epoch_end=on_epoch_end)
         except torch.OutOfMemoryError as exc:
             n = len(cm.candidates)
-            del cm, opt, cand_opt, opts
+            # Drop the candidate graph and optimizer state before the error propagates: the
+            # traceback keeps this frame (and its locals) alive.
+            cm.module = nn.Module()
+            for o in (opt, cand_opt):
+                o.param_groups.clear()
+                o.state.clear()
             raise ResourceError(
                 f"out of memory while training {n} candidates (round {rnd}, {len(parent.plan['edits'])} grown "
                 f"branches in the parent) on {self.dev}: pass points=[...] to grow at fewer points at once, "

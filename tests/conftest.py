@@ -51,6 +51,27 @@ def tiny_resnet() -> nn.Module:
     return TinyResNet()
 
 
+@pytest.fixture(scope="module")
+def digits():
+    """Train / val loaders over 320 / 160 real digits (16x16), seeded."""
+    from growkit.adapters.data import digits_dataset, make_loaders, split
+
+    tr, va = split(digits_dataset(16), [320, 160], seed=0)
+    return make_loaders([tr, va], batch_size=32, seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained(digits):
+    """A TinyResNet trained 2 epochs on ``digits`` (a real, not converged, base)."""
+    from growkit.train import train_steps
+
+    train_l, _ = digits
+    torch.manual_seed(0)
+    m = TinyResNet(widths=(4, 8, 16))
+    train_steps(m, train_l, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), epochs=2)
+    return m
+
+
 def run_eval(model: nn.Module, x):
     model.eval()
     with torch.no_grad():

@@ -10,28 +10,11 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
-from growkit.adapters.data import digits_dataset, make_loaders, split
+from growkit.adapters.data import digits_dataset, split
 from growkit.cost import count_params
-from growkit.train import evaluate, train_steps
+from growkit.train import evaluate
 
-from .conftest import TinyResNet, run_eval
-
-
-@pytest.fixture(scope="module")
-def digits():
-    ds = digits_dataset(16)
-    tr, va = split(ds, [320, 160], seed=0)
-    return make_loaders([tr, va], batch_size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    train_l, _ = digits
-    torch.manual_seed(0)
-    m = TinyResNet(widths=(4, 8, 16))
-    opt = torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9)
-    train_steps(m, train_l, opt, epochs=2)
-    return m
+from .conftest import run_eval
 
 
 def test_grow_end_to_end(digits, trained):

@@ -8,27 +8,11 @@ import torch
 import torch_pruning as tp
 
 import growkit
-from growkit.adapters.data import digits_dataset, make_loaders, split
 from growkit.cost import count_params
 from growkit.search.pruning import branch_scores
-from growkit.train import evaluate, train_steps
+from growkit.train import evaluate
 
-from .conftest import TinyResNet, run_eval
-
-
-@pytest.fixture(scope="module")
-def digits():
-    tr, va = split(digits_dataset(16), [320, 160], seed=0)
-    return make_loaders([tr, va], batch_size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    train_l, _ = digits
-    torch.manual_seed(0)
-    m = TinyResNet(widths=(4, 8, 16))
-    train_steps(m, train_l, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), epochs=2)
-    return m
+from .conftest import run_eval
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,6 @@ from growkit.search import (
 from growkit.search.common import SEARCH_CELLS, cells_of, derive_from_cells, grow_plan, insert_cells
 from growkit.search.darts import derive
 from growkit.surgery import growable
-from growkit.train import train_steps
 
 from .conftest import TinyResNet, run_eval
 
@@ -33,21 +32,6 @@ OPTIONS = {
     "random": {"samples": 3},
     "evolution": {"population": 3, "tournament": 2, "cycles": 2},
 }
-
-
-@pytest.fixture(scope="module")
-def digits():
-    tr, va = split(digits_dataset(16), [320, 160], seed=0)
-    return make_loaders([tr, va], batch_size=32, seed=0)
-
-
-@pytest.fixture(scope="module")
-def trained(digits):
-    train_l, _ = digits
-    torch.manual_seed(0)
-    m = TinyResNet(widths=(4, 8, 16))
-    train_steps(m, train_l, torch.optim.SGD(m.parameters(), lr=0.05, momentum=0.9), epochs=2)
-    return m
 
 
 def _space(model, x, **kw):
