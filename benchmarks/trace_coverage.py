@@ -510,6 +510,22 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     return "\n".join(lines) + "\n"
 
 
+def _finished(path: Path, stages: str) -> dict[str, dict[str, Any]]:
+    """Per-model results of an earlier run that completed every requested stage."""
+    if not path.is_file():
+        return {}
+    rows = json.loads(path.read_text()).get("models", [])
+    keys = ("family", "model", "meta_params_m", "meta_errors")
+    done = {}
+    for r in rows:
+        if not r.get("model") or r.get("status") in (None, "pending", "timeout"):
+            continue
+        if stages == "grow" and r.get("status") == "ok" and r.get("grow") in (None, "timeout"):
+            continue
+        done[r["model"]] = {k: v for k, v in r.items() if k not in keys}
+    return done
+
+
 def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, Any]],
                   args: argparse.Namespace, out_dir: Path, t_start: float, final: bool) -> str:
     """Write the JSON and markdown reports; called after every model so a stopped run keeps its rows."""
@@ -566,6 +582,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     p.add_argument("--stages", choices=("trace", "grow"), default="trace",
                    help="trace only, or also inject -> finalize -> ONNX export -> onnxruntime parity")
+    p.add_argument("--resume", action="store_true",
+                   help="keep the finished models of an earlier (stopped) run in --out and run only the rest")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -609,10 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     logger.info("%d families, %d representatives to trace", len(selection), len(todo))
 
     results: dict[str, dict[str, Any]] = {}
+    if args.resume:
+        results = _finished(out_dir / ("coverage.json" if args.stages == "grow" else "trace_coverage.json"), args.stages)
+        logger.info("resuming: %d models already done", len(results))
+        todo = [r for r in todo if r["model"] not in results]
     t_start = time.perf_counter()
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages) for r in todo}
+            # Rows are written in submission order; with --jobs > 1 later models may finish first.
             for r in todo:
                 res = futures[r["model"]].result()
                 results[r["model"]] = res
