@@ -126,7 +126,7 @@ def grow(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     l1: float = 1e-3,
-    ops: Iterable[str] | str | None = None,
+    ops: Iterable[str] | str | None = "paper",
     max_inputs: int | None = 2,
     max_ops: int = 3,
     points: Iterable[str] | None = None,
@@ -156,7 +156,10 @@ def grow(
         lr: base learning rate (SGD, cosine schedule restarted each phase).
         new_lr_mult: learning-rate multiplier for newly grown parameters while fine-tuning.
         candidate_lr: Adam learning rate of the candidates during weak learning.
-        l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`).
+        l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). ``ops``
+            defaults to the paper's full op set: with inject's cheap default (two ops) top-|alpha|
+            keeps 3 of 4 edges and is no better than random edges (benchmarks/results/
+            grow_vs_finetune*.md); the richer set costs more per weak-learning step.
         points: growth points to consider (fx node names; default: all of them).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).

@@ -45,7 +45,7 @@ def main() -> None:
     base_acc = evaluate(model, test_l)["accuracy"]
 
     result = growkit.grow(model, train_l, val_l, budget=growkit.Budget(params=1.5), rounds=args.rounds,
-                          search_epochs=2, finetune_epochs=2, lr=0.02, seed=args.seed)
+                          search_epochs=2, finetune_epochs=3, lr=0.03, new_lr_mult=2.0, seed=args.seed)
     grown_acc = evaluate(result.model, test_l)["accuracy"]
 
     out = Path(args.out)
