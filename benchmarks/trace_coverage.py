@@ -510,8 +510,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     return "\n".join(lines) + "\n"
 
 
-def _finished(path: Path, stages: str) -> dict[str, dict[str, Any]]:
-    """Per-model results of an earlier run that completed every requested stage."""
+def _finished(path: Path, stages: str, retry_failed: bool = False) -> dict[str, dict[str, Any]]:
+    """Per-model results of an earlier run that completed every requested stage (and passed them,
+    with ``retry_failed``)."""
     if not path.is_file():
         return {}
     rows = json.loads(path.read_text()).get("models", [])
@@ -521,6 +522,8 @@ def _finished(path: Path, stages: str) -> dict[str, dict[str, Any]]:
         if not r.get("model") or r.get("status") in (None, "pending", "timeout"):
             continue
         if stages == "grow" and r.get("status") == "ok" and r.get("grow") in (None, "timeout"):
+            continue
+        if retry_failed and (r.get("status") != "ok" or (stages == "grow" and r.get("grow") != "ok")):
             continue
         done[r["model"]] = {k: v for k, v in r.items() if k not in keys}
     return done
@@ -584,6 +587,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="trace only, or also inject -> finalize -> ONNX export -> onnxruntime parity")
     p.add_argument("--resume", action="store_true",
                    help="keep the finished models of an earlier (stopped) run in --out and run only the rest")
+    p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run models that failed")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -628,7 +632,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results: dict[str, dict[str, Any]] = {}
     if args.resume:
-        results = _finished(out_dir / ("coverage.json" if args.stages == "grow" else "trace_coverage.json"), args.stages)
+        results = _finished(out_dir / ("coverage.json" if args.stages == "grow" else "trace_coverage.json"), args.stages,
+                            args.retry_failed)
         logger.info("resuming: %d models already done", len(results))
         todo = [r for r in todo if r["model"] not in results]
     t_start = time.perf_counter()

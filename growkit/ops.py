@@ -255,7 +255,12 @@ class _TokenBN(nn.BatchNorm1d):
         super().__init__(channels, affine=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        if self.training or not self.track_running_stats:
+            return super().forward(x.transpose(1, 2)).transpose(1, 2)
+        # Inference normalises the last axis directly: the TorchScript ONNX exporter cannot
+        # export batch_norm when dynamic reshapes hide the channel count (hiera), and this form
+        # needs neither that count nor the channel-first transpose.
+        return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
 
 
 # ----------------------------------------------------------------------------------------------

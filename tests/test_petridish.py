@@ -310,3 +310,16 @@ def test_insertion_keeps_the_point_strides():
         b.register_forward_hook(lambda mod, args, out: seen.append((args[0].stride(), out.stride())))
     run_eval(grown, x)
     assert seen and all(a == b for a, b in seen), seen
+
+
+def test_token_norm_eval_form_matches_batch_norm():
+    from growkit.ops import feature_norm
+
+    torch.manual_seed(0)
+    bn = feature_norm(6, "tokens")
+    x = torch.randn(4, 5, 6) * 3 + 1
+    bn.train()
+    bn(x)  # running statistics
+    bn.eval()
+    ref = F.batch_norm(x.transpose(1, 2), bn.running_mean, bn.running_var, eps=bn.eps).transpose(1, 2)
+    torch.testing.assert_close(bn(x), ref, rtol=1e-6, atol=1e-6)
