@@ -169,3 +169,28 @@ def test_grow_stream_resumes_to_the_uninterrupted_result(digits, pretrained, tmp
     assert res.plan.to_dict() == ref.plan.to_dict()
     sa, sb = res.model.state_dict(), ref.model.state_dict()
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_grow_stream_matrix_matches_hand_computed(stream3, pretrained):
+    # With lr = 0, frozen BatchNorm statistics and no growth the model never changes, so every row
+    # of R is the model's accuracy on each experience's test split, computed here by hand.
+    pretrained = copy.deepcopy(pretrained)
+    for m in pretrained.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    res = growkit.grow_stream(pretrained, stream3, grow=False, lr=0.0, momentum=0.0, weight_decay=0.0,
+                              progress=False, seed=0)
+    pretrained.eval()
+    by_hand = []
+    for e in stream3:
+        correct = total = 0
+        with torch.no_grad():
+            for x, y in e.test:
+                correct += int((pretrained(x).argmax(1) == y).sum())
+                total += int(y.numel())
+        by_hand.append(correct / total)
+    assert res.matrix.initial == pytest.approx(by_hand, abs=0)
+    assert res.matrix.rows == [pytest.approx(by_hand, abs=0)] * 3
+    assert res.matrix.forgetting() == 0.0 and res.matrix.bwt() == 0.0
+    assert res.matrix.average_accuracy() == pytest.approx(sum(by_hand) / 3)
+    assert res.matrix.fwt() == pytest.approx(0.0)
