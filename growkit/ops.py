@@ -99,6 +99,31 @@ def register_op(name: str, layouts: Iterable[str] = ("nchw",), registry: OpRegis
 # feature-map ops (DARTS / Petridish op set)
 
 
+def _bn_inference(x: torch.Tensor, bn: nn.modules.batchnorm._BatchNorm, shape: tuple[int, ...]) -> torch.Tensor:
+    """BatchNorm with running statistics, written out elementwise.
+
+    The TorchScript ONNX exporter cannot export ``batch_norm`` when dynamic reshapes hide the
+    channel count (hiera, nest: growth points behind permutes); this form needs neither that
+    count nor a channel-first layout.
+    """
+    scale = torch.rsqrt(bn.running_var + bn.eps)  # type: ignore[operator]
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    shift = -bn.running_mean * scale  # type: ignore[operator]
+    if bn.bias is not None:
+        shift = shift + bn.bias
+    return x * scale.view(shape) + shift.view(shape)
+
+
+class OpBatchNorm2d(nn.BatchNorm2d):
+    """``nn.BatchNorm2d`` whose inference form exports to ONNX without a known channel count."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        if self.training or not self.track_running_stats:
+            return super().forward(x)
+        return _bn_inference(x, self, (1, -1, 1, 1))
+
+
 class SepConv(nn.Module):
     """ReLU-dwconv-pwconv-BN applied twice (DARTS separable conv); the first dwconv strides."""
 
@@ -109,11 +134,11 @@ class SepConv(nn.Module):
             nn.ReLU(),
             nn.Conv2d(c_in, c_in, k, stride, p, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_in, 1, bias=False),
-            nn.BatchNorm2d(c_in),
+            OpBatchNorm2d(c_in),
             nn.ReLU(),
             nn.Conv2d(c_in, c_in, k, 1, p, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
+            OpBatchNorm2d(c_out),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,7 +153,7 @@ class DilConv(nn.Sequential):
             nn.ReLU(),
             nn.Conv2d(c_in, c_in, k, stride, dilation * (k - 1) // 2, dilation=dilation, groups=c_in, bias=False),
             nn.Conv2d(c_in, c_out, 1, bias=False),
-            nn.BatchNorm2d(c_out),
+            OpBatchNorm2d(c_out),
         )
 
 
@@ -245,7 +270,7 @@ def feature_norm(channels: int, layout: str) -> nn.Module:
     """BatchNorm without affine parameters, so |alpha| alone carries an op's importance."""
     if layout == "tokens":
         return _TokenBN(channels)
-    return nn.BatchNorm2d(channels, affine=False)
+    return OpBatchNorm2d(channels, affine=False)
 
 
 class _TokenBN(nn.BatchNorm1d):
@@ -257,10 +282,7 @@ class _TokenBN(nn.BatchNorm1d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         if self.training or not self.track_running_stats:
             return super().forward(x.transpose(1, 2)).transpose(1, 2)
-        # Inference normalises the last axis directly: the TorchScript ONNX exporter cannot
-        # export batch_norm when dynamic reshapes hide the channel count (hiera), and this form
-        # needs neither that count nor the channel-first transpose.
-        return (x - self.running_mean) * torch.rsqrt(self.running_var + self.eps)
+        return _bn_inference(x, self, (-1,))
 
 
 # ----------------------------------------------------------------------------------------------

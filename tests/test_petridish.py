@@ -323,3 +323,19 @@ def test_token_norm_eval_form_matches_batch_norm():
     bn.eval()
     ref = F.batch_norm(x.transpose(1, 2), bn.running_mean, bn.running_var, eps=bn.eps).transpose(1, 2)
     torch.testing.assert_close(bn(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_op_batchnorm_eval_form_matches_batch_norm():
+    from growkit.ops import OpBatchNorm2d
+
+    torch.manual_seed(0)
+    bn = OpBatchNorm2d(5)
+    with torch.no_grad():
+        bn.weight.uniform_(0.5, 2)
+        bn.bias.normal_()
+    x = torch.randn(4, 5, 3, 3) * 2 + 1
+    bn.train()
+    bn(x)
+    bn.eval()
+    ref = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
+    torch.testing.assert_close(bn(x), ref, rtol=1e-6, atol=1e-6)
