@@ -45,7 +45,7 @@ from .gallery import Entry, Gallery
 from .methods import get_method
 from .graph import as_args
 from .plan import BRANCHES, GrowthPlan, apply_plan
-from .selection import branch_costs, choose_points
+from .selection import choose_points
 from .surgery import growable, state_of
 from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, first_input, train_steps
 
@@ -85,14 +85,21 @@ class GrowResult:
         """Markdown summary: base vs best, then the whole gallery."""
         b, g = self.base, self.best
         assert b is not None
+        base_label, best_label = self._report_labels()
         head = (
-            f"base: val acc {100 * (1 - b.val_error):.2f} %, {b.cost.params:,} params, "
+            f"{base_label}: val acc {100 * (1 - b.val_error):.2f} %, {b.cost.params:,} params, "
             f"{b.cost.flops / 1e6:.2f} MFLOPs\n"
-            f"best: val acc {100 * (1 - g.val_error):.2f} %, {g.cost.params:,} params "
-            f"(+{100 * (g.cost.params / b.cost.params - 1):.1f} %), {g.cost.flops / 1e6:.2f} MFLOPs, "
-            f"{len(g.plan.get('edits', []))} grown branches (entry {g.id})\n\n"
+            f"{best_label}: val acc {100 * (1 - g.val_error):.2f} %, {g.cost.params:,} params "
+            f"({100 * (g.cost.params / b.cost.params - 1):+.1f} %), {g.cost.flops / 1e6:.2f} MFLOPs"
+            f"{self._report_detail(g)} (entry {g.id})\n\n"
         )
         return head + self.gallery.report()
+
+    def _report_labels(self) -> tuple[str, str]:
+        return "base", "best"
+
+    def _report_detail(self, best: Entry) -> str:
+        return f", {len(best.plan.get('edits', []))} grown branches"
 
 
 def _check_example(example: tuple[torch.Tensor, ...], loader_x: Any) -> None:
@@ -105,7 +112,6 @@ def _check_example(example: tuple[torch.Tensor, ...], loader_x: Any) -> None:
         )
 
 
-_branch_costs = branch_costs  # kept for callers of the old private name
 
 
 def grow(

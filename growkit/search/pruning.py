@@ -60,17 +60,11 @@ class PruneResult(GrowResult):
     source: nn.Module | None = None
     example: tuple[torch.Tensor, ...] | None = None
 
-    def report(self) -> str:
-        """Markdown summary: the given model vs the selected pruned one, then the gallery."""
-        b, g = self.base, self.best
-        assert b is not None
-        head = (
-            f"{self.method} pruning; given model: val acc {100 * (1 - b.val_error):.2f} %, {b.cost.params:,} params, "
-            f"{b.cost.flops / 1e6:.2f} MFLOPs\n"
-            f"selected: val acc {100 * (1 - g.val_error):.2f} %, {g.cost.params:,} params "
-            f"({100 * (g.cost.params / b.cost.params - 1):+.1f} %), {g.cost.flops / 1e6:.2f} MFLOPs (entry {g.id})\n\n"
-        )
-        return head + self.gallery.report()
+    def _report_labels(self) -> tuple[str, str]:
+        return f"{self.method} pruning; given model", "selected"
+
+    def _report_detail(self, best: Entry) -> str:
+        return ""
 
     def model_of(self, entry: Entry | int) -> nn.Module:
         """The model of a gallery entry (rebuilt from the unpruned model and the entry)."""
