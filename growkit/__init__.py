@@ -29,6 +29,7 @@ from .cl_metrics import AccuracyMatrix
 from .streams import Experience, Stream, class_incremental, domain_incremental
 from .lifelong import ReplayBuffer, StreamResult, grow_stream
 from .export import ExportReport, export_onnx
+from . import distributed
 from . import search  # registers the search passes (darts, enas, pnas, random, evolution)
 from .search import prune
 from . import cost
@@ -48,6 +49,6 @@ __all__ = [
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
     "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "GrowthMethod", "register_method", "load", "save", "cost",
-    "ExportReport", "export_onnx", "prune", "search", "Grower", "GrowthEvent", "AccuracyMatrix", "Experience", "Stream",
+    "ExportReport", "export_onnx", "prune", "search", "distributed", "Grower", "GrowthEvent", "AccuracyMatrix", "Experience", "Stream",
     "class_incremental", "domain_incremental", "ReplayBuffer", "StreamResult", "grow_stream", "ResourceError",
 ]

@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any, Iterable, Iterator, Sequence
 
 import torch
+import torch.distributed as dist
 import torch.fx
 from torch import nn
 
@@ -42,20 +43,39 @@ class _StopForwardNormalized(torch.autograd.Function):
     <dL/dx_k, x_c> up to a positive per-batch factor, at a scale that does not depend on how
     small the loss gradient is at an intermediate layer (or on the tensor size), so one learning
     rate and one L1 weight fit every point. The alpha gradient is then about cos(op, -grad).
+
+    With a process ``group`` (data-parallel training, see :mod:`growkit.distributed`) the RMS and
+    the element count are those of the global batch (one all-reduce over ``group``), and the
+    result is scaled by the group size so that DDP's gradient average reproduces the
+    single-process gradient of the same global batch.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, x: torch.Tensor, group: Any = None) -> torch.Tensor:  # type: ignore[override]
+        ctx.group = group
         return x - x
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return g / (g.pow(2).mean().sqrt().clamp_min(1e-30) * g.numel())
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+        if ctx.group is None:
+            return g / (g.pow(2).mean().sqrt().clamp_min(1e-30) * g.numel()), None
+        # Rank r holds g_r = dL_r/dx on its samples; DDP trains on (1/W) sum_r L_r. Global
+        # sum of squares S and count N: the single-process value g / (rms * N) on the effective
+        # gradient is g_r * W / (sqrt(S / N) * N) once DDP divides the parameter gradients by W.
+        acc = torch.promote_types(g.dtype, torch.float32)
+        s = torch.stack([g.to(acc).pow(2).sum(), torch.tensor(float(g.numel()), dtype=acc, device=g.device)])
+        dist.all_reduce(s, group=ctx.group)
+        rms = (s[0] / s[1]).sqrt().clamp_min(1e-30)
+        return g * (dist.get_world_size(ctx.group) / (rms * s[1])).to(g.dtype), None
 
 
-def sf_normalized(x: torch.Tensor) -> torch.Tensor:
-    """:func:`sf` with the gradient normalised to unit RMS (see ``_StopForwardNormalized``)."""
-    return _StopForwardNormalized.apply(x)
+def sf_normalized(x: torch.Tensor, group: Any = None) -> torch.Tensor:
+    """:func:`sf` with the gradient normalised to unit RMS (see ``_StopForwardNormalized``).
+
+    ``group``: a process group whose ranks hold the other parts of the batch (``None``: this
+    process holds the whole batch).
+    """
+    return _StopForwardNormalized.apply(x, group)
 
 
 class Candidate(nn.Module):
@@ -65,7 +85,12 @@ class Candidate(nn.Module):
         alpha: (inputs, ops) weights; the L1 penalty on them selects edges.
         score: running mean over training steps of cos(x_c, -dL/dx_k) (how well the weak
             learner fits the negative gradient); ``nan`` before any backward pass.
+        stats_group: ``None``, or the process group over which the gradient RMS and the scores
+            are reduced when the batch is split across processes (set by
+            :func:`growkit.distributed.prepare_ddp`; a deep copy does not keep it).
     """
+
+    stats_group: Any = None
 
     def __init__(
         self,
@@ -109,7 +134,7 @@ class Candidate(nn.Module):
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
         xc = self.weak_learner(*(sg(z) for z in zs))
-        out = add_keep_strides(x, sf_normalized(xc) if self.normalize_grad else sf(xc))
+        out = add_keep_strides(x, sf_normalized(xc, self.stats_group) if self.normalize_grad else sf(xc))
         if out.requires_grad and self.training:
             target = xc.detach()
             out.register_hook(lambda g: self._record(target, g))
@@ -117,13 +142,24 @@ class Candidate(nn.Module):
 
     @torch.no_grad()
     def _record(self, xc: torch.Tensor, grad: torch.Tensor) -> None:
-        a = xc.flatten().float()
-        b = -grad.flatten().float()
+        acc = torch.promote_types(torch.promote_types(xc.dtype, grad.dtype), torch.float32)
+        a = xc.flatten().to(acc)
+        b = -grad.flatten().to(acc)
         dot = torch.dot(a, b)
-        cos = dot / (a.norm() * b.norm()).clamp_min(1e-30)
+        group = self.stats_group
+        if group is None:
+            cos = dot / (a.norm() * b.norm()).clamp_min(1e-30)
+            fit = dot / max(1, xc.shape[0])
+        else:
+            # Global batch: sum the per-rank dot products and squared norms. Each rank's gradient
+            # is W x that of DDP's averaged loss, a factor cos ignores and fit divides out.
+            s = torch.stack([dot, a.dot(a), b.dot(b), torch.tensor(float(xc.shape[0]), dtype=acc, device=a.device)])
+            dist.all_reduce(s, group=group)
+            cos = s[0] / (s[1].sqrt() * s[2].sqrt()).clamp_min(1e-30)
+            fit = s[0] / (dist.get_world_size(group) * s[3].clamp_min(1))
         self.score_sum += cos
         self.score_count += 1
-        self.fit_sum += dot / max(1, xc.shape[0])
+        self.fit_sum += fit
 
     @property
     def score(self) -> float:
@@ -144,6 +180,12 @@ class Candidate(nn.Module):
 
     def extra_repr(self) -> str:
         return f"point={self.point}, inputs={self.input_names}, ops={self.op_names}"
+
+    def __getstate__(self) -> dict[str, Any]:
+        # Copies (finalize, deepcopy, pickle) are single-process: a process group does not copy.
+        state = super().__getstate__()
+        state.pop("stats_group", None)
+        return state
 
 
 class CandidateModel(nn.Module):

@@ -112,7 +112,9 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     res = grow(
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
-        checkpoint_dir=args.out, method=args.method, method_options=options,
+        checkpoint_dir=args.out, method=args.method, method_options=options, children=args.children,
+        executor="ray" if args.ray_workers else "local",
+        executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
     out = Path(args.out)
     save(res, out)
@@ -186,6 +188,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr", type=float, default=0.01)
     g.add_argument("--batch-size", type=int, default=64)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--children", type=int, default=1, help="children grown per round (parents from the eps-hull)")
+    g.add_argument("--ray-workers", type=int, default=0, help="run the children's jobs on this many Ray workers")
+    g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
     g.add_argument("--method", default="petridish",
                    help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
     g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')

@@ -1,10 +1,12 @@
 """``growkit.grow``: the end-to-end Petridish growth loop over a trained model.
 
-Each round: draw a parent from the gallery's epsilon-hull; inject candidates at its growth
-points and keep training the whole model while the candidates learn (weak learning, amortised);
-score every point by how well its weak learner fits the negative gradient per unit of added cost;
-finalize the best points that fit the budget (concat + projection, eta = 0: exact); fine-tune with
-a fresh schedule and a higher learning rate on the new parameters; evaluate; add to the gallery.
+Each round: draw ``children`` parents from the gallery's epsilon-hull; for each, inject candidates
+at its growth points and keep training the whole model while the candidates learn (weak learning,
+amortised); score every point by how well its weak learner fits the negative gradient per unit
+of added cost; finalize the best points that fit the budget (concat + projection, eta = 0:
+exact); fine-tune with a fresh schedule and a higher learning rate on the new parameters;
+evaluate; add to the gallery. The children's jobs (:mod:`growkit.jobs`) run in this process or on
+Ray workers (:mod:`growkit.executor`), with the same result for the same seed.
 
 With ``checkpoint_dir`` the run state (gallery, history, working model, optimizer and scheduler
 states, every RNG state) is written atomically after every epoch of every phase;
@@ -16,9 +18,9 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 """
 from __future__ import annotations
 
+import copy
 import json
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,7 +30,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .candidates import CandidateModel, inject
+from .candidates import CandidateModel
 from .checkpoint import (
     CheckpointDir,
     capture_rng,
@@ -39,15 +41,15 @@ from .checkpoint import (
     restore_rng,
 )
 from .cost import Budget, Cost, measure
-from .errors import InputError, ResourceError
-from .finalize import finalize
+from .errors import InputError
+from .executor import Executor, get_executor
 from .gallery import Entry, Gallery
-from .methods import get_method
 from .graph import as_args
-from .plan import BRANCHES, GrowthPlan, apply_plan
-from .selection import choose_points
+from .jobs import STOPPED, ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
+from .methods import get_method
+from .plan import GrowthPlan
 from .surgery import growable, state_of
-from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, first_input, train_steps
+from .train import BatchFn, NonFiniteLoss, evaluate, first_input
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
 
@@ -124,6 +126,9 @@ def grow(
     method_options: dict[str, Any] | None = None,
     budget: Budget | None = None,
     rounds: int = 2,
+    children: int = 1,
+    executor: str | Executor = "local",
+    executor_options: dict[str, Any] | None = None,
     search_epochs: int = 1,
     finetune_epochs: int = 1,
     lr: float = 0.01,
@@ -157,7 +162,14 @@ def grow(
         val_loader: batches for model selection (default: ``loader``, with a warning).
         example_input: batch-1 input for tracing (default: sliced from the first batch).
         budget: limits relative to (or absolute beside) the base cost; ``None`` = no limit.
-        rounds: growth rounds; each round is one weak-learning phase and one fine-tuning phase.
+        rounds: growth rounds (generations).
+        children: children per round: that many parents are drawn from the epsilon-hull at the
+            round's start, and each gets a weak-learning job and a fine-tuning job.
+        executor: ``"local"`` (in this process, checkpointed every epoch), ``"ray"`` (parallel
+            Ray workers; ``pip install "growkit[ray]"``) or a :class:`growkit.executor.Executor`.
+            The same seed gives the same gallery with either (see :mod:`growkit.executor`).
+        executor_options: for ``"ray"``: ``num_workers``, ``address``, ``num_cpus``,
+            ``num_gpus``, ``threads``, ``max_retries``, ``runtime_env``.
         search_epochs / finetune_epochs: epochs of each phase per round.
         lr: base learning rate (SGD, cosine schedule restarted each phase).
         new_lr_mult: learning-rate multiplier for newly grown parameters while fine-tuning.
@@ -186,6 +198,11 @@ def grow(
         raise InputError("model carries un-finalized candidates; call growkit.finalize first")
     if not isinstance(rounds, int) or rounds < 0:
         raise InputError(f"rounds must be an int >= 0, got {rounds!r}")
+    if not isinstance(children, int) or children < 1:
+        raise InputError(f"children must be an int >= 1, got {children!r}")
+    if method != "petridish" and (children != 1 or executor != "local"):
+        raise InputError(f"method {method!r} runs one child per round in this process; children= and "
+                         "executor= apply to method='petridish'")
     if budget is not None and not isinstance(budget, Budget):
         raise InputError(f"budget must be a growkit.Budget, got {type(budget).__name__}")
     if resume and checkpoint_dir is None:
@@ -197,19 +214,15 @@ def grow(
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
         "selection": selection, "seed": seed, "cost_axis": cost_axis, "eps": eps, "max_eta": max_eta,
+        "children": children,
     }
+    ex = get_executor(executor, executor_options)
     run = GrowRun(model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device, progress,
-                  checkpoint_dir, seed, growth_method)
-    return run.run(rounds, resume)
-
-
-def _optimizer(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+                  checkpoint_dir, seed, growth_method, ex)
+    try:
+        return run.run(rounds, resume)
+    finally:
+        ex.close()
 
 
 class GrowRun:
@@ -222,9 +235,11 @@ class GrowRun:
     """
 
     def __init__(self, model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device,
-                 progress, checkpoint_dir, seed, method) -> None:
+                 progress, checkpoint_dir, seed, method, executor: Executor | None = None) -> None:
         self.cfg = config
         self.method = method
+        self.executor = executor or get_executor("local")
+        self.user_model = model
         self.loader = loader
         self.budget = budget
         self.loss_fn, self.batch_fn, self.progress = loss_fn, batch_fn, progress
@@ -247,13 +262,27 @@ class GrowRun:
         self.out = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.ckpt = CheckpointDir(self.out) if self.out is not None else None
         self.base_cost: Cost | None = None
+        self.trainer = ChildTrainer(self.base_gm, self.example, loader, val_loader, config, base_cost=Cost(0, 0),
+                                    budget=budget, loss_fn=loss_fn, batch_fn=batch_fn, device=self.dev,
+                                    progress=progress, restore=self.restore)
 
     # ---------------------------------------------------------------- models and entries
     def model_from(self, plan: dict[str, Any], state: dict[str, torch.Tensor] | None) -> torch.fx.GraphModule:
-        m = apply_plan(self.base_gm, GrowthPlan.from_dict(plan), self.example)
-        if state is not None:
-            m.load_state_dict(state)
-        return m.to(self.dev)
+        return self.trainer.model_from(plan, state)
+
+    def worker_spec(self, device: str, threads: int) -> dict[str, Any]:
+        """What a worker process needs to build its :class:`ChildTrainer`: the base architecture
+        (the user's model, pickled by Ray once per worker; its recorded timm name alone would not
+        carry constructor arguments such as ``channels``), data, loss and the settings. Weights
+        always travel as safetensors with each job."""
+        model = self.user_model
+        if any(t.device.type != "cpu" for t in model.state_dict().values()):
+            model = copy.deepcopy(model).cpu()
+        return {
+            "module": model, "example": tuple(a.cpu() for a in self.example), "loader": self.loader,
+            "val_loader": self.val_loader, "cfg": self.cfg, "base_cost": self.base_cost, "budget": self.budget,
+            "loss_fn": self.loss_fn, "batch_fn": self.batch_fn, "device": device, "threads": threads,
+        }
 
     def materialize(self, e: Entry) -> torch.fx.GraphModule:
         assert e.state is not None
@@ -342,7 +371,7 @@ class GrowRun:
         else:
             base_entry = self.gallery[0]
             logger.info("resuming from %s: %s", self.out, saved[0]["progress"])
-        self.base_cost = base_entry.cost
+        self.base_cost = self.trainer.base_cost = base_entry.cost
         if self.budget is not None:
             logger.info("budget limits: %s", self.budget.limits(self.base_cost))
         logger.info("base: val acc %.4f, %d params", 1 - base_entry.val_error, self.base_cost.params)
@@ -361,7 +390,9 @@ class GrowRun:
         best = self.gallery.best(self.budget, self.base_cost)
         if self.budget is not None and best.kind == "base" and rounds > 0:
             logger.warning("no grown model beat the base within the budget; returning the base model")
-        history = [dict(h) for h in self.history] + [{"total_s": time.perf_counter() - t0}]
+        tail: dict[str, Any] = {"total_s": time.perf_counter() - t0, "executor": self.executor.name}
+        tail.update(getattr(self.executor, "stats", {}))
+        history = [dict(h) for h in self.history] + [tail]
         result = GrowResult(self.materialize(best), self.gallery, GrowthPlan.from_dict(best.plan), history,
                             base_entry, self.budget)
         if self.out is not None:
@@ -372,161 +403,110 @@ class GrowRun:
         self.method.round(self, rnd, saved)
 
     def petridish_round(self, rnd: int, saved: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
-        prog = saved[0]["progress"] if saved is not None else None
-        try:
-            if prog is None or prog["phase"] == "search":
-                grown, parent, rec = self.search(rnd, saved)
-                if grown is None:
-                    self.save({"round": rnd, "phase": "round_end"})
-                    return
-                self.save({"round": rnd, "phase": "finetune", "epoch": 0, "parent": parent.id,
-                           "plan": state_of(grown).plan.to_dict(), "stats": {}}, work=grown)  # type: ignore[union-attr]
-                self.finetune(rnd, grown, parent, rec, None)
-            else:
-                parent = self.gallery[prog["parent"]]
-                rec = self.history[-1]
-                grown = self.model_from(prog["plan"], None)  # weights: restored by finetune()
-                self.finetune(rnd, grown, parent, rec, saved)
-        except NonFiniteLoss as exc:
-            logger.warning("round %d stopped: %s; rolled back to the last good model", rnd, exc)
-            self.history[-1]["note"] = f"stopped and rolled back: {exc}"
-            self.save({"round": rnd, "phase": "round_end"})
-
-    def search(self, rnd: int, saved) -> tuple[torch.fx.GraphModule | None, Entry, dict[str, Any]]:
-        """Weak learning on a parent, then the choice of points; returns the finalized model."""
-        cfg = self.cfg
-        prog = saved[0]["progress"] if saved is not None else None
-        if prog is None:
-            parent = self.gallery.sample_parent(self.rng, self.budget, self.base_cost)
-            rec: dict[str, Any] = {"round": rnd, "parent": parent.id}
-            self.history.append(rec)
+        """Draw the round's parents and seeds (the schedule), then let the executor run the children."""
+        if saved is None:
+            jobs = []
+            for i in range(self.cfg["children"]):
+                parent = self.gallery.sample_parent(self.rng, self.budget, self.base_cost)
+                jobs.append({"index": i, "parent": parent.id, "seed": self.rng.getrandbits(63),
+                             "tune_seed": self.rng.getrandbits(63)})
+            prog: dict[str, Any] = {"round": rnd, "phase": "jobs", "jobs": jobs, "done": []}
+            self.save(prog)
         else:
-            parent = self.gallery[prog["parent"]]
-            rec = self.history[-1]
-        t = time.perf_counter()
-        cm = inject(self.materialize(parent), points=cfg["points"], ops=cfg["ops"], max_inputs=cfg["max_inputs"],
-                    l1=cfg["l1"], normalize_grad=True).to(self.dev)
-        cand_ids = {id(p) for p in cm.candidate_parameters()}
-        opt = _optimizer([{"params": [p for p in cm.parameters() if id(p) not in cand_ids]}], cfg["lr"],
-                         cfg["momentum"], cfg["weight_decay"])
-        # Candidates get their own Adam: their (normalised) boosting gradient has another scale
-        # than the loss gradient of the base weights.
-        cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=cfg["candidate_lr"])
-        epochs = cfg["search_epochs"]
-        steps = epochs * _num_batches(self.loader)
-        sched = _cosine(opt, steps)
-        opts = {"base": opt, "candidates": cand_opt}
-        counter = {"n": 0}
-        stats = PhaseStats()
-        start = 0
-        if saved is not None:
-            self.restore(saved[0], saved[1], cm, opts, sched)
-            counter["n"] = prog["counter"]
-            stats = PhaseStats(**prog["stats"])
-            start = prog["epoch"]
+            p = saved[0]["progress"]
+            prog = {"round": rnd, "phase": "jobs", "jobs": p["jobs"], "done": list(p["done"])}
+            # The run's generator moved on when the round was drawn; every job re-seeds its own.
+            restore_rng(saved[0]["rng"], self.rng, (self.loader, self.val_loader))
+        self.executor.run_round(self, rnd, prog, saved)
+        self.save({"round": rnd, "phase": "round_end"})
 
-        def after_step() -> None:
-            # Score only the second half of weak learning: early fits are from random init.
-            counter["n"] += 1
-            if counter["n"] == steps // 2:
-                cm.reset_scores()
+    def weak_job(self, rnd: int, spec: dict[str, Any]) -> WeakJob:
+        parent = self.gallery[spec["parent"]]
+        return WeakJob(rnd, spec["index"], parent.id, parent.plan, parent.state, parent.cost, spec["seed"])
 
-        def on_epoch_end(ep: int, st: PhaseStats) -> None:
-            self.save({"round": rnd, "phase": "search", "epoch": ep + 1, "parent": parent.id,
-                       "counter": counter["n"], "stats": vars(st)}, work=cm, opts=opts, sched=sched)
+    def tune_job(self, rnd: int, spec: dict[str, Any], weak: WeakResult) -> TuneJob:
+        assert weak.plan is not None
+        parent = self.gallery[spec["parent"]]
+        return TuneJob(rnd, spec["index"], parent.id, weak.plan, weak.state, len(parent.plan["edits"]),
+                       spec["tune_seed"])
 
-        try:
-            st = train_steps(cm, self.loader, [opt, cand_opt], epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
-                             extra_loss=cm.extra_loss, batch_fn=self.batch_fn, device=self.dev,
-                             progress=self.progress, desc=f"round {rnd} weak learning", after_step=after_step,
-                             start_epoch=start, stats=stats, on_epoch_end=on_epoch_end)
-        except torch.OutOfMemoryError as exc:
-            n = len(cm.candidates)
-            # Drop the candidate graph and optimizer state before the error propagates: the
-            # traceback keeps this frame (and its locals) alive.
-            cm.module = nn.Module()
-            for o in (opt, cand_opt):
-                o.param_groups.clear()
-                o.state.clear()
-            raise ResourceError(
-                f"out of memory while training {n} candidates (round {rnd}, {len(parent.plan['edits'])} grown "
-                f"branches in the parent) on {self.dev}: pass points=[...] to grow at fewer points at once, "
-                "max_inputs=1 or fewer ops, or use a smaller batch"
-            ) from exc
-        rec["search_s"] = rec.get("search_s", 0.0) + time.perf_counter() - t
-        rec["search_train_acc"] = st.train_accuracy
-        scores = cm.scores()
-        rec["scores"] = scores
+    def run_child_here(self, rnd: int, prog: dict[str, Any], spec: dict[str, Any], resume: Any) -> None:
+        """One child in this process, checkpointed after every epoch of both of its jobs."""
+        i = spec["index"]
 
-        # Choose where to grow: fit to the negative gradient per unit of added cost.
-        assert self.base_cost is not None
-        chosen, why = choose_points(cm, self.example, current=parent.cost, base=self.base_cost, budget=self.budget,
-                                    max_ops=cfg["max_ops"], selection=cfg["selection"], generator=_gen(self.rng),
-                                    max_points=cfg["points_per_round"])
-        rec["chosen"] = chosen
-        if not chosen:
-            logger.warning("round %d: %s; nothing grown", rnd, why)
-            rec["note"] = why
-            return None, parent, rec
-        grown = finalize(cm, max_ops=cfg["max_ops"], points=chosen, selection=cfg["selection"],
-                         generator=_gen(self.rng))
-        if self.budget is not None and self.budget.needs_latency:
-            if not self.budget.allows(measure(grown, self.example, latency=True), self.base_cost):
-                logger.warning("round %d: grown model exceeds the latency budget; discarded", rnd)
-                rec["note"] = "latency over budget"
-                return None, parent, rec
-        # Rebuilt from its plan, as a resumed run does, so both train the very same module.
-        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
-        return self.model_from(plan, grown.state_dict()), parent, rec
+        def hook(extra: dict[str, Any]):
+            def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
+                self.save({**prog, "job": i, **extra, **p}, work=work, opts=opts, sched=sched)
+            return save
+
+        phase = resume[0]["progress"]["phase"] if resume is not None else "search"
+        if phase == "search":
+            weak = self.trainer.weak_learn(self.weak_job(rnd, spec), save=hook({}), resume=resume)
+            if weak.plan is None:
+                self.child_done(rnd, prog, spec, weak, None)
+                return
+            job = self.tune_job(rnd, spec, weak)
+            save = hook({"plan": weak.plan, "rec": weak.rec})
+            with self.trainer.scope(job.seed):
+                grown = self.trainer.model_from(job.plan, job.state)
+                save({"phase": "finetune", "epoch": 0, "stats": {}}, work=grown)
+                tune = self.trainer.finetune_model(job, grown, save=save)
+        else:
+            p = resume[0]["progress"]
+            weak = WeakResult(rnd, i, spec["parent"], p["plan"], None, p["rec"])
+            tune = self.trainer.finetune(self.tune_job(rnd, spec, weak), save=hook({"plan": p["plan"], "rec": p["rec"]}),
+                                         resume=resume)
+        self.child_done(rnd, prog, spec, weak, tune)
+
+    def child_done(self, rnd: int, prog: dict[str, Any], spec: dict[str, Any], weak: WeakResult | None,
+                   tune: TuneResult | None, note: str = "") -> Entry | None:
+        """Record a finished child (history; gallery if it has weights) and checkpoint the round."""
+        rec: dict[str, Any] = {"round": rnd, "child": spec["index"], "parent": spec["parent"]}
+        rec.update(weak.rec if weak is not None else {})
+        rec.update(tune.rec if tune is not None else {})
+        if note:
+            rec["note"] = note
+        entry = None
+        if tune is not None and tune.state is not None:
+            entry = self.add_trained(tune, rec)
+        else:
+            logger.warning("round %d child %d: %s; nothing grown", rnd, spec["index"], rec.get("note", "no result"))
+        self.history.append(rec)
+        prog["done"].append(spec["index"])
+        self.save(prog)
+        return entry
 
     def finetune(self, rnd: int, grown: torch.fx.GraphModule, parent: Entry, rec: dict[str, Any], saved) -> None:
-        """Fine-tune with a fresh schedule, new parameters at a higher learning rate; add the entry."""
-        cfg = self.cfg
-        t = time.perf_counter()
-        branches = getattr(grown, BRANCHES)
-        new_keys = [e.key for e in state_of(grown).plan.edits[len(parent.plan["edits"]):]]  # type: ignore[union-attr]
-        new_params = [p for k in new_keys for p in branches[k].parameters()]
-        fresh = {id(p) for p in new_params}
-        opt = _optimizer(
-            [
-                {"params": [p for p in grown.parameters() if id(p) not in fresh]},
-                {"params": new_params, "lr": cfg["lr"] * cfg["new_lr_mult"]},
-            ],
-            cfg["lr"], cfg["momentum"], cfg["weight_decay"],
-        )
-        epochs = cfg["finetune_epochs"]
-        sched = _cosine(opt, epochs * _num_batches(self.loader))
-        stats, start = PhaseStats(), 0
-        if saved is not None:
-            prog = saved[0]["progress"]
-            self.restore(saved[0], saved[1], grown, {"finetune": opt}, sched)
-            stats, start = PhaseStats(**prog["stats"]), prog["epoch"]
+        """Fine-tune a grown model in place (checkpointed every epoch), add its entry, end the round.
+
+        For growth methods that search in this process; ``rec`` is the round's history record.
+        A non-finite loss or an exploding eta raises :class:`NonFiniteLoss`.
+        """
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
-        etas = {k: branches[k].eta for k in new_keys}
+        job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan["edits"]), 0)
 
-        def after_step() -> None:
-            for k, eta in etas.items():
-                v = float(eta.detach())
-                if not math.isfinite(v) or abs(v) > cfg["max_eta"]:
-                    raise NonFiniteLoss(f"eta of the branch grown at {k} exploded to {v:.3g} (max_eta {cfg['max_eta']})")
+        def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
+            self.save({"round": rnd, "parent": parent.id, "plan": plan, **p}, work=work, opts=opts, sched=sched)
 
-        def on_epoch_end(ep: int, st: PhaseStats) -> None:
-            self.save({"round": rnd, "phase": "finetune", "epoch": ep + 1, "parent": parent.id, "plan": plan,
-                       "stats": vars(st)}, work=grown, opts={"finetune": opt}, sched=sched)
-
-        st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
-                         batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
-                         desc=f"round {rnd} fine-tune", after_step=after_step, start_epoch=start, stats=stats,
-                         on_epoch_end=on_epoch_end)
-        rec["finetune_s"] = rec.get("finetune_s", 0.0) + time.perf_counter() - t
-        rec["finetune_train_acc"] = st.train_accuracy
-        rec["etas"] = {e.point: float(branches[e.key].eta.detach())
-                       for e in state_of(grown).plan.edits[len(parent.plan["edits"]):]}  # type: ignore[union-attr]
-        entry = self.add_entry(grown, parent=parent.id, rnd=rnd, kind="grown")
-        rec.update(entry=entry.id, val_accuracy=1 - entry.val_error, params=entry.cost.params, flops=entry.cost.flops)
-        logger.info("round %d: grew %s, val acc %.4f, params %d", rnd, rec.get("chosen"), 1 - entry.val_error,
-                    entry.cost.params)
+        res = self.trainer.finetune_model(job, grown, save=save, resume=saved)
+        if res.state is None:
+            raise NonFiniteLoss(res.rec["note"].removeprefix(STOPPED))
+        rec.update(res.rec)
+        self.add_trained(res, rec)
         self.save({"round": rnd, "phase": "round_end"})
+
+    def add_trained(self, res: TuneResult, rec: dict[str, Any]) -> Entry:
+        """Gallery entry for a fine-tuned child (metrics and cost as its job measured them)."""
+        assert res.metrics is not None and res.cost is not None and res.state is not None
+        entry = Entry(self.gallery.next_id(), res.parent, res.cost, 1.0 - res.metrics["accuracy"],
+                      res.metrics["loss"], res.plan, res.round, "grown", state=res.state)
+        if self.ckpt is not None:
+            self.ckpt.write_entry(entry.id, entry.state)
+        self.gallery.add(entry)
+        rec.update(entry=entry.id, val_accuracy=1 - entry.val_error, params=entry.cost.params, flops=entry.cost.flops)
+        logger.info("round %d: grew %s, val acc %.4f, params %d", res.round, rec.get("chosen"), 1 - entry.val_error,
+                    entry.cost.params)
+        return entry
 
     def write_summary(self) -> None:
         """Human-facing files beside the checkpoints: gallery.json and the best model."""
@@ -540,15 +520,3 @@ class GrowRun:
         with torch.random.fork_rng(devices=[]):
             save(self.materialize(self.gallery.best(self.budget, self.base_cost)), self.out / "best")
 
-
-def _gen(rng: random.Random) -> torch.Generator:
-    g = torch.Generator()
-    g.manual_seed(rng.getrandbits(63))
-    return g
-
-
-def _num_batches(loader: Iterable) -> int:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return 1000

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -42,6 +41,7 @@ from ..cost import measure
 from ..errors import InputError, ResourceError
 from ..gallery import Entry
 from ..graph import EligibleInput, GrowthPoint
+from ..jobs import cosine_schedule, num_batches
 from ..methods import GrowthMethod
 from ..ops import add_keep_strides, build_edge_op, decanonical, feature_norm
 from ..plan import BRANCHES, apply_edit
@@ -109,16 +109,8 @@ class _Take:
         return itertools.islice(iter(self.loader), self.n)
 
 
-def num_batches(loader: Iterable) -> int:
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return 1000
-
-
-def _cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    # The schedule grow() uses for its phases: cosine to 0 over the phase.
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+# The schedule grow()'s phases use, so a pass trains like Petridish does.
+_cosine = cosine_schedule
 
 
 # ---------------------------------------------------------------------------------------- context

@@ -1,0 +1,345 @@
+"""The two jobs of a Petridish growth round, as functions of plain data.
+
+A round draws parents from the gallery (the parent queue), then for every child runs a
+**weak-learning job** (inject candidates on the parent, keep training, score, choose points,
+finalize) and a **fine-tuning job** (train the finalized child, evaluate it, measure its cost).
+Jobs carry only plans (JSON-able dicts), weights (tensor dicts; safetensors bytes between
+processes, see :func:`pack_state`) and a seed, so the same job gives the same child in the driver
+process (``executor="local"``) and on a Ray worker. Everything random inside a job is drawn from
+its own seed: torch's generator and the loaders' generators are seeded at job start and restored
+afterwards.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+from .candidates import inject
+from .checkpoint import _loader_generators
+from .cost import Budget, Cost, measure
+from .errors import ResourceError
+from .finalize import finalize
+from .plan import BRANCHES, GrowthPlan, apply_plan
+from .selection import choose_points
+from .surgery import state_of
+from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, train_steps
+
+__all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
+           "job_seed_scope", "cosine_schedule", "num_batches"]
+
+State = dict[str, torch.Tensor]
+STOPPED = "stopped and rolled back to the last good model: "
+"""How a job's note starts when a non-finite loss or an exploding eta stopped it."""
+SaveHook = Callable[..., None]
+RestoreHook = Callable[..., None]
+
+
+def pack_state(state: State | None) -> bytes | None:
+    """Tensor dict -> safetensors bytes (how weights travel between processes; no pickle)."""
+    if state is None:
+        return None
+    from safetensors.torch import save
+
+    return save({k: v.detach().cpu().contiguous() for k, v in state.items()})
+
+
+def unpack_state(blob: bytes | State | None) -> State | None:
+    """Inverse of :func:`pack_state` (a dict passes through)."""
+    if blob is None or isinstance(blob, dict):
+        return blob
+    from safetensors.torch import load
+
+    return load(blob)
+
+
+@dataclass
+class WeakJob:
+    """Weak learning for child ``index`` of round ``round`` on gallery entry ``parent``."""
+
+    round: int
+    index: int
+    parent: int
+    plan: dict[str, Any]
+    state: Any  # State, or safetensors bytes in transit
+    parent_cost: Cost
+    seed: int
+
+
+@dataclass
+class WeakResult:
+    """The finalized child (``plan`` is ``None`` when nothing was grown; ``rec`` says why)."""
+
+    round: int
+    index: int
+    parent: int
+    plan: dict[str, Any] | None
+    state: Any
+    rec: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TuneJob:
+    """Fine-tuning of a finalized child; ``new_edits`` = edits grown in this round (start index)."""
+
+    round: int
+    index: int
+    parent: int
+    plan: dict[str, Any]
+    state: Any
+    new_edits: int
+    seed: int
+
+
+@dataclass
+class TuneResult:
+    """A trained child with its validation metrics and cost (``state`` is ``None`` if it was stopped)."""
+
+    round: int
+    index: int
+    parent: int
+    plan: dict[str, Any]
+    state: Any
+    metrics: dict[str, float] | None
+    cost: Cost | None
+    rec: dict[str, Any] = field(default_factory=dict)
+
+
+@contextlib.contextmanager
+def job_seed_scope(seed: int, loaders: Iterable[Any], device: torch.device) -> Iterator[None]:
+    """Seed torch and the loaders' generators for one job; restore all of them afterwards."""
+    gens = [g for g in _loader_generators(loaders) if g is not None]
+    saved = [g.get_state() for g in gens]
+    devices = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            for i, g in enumerate(gens):
+                g.manual_seed((seed + 1 + i) % (2 ** 63))
+            yield
+    finally:
+        for g, s in zip(gens, saved):
+            g.set_state(s)
+
+
+def _optimizer(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
+    groups = [g for g in groups if g["params"]]
+    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+
+
+def num_batches(loader: Iterable) -> int:
+    """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1000
+
+
+class ChildTrainer:
+    """Runs weak-learning and fine-tuning jobs against one base model, data and grow() config.
+
+    The driver holds one (``executor="local"``); each Ray worker builds its own from the same
+    pieces. ``save`` / ``restore`` hooks (driver only) checkpoint a job after every epoch and
+    continue it from such a checkpoint.
+    """
+
+    def __init__(self, base_gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], loader: Iterable,
+                 val_loader: Iterable, cfg: dict[str, Any], *, base_cost: Cost, budget: Budget | None,
+                 loss_fn: Callable | None = None, batch_fn: BatchFn | None = None,
+                 device: torch.device | str = "cpu", progress: bool = False,
+                 restore: RestoreHook | None = None) -> None:
+        self.restore_hook = restore
+        self.base_gm = base_gm
+        self.example = example
+        self.loader, self.val_loader = loader, val_loader
+        self.cfg = cfg
+        self.base_cost, self.budget = base_cost, budget
+        self.loss_fn, self.batch_fn = loss_fn, batch_fn
+        self.dev = torch.device(device)
+        self.progress = progress
+        self.want_latency = cfg["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
+
+    def model_from(self, plan: dict[str, Any], state: State | None) -> torch.fx.GraphModule:
+        """Replay ``plan`` on the base model and load ``state`` (if given)."""
+        m = apply_plan(self.base_gm, GrowthPlan.from_dict(plan), self.example)
+        if state is not None:
+            m.load_state_dict(state)
+        return m.to(self.dev)
+
+    def scope(self, seed: int) -> contextlib.AbstractContextManager[None]:
+        return job_seed_scope(seed, (self.loader, self.val_loader), self.dev)
+
+    # ------------------------------------------------------------------ weak learning
+    def weak_learn(self, job: WeakJob, *, save: SaveHook | None = None,
+                   resume: tuple[dict[str, Any], State] | None = None) -> WeakResult:
+        """Inject candidates on the parent, train (weak learning), choose points and finalize.
+
+        ``save(prog, work, opts, sched)`` is called after every epoch; ``resume`` is such a
+        checkpoint (``(state, tensors)``, its progress holding ``epoch``, ``counter``, ``stats``).
+        """
+        with self.scope(job.seed):
+            return self._weak_learn(job, save, resume)
+
+    def _weak_learn(self, job: WeakJob, save: SaveHook | None, resume) -> WeakResult:
+        cfg = self.cfg
+        rec: dict[str, Any] = dict(resume[0]["progress"].get("rec", {})) if resume is not None else {}
+        t = time.perf_counter()
+        cm = inject(self.model_from(job.plan, unpack_state(job.state)), points=cfg["points"], ops=cfg["ops"],
+                    max_inputs=cfg["max_inputs"], l1=cfg["l1"], normalize_grad=True).to(self.dev)
+        cand_ids = {id(p) for p in cm.candidate_parameters()}
+        opt = _optimizer([{"params": [p for p in cm.parameters() if id(p) not in cand_ids]}], cfg["lr"],
+                         cfg["momentum"], cfg["weight_decay"])
+        # Candidates get their own Adam: their (normalised) boosting gradient has another scale
+        # than the loss gradient of the base weights.
+        cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=cfg["candidate_lr"])
+        epochs = cfg["search_epochs"]
+        steps = epochs * num_batches(self.loader)
+        sched = cosine_schedule(opt, steps)
+        opts = {"base": opt, "candidates": cand_opt}
+        counter = {"n": 0}
+        stats, start = PhaseStats(), 0
+        if resume is not None:
+            prog = resume[0]["progress"]
+            self.restore(resume, cm, opts, sched)
+            counter["n"], stats, start = prog["counter"], PhaseStats(**prog["stats"]), prog["epoch"]
+
+        def after_step() -> None:
+            # Score only the second half of weak learning: early fits are from random init.
+            counter["n"] += 1
+            if counter["n"] == steps // 2:
+                cm.reset_scores()
+
+        def on_epoch_end(ep: int, st: PhaseStats) -> None:
+            if save is not None:
+                save({"phase": "search", "epoch": ep + 1, "counter": counter["n"], "stats": vars(st), "rec": rec},
+                     work=cm, opts=opts, sched=sched)
+
+        try:
+            st = train_steps(cm, self.loader, [opt, cand_opt], epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
+                             extra_loss=cm.extra_loss, batch_fn=self.batch_fn, device=self.dev,
+                             progress=self.progress, desc=f"round {job.round} weak learning", after_step=after_step,
+                             start_epoch=start, stats=stats, on_epoch_end=on_epoch_end)
+        except torch.OutOfMemoryError as exc:
+            n = len(cm.candidates)
+            # Drop the candidate graph and optimizer state before the error propagates: the
+            # traceback keeps this frame (and its locals) alive.
+            cm.module = nn.Module()
+            for o in (opt, cand_opt):
+                o.param_groups.clear()
+                o.state.clear()
+            raise ResourceError(
+                f"out of memory while training {n} candidates (round {job.round}, {len(job.plan['edits'])} grown "
+                f"branches in the parent) on {self.dev}: pass points=[...] to grow at fewer points at once, "
+                "max_inputs=1 or fewer ops, or use a smaller batch"
+            ) from exc
+        except NonFiniteLoss as exc:
+            rec["note"] = STOPPED + str(exc)
+            return WeakResult(job.round, job.index, job.parent, None, None, rec)
+        rec["search_s"] = rec.get("search_s", 0.0) + time.perf_counter() - t
+        rec["search_train_acc"] = st.train_accuracy
+        rec["scores"] = cm.scores()
+
+        # Choose where to grow: fit to the negative gradient per unit of added cost.
+        sel = random.Random(job.seed)
+        chosen, why = choose_points(cm, self.example, current=job.parent_cost, base=self.base_cost,
+                                    budget=self.budget, max_ops=cfg["max_ops"], selection=cfg["selection"],
+                                    generator=_gen(sel), max_points=cfg["points_per_round"])
+        rec["chosen"] = chosen
+        if not chosen:
+            rec["note"] = why
+            return WeakResult(job.round, job.index, job.parent, None, None, rec)
+        grown = finalize(cm, max_ops=cfg["max_ops"], points=chosen, selection=cfg["selection"], generator=_gen(sel))
+        if self.budget is not None and self.budget.needs_latency:
+            if not self.budget.allows(measure(grown, self.example, latency=True), self.base_cost):
+                rec["note"] = "latency over budget"
+                return WeakResult(job.round, job.index, job.parent, None, None, rec)
+        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        state = {k: v.detach().cpu().clone() for k, v in grown.state_dict().items()}
+        return WeakResult(job.round, job.index, job.parent, plan, state, rec)
+
+    # ------------------------------------------------------------------ fine-tuning
+    def finetune(self, job: TuneJob, *, save: SaveHook | None = None,
+                 resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+        """Fine-tune the child (fresh cosine schedule, new parameters at ``lr * new_lr_mult``),
+        then evaluate it and measure its cost. A non-finite loss or an exploding eta gives a
+        result without weights and with a note (the round keeps its last good model)."""
+        with self.scope(job.seed):
+            grown = self.model_from(job.plan, None if resume is not None else unpack_state(job.state))
+            return self.finetune_model(job, grown, save=save, resume=resume)
+
+    def finetune_model(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
+                       resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+        """:meth:`finetune` on an already built model (trained in place), in the caller's RNG scope."""
+        cfg = self.cfg
+        rec: dict[str, Any] = {}
+        t = time.perf_counter()
+        branches = getattr(grown, BRANCHES)
+        new = state_of(grown).plan.edits[job.new_edits:]  # type: ignore[union-attr]
+        new_params = [p for e in new for p in branches[e.key].parameters()]
+        fresh = {id(p) for p in new_params}
+        opt = _optimizer(
+            [
+                {"params": [p for p in grown.parameters() if id(p) not in fresh]},
+                {"params": new_params, "lr": cfg["lr"] * cfg["new_lr_mult"]},
+            ],
+            cfg["lr"], cfg["momentum"], cfg["weight_decay"],
+        )
+        epochs = cfg["finetune_epochs"]
+        sched = cosine_schedule(opt, epochs * num_batches(self.loader))
+        stats, start = PhaseStats(), 0
+        if resume is not None:
+            prog = resume[0]["progress"]
+            self.restore(resume, grown, {"finetune": opt}, sched)
+            stats, start = PhaseStats(**prog["stats"]), prog["epoch"]
+        etas = {e.key: branches[e.key].eta for e in new}
+
+        def after_step() -> None:
+            for k, eta in etas.items():
+                v = float(eta.detach())
+                if not math.isfinite(v) or abs(v) > cfg["max_eta"]:
+                    raise NonFiniteLoss(f"eta of the branch grown at {k} exploded to {v:.3g} (max_eta {cfg['max_eta']})")
+
+        def on_epoch_end(ep: int, st: PhaseStats) -> None:
+            if save is not None:
+                save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st)}, work=grown, opts={"finetune": opt},
+                     sched=sched)
+
+        try:
+            st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
+                             batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
+                             desc=f"round {job.round} fine-tune", after_step=after_step, start_epoch=start,
+                             stats=stats, on_epoch_end=on_epoch_end)
+        except NonFiniteLoss as exc:
+            rec["note"] = STOPPED + str(exc)
+            return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None, rec)
+        rec["finetune_s"] = time.perf_counter() - t
+        rec["finetune_train_acc"] = st.train_accuracy
+        rec["etas"] = {e.point: float(branches[e.key].eta.detach()) for e in new}
+        metrics = evaluate(grown, self.val_loader, loss_fn=self.loss_fn, batch_fn=self.batch_fn, device=self.dev)
+        cost = measure(grown, self.example, latency=self.want_latency)
+        state = {k: v.detach().cpu().clone() for k, v in grown.state_dict().items()}
+        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        return TuneResult(job.round, job.index, job.parent, plan, state, metrics, cost, rec)
+
+    # ------------------------------------------------------------------ checkpoint restore
+    def restore(self, saved: tuple[dict[str, Any], State], work: nn.Module, opts: dict[str, Any], sched: Any) -> None:
+        if self.restore_hook is None:
+            raise RuntimeError("this ChildTrainer has no restore hook: jobs resume only in the driver process")
+        self.restore_hook(saved[0], saved[1], work, opts, sched)
+
+
+def _gen(rng: random.Random) -> torch.Generator:
+    g = torch.Generator()
+    g.manual_seed(rng.getrandbits(63))
+    return g
