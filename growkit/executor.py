@@ -210,7 +210,8 @@ class RayExecutor(Executor):
                                        rnd, job.index, kind, attempt + 1, why)
                         self.stats["dropped"] += 1
                         finished[job.index] = (weak_of.get(job.index), None,
-                                               f"dropped: the worker died {attempt + 1} times in its {kind} job")
+                                               f"dropped: its worker died in the {kind} job "
+                                               f"({attempt + 1} attempt{'s' if attempt else ''})")
                     idle.append(w)
                     continue
                 idle.append(w)
@@ -222,6 +223,7 @@ class RayExecutor(Executor):
                     else:
                         # Children first: a finished child frees memory and reaches the gallery sooner.
                         queue.insert(0, ("tune", run.tune_job(rnd, specs[res.index], res), 0))
+                        res.state = None  # the fine-tuning job holds the weights now
                 else:
                     res.state = unpack_state(res.state)
                     finished[res.index] = (weak_of[res.index], res, "")

@@ -135,7 +135,7 @@ def test_ray_child_dropped_after_retries_keeps_gallery(ray_local, trained, digit
                        loss_fn=KillWorkerAlways(str(tmp_path / "m"), os.getpid()), checkpoint_dir=tmp_path / "run")
     assert [e.kind for e in res.gallery] == ["base"]
     notes = [h["note"] for h in res.history[:-1]]
-    assert len(notes) == 2 and all(n.startswith("dropped: the worker died 1 times") for n in notes)
+    assert len(notes) == 2 and all(n.startswith("dropped: its worker died in the weak job (1 attempt)") for n in notes)
     assert res.history[-1]["dropped"] == 2
     saved = json.loads((tmp_path / "run" / "gallery.json").read_text())
     assert [d["kind"] for d in saved["gallery"]["entries"]] == ["base"]
