@@ -12,23 +12,28 @@ gallery for the same seed.
   checkpoints after every epoch of every job.
 * :class:`RayExecutor` runs them on a pool of Ray actors (``num_workers``, CPUs and GPUs per
   worker), weak-learning and fine-tuning jobs of different children at the same time. Models
-  travel as plans plus safetensors bytes; the base model travels once per worker (its timm name
-  when timm built it, else pickled by Ray). A worker that dies or a job that raises is retried
-  ``max_retries`` times on a fresh worker, then that child is dropped with a note in the history;
-  the gallery, which lives in the driver, is never lost. An exception raised by a job itself
-  (a bug, out of memory) is raised in the driver, as the local executor would. Checkpoints are written whenever a child
-  is added; a resumed run re-runs the children that were still in flight.
+  travel as plans plus safetensors bytes; the base architecture travels once per worker (pickled
+  by Ray) and is traced there again. A worker that dies is replaced and its job retried
+  ``max_retries`` times, then that child is dropped with a note in the history; the gallery,
+  which lives in the driver, is never lost. An exception raised by a job itself (a bug, out of
+  memory) is raised in the driver, as the local executor would. Checkpoints are written whenever
+  a child is added; a resumed run re-runs the children that were still in flight.
+
+Bit-identical galleries across executors need the same torch thread count in the driver and in
+the workers (``threads=``; CPU kernels reduce in a thread-dependent order) and no latency cost
+axis (latencies measured on busy workers differ).
 """
 from __future__ import annotations
 
 import importlib.util
 import logging
+import math
 import os
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError
+from .errors import InputError, ResourceError
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult, pack_state, unpack_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -79,18 +84,21 @@ class RayExecutor(Executor):
         address: an existing cluster (``"auto"``, ``"ray://host:10001"``); ``None`` joins a running
             ``ray.init`` of this process or starts a local Ray with ``num_workers * num_cpus`` CPUs.
         num_cpus / num_gpus: Ray resources per worker (a worker with GPUs trains on ``cuda``).
-        threads: torch threads per worker (default: ``num_cpus``).
+        threads: torch threads per worker (default: ``num_cpus``, rounded up). Use the driver's
+            count for results bit-identical to ``executor="local"``.
         max_retries: how often a job whose worker died is retried on a fresh worker before its
             child is dropped.
         runtime_env: passed to ``ray.init`` when growkit starts or joins a cluster (e.g. to ship
             growkit's code to a cluster that does not have it installed).
+        start_timeout_s: how long to wait for the workers to start before raising
+            :class:`growkit.ResourceError` (e.g. a cluster without the CPUs / GPUs asked for).
     """
 
     name = "ray"
 
     def __init__(self, num_workers: int = 2, *, address: str | None = None, num_cpus: float = 1,
                  num_gpus: float = 0, threads: int | None = None, max_retries: int = 1,
-                 runtime_env: dict[str, Any] | None = None) -> None:
+                 runtime_env: dict[str, Any] | None = None, start_timeout_s: float = 300.0) -> None:
         if not isinstance(num_workers, int) or num_workers < 1:
             raise InputError(f"num_workers must be a positive int, got {num_workers!r}")
         if not isinstance(max_retries, int) or max_retries < 0:
@@ -99,7 +107,10 @@ class RayExecutor(Executor):
             raise InputError('executor="ray" needs Ray: pip install "growkit[ray]"')
         self.num_workers, self.address = num_workers, address
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
-        self.threads = threads if threads is not None else max(1, int(num_cpus))
+        if not num_cpus > 0 or num_gpus < 0:
+            raise InputError(f"num_cpus must be > 0 and num_gpus >= 0, got {num_cpus!r} / {num_gpus!r}")
+        self.threads = threads if threads is not None else max(1, math.ceil(num_cpus))
+        self.start_timeout_s = start_timeout_s
         self.max_retries = max_retries
         self.runtime_env = runtime_env
         self._owns_ray = False
@@ -107,7 +118,7 @@ class RayExecutor(Executor):
         self._workers: list[_Worker] = []
         self._next_worker_id = 0
         self._actor_cls: Any = None
-        self.stats = {"jobs": 0, "retries": 0, "dropped": 0, "workers_started": 0}
+        self.stats: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- workers
     def _start(self, run: "GrowRun") -> None:
@@ -116,20 +127,30 @@ class RayExecutor(Executor):
         if not ray.is_initialized():
             kw: dict[str, Any] = {"runtime_env": self.runtime_env} if self.runtime_env else {}
             if self.address is None:
-                ray.init(num_cpus=int(self.num_workers * self.num_cpus), num_gpus=int(self.num_workers * self.num_gpus) or None,
+                ray.init(num_cpus=math.ceil(self.num_workers * self.num_cpus),
+                         num_gpus=math.ceil(self.num_workers * self.num_gpus) or None,
                          include_dashboard=False, log_to_driver=True, **kw)
             else:
                 ray.init(address=self.address, **kw)
             self._owns_ray = True
-        if self._spec_ref is None:
+        if self._spec_ref is None:  # a new grow() call
+            self.stats = {"jobs": 0, "retries": 0, "dropped": 0, "workers_started": 0, "startup_s": 0.0}
             self._spec_ref = ray.put(run.worker_spec("cuda" if self.num_gpus else "cpu", self.threads))
             self._actor_cls = ray.remote(_RayWorker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                                                max_restarts=0, max_task_retries=0)
         t = time.perf_counter()
         new = [self._new_worker() for _ in range(self.num_workers - len(self._workers))]
         # Wait until the workers have built their trainers, so start-up is reported on its own.
-        ray.get([w.actor.ready.remote() for w in new])
-        self.stats["startup_s"] = self.stats.get("startup_s", 0.0) + time.perf_counter() - t
+        refs = [w.actor.ready.remote() for w in new]
+        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.start_timeout_s)
+        if len(ready) < len(refs):
+            raise ResourceError(
+                f"{len(refs) - len(ready)} of {len(refs)} Ray workers did not start within {self.start_timeout_s:.0f} s: "
+                f"each needs {self.num_cpus} CPU(s) and {self.num_gpus} GPU(s), the cluster has "
+                f"{ray.cluster_resources()}; use fewer num_workers or smaller num_cpus / num_gpus"
+            )
+        ray.get(ready)  # a worker that failed to build its trainer raises here
+        self.stats["startup_s"] += time.perf_counter() - t
 
     def _new_worker(self) -> _Worker:
         w = _Worker(self._actor_cls.remote(self._spec_ref), self._next_worker_id)

@@ -42,7 +42,7 @@ from .checkpoint import (
 )
 from .cost import Budget, Cost, measure
 from .errors import InputError
-from .executor import Executor, get_executor
+from .executor import Executor, LocalExecutor, get_executor
 from .gallery import Entry, Gallery
 from .graph import as_args
 from .jobs import STOPPED, ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
@@ -200,9 +200,6 @@ def grow(
         raise InputError(f"rounds must be an int >= 0, got {rounds!r}")
     if not isinstance(children, int) or children < 1:
         raise InputError(f"children must be an int >= 1, got {children!r}")
-    if method != "petridish" and (children != 1 or executor != "local"):
-        raise InputError(f"method {method!r} runs one child per round in this process; children= and "
-                         "executor= apply to method='petridish'")
     if budget is not None and not isinstance(budget, Budget):
         raise InputError(f"budget must be a growkit.Budget, got {type(budget).__name__}")
     if resume and checkpoint_dir is None:
@@ -217,6 +214,9 @@ def grow(
         "children": children,
     }
     ex = get_executor(executor, executor_options)
+    if method != "petridish" and (children != 1 or not isinstance(ex, LocalExecutor)):
+        raise InputError(f"method {method!r} runs one child per round in this process; children= and "
+                         "executor= apply to method='petridish'")
     run = GrowRun(model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device, progress,
                   checkpoint_dir, seed, growth_method, ex)
     try:

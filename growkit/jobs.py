@@ -6,8 +6,8 @@ finalize) and a **fine-tuning job** (train the finalized child, evaluate it, mea
 Jobs carry only plans (JSON-able dicts), weights (tensor dicts; safetensors bytes between
 processes, see :func:`pack_state`) and a seed, so the same job gives the same child in the driver
 process (``executor="local"``) and on a Ray worker. Everything random inside a job is drawn from
-its own seed: torch's generator and the loaders' generators are seeded at job start and restored
-afterwards.
+its own seed: torch's, Python's and numpy's global generators and the loaders' generators are
+seeded at job start and restored afterwards.
 """
 from __future__ import annotations
 
@@ -113,19 +113,32 @@ class TuneResult:
 
 @contextlib.contextmanager
 def job_seed_scope(seed: int, loaders: Iterable[Any], device: torch.device) -> Iterator[None]:
-    """Seed torch and the loaders' generators for one job; restore all of them afterwards."""
+    """Seed torch (CPU, and ``device`` if CUDA), Python's and numpy's global generators and the
+    loaders' generators for one job; restore all of them afterwards."""
+    import numpy as np
+
     gens = [g for g in _loader_generators(loaders) if g is not None]
     saved = [g.get_state() for g in gens]
+    py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device] if device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
+            # Not torch.manual_seed: that also reseeds every CUDA device, which fork_rng only
+            # restores for ``devices``.
+            torch.default_generator.manual_seed(seed)
+            if devices:
+                with torch.cuda.device(device):
+                    torch.cuda.manual_seed(seed)
+            random.seed(seed)
+            np.random.seed(seed % (2 ** 32))
             for i, g in enumerate(gens):
                 g.manual_seed((seed + 1 + i) % (2 ** 63))
             yield
     finally:
         for g, s in zip(gens, saved):
             g.set_state(s)
+        random.setstate(py_state)
+        np.random.set_state(np_state)
 
 
 def _optimizer(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:

@@ -157,6 +157,13 @@ def test_ray_job_exception_is_raised(ray_local, trained, digits):
                      loss_fn=FailInWorker("", os.getpid()), executor_options={"num_workers": 1})
 
 
+def test_ray_workers_that_cannot_start_raise_resource_error(ray_local, trained, digits):
+    train_l, val_l = digits
+    with pytest.raises(growkit.ResourceError, match="did not start within 3 s"):
+        growkit.grow(trained, train_l, val_l, executor="ray", rounds=1, progress=False,
+                     executor_options={"num_workers": 1, "num_cpus": 3, "start_timeout_s": 3})
+
+
 def test_ray_existing_cluster_address(trained, digits, tmp_path):
     ray = pytest.importorskip("ray")
     if ray.is_initialized():
@@ -198,6 +205,36 @@ def test_local_children_resume_mid_round(trained, digits, tmp_path, where):
         assert (prog["job"], prog["phase"], prog["epoch"]) == (1, "search", 1)
     res = growkit.grow(trained, train_l, val_l, checkpoint_dir=tmp_path, resume=True, **kw)
     _same_gallery(res, ref)
+
+
+class NoisyDigits(torch.utils.data.Dataset):
+    """Digits with numpy-drawn noise: augmentation that uses the global numpy generator."""
+
+    def __init__(self, base) -> None:
+        self.base = base
+
+    def __len__(self) -> int:
+        return len(self.base)
+
+    def __getitem__(self, i):
+        import numpy as np
+
+        x, y = self.base[i]
+        return x + 0.1 * torch.from_numpy(np.random.randn(*x.shape).astype("float32")), y
+
+
+def test_jobs_seed_numpy_and_python_generators(trained, digits):
+    import numpy as np
+
+    train_l, val_l = digits
+    noisy = torch.utils.data.DataLoader(NoisyDigits(train_l.dataset), batch_size=32, shuffle=True,
+                                        generator=torch.Generator().manual_seed(0))
+    kw = dict(rounds=1, seed=0, progress=False)
+    results = []
+    for outside in (1, 2):  # the caller's global generators differ; the run must not
+        np.random.seed(outside)
+        results.append(growkit.grow(trained, noisy, val_l, **kw))
+    _same_gallery(*results)
 
 
 def test_executor_bad_input(trained, digits):
