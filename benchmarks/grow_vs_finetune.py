@@ -142,7 +142,7 @@ def wider_channels(base: tuple[int, ...], target_params: int, example: torch.Ten
 
 
 def cosine(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """The same schedule as growkit.grow's ``_cosine`` (per step, restarted each phase)."""
+    """The same schedule as growkit.grow's ``cosine_schedule`` (growkit/jobs.py) (per step, restarted each phase)."""
     return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
 
 

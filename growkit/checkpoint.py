@@ -53,7 +53,7 @@ def _unb64(s: str) -> torch.Tensor:
     return torch.from_numpy(np.frombuffer(base64.b64decode(s), dtype=np.uint8).copy())
 
 
-def _loader_generators(loaders: Iterable[Any]) -> list[torch.Generator | None]:
+def loader_generators(loaders: Iterable[Any]) -> list[torch.Generator | None]:
     """The torch generators a DataLoader shuffles / samples with, when it has its own."""
     out: list[torch.Generator | None] = []
     for ld in loaders:
@@ -75,7 +75,7 @@ def capture_rng(rng: random.Random, loaders: Iterable[Any] = ()) -> dict[str, An
         "numpy": [np_state[0], np_state[1].tolist(), int(np_state[2]), int(np_state[3]), float(np_state[4])],
         "torch": _b64(torch.get_rng_state()),
         "cuda": [_b64(s) for s in torch.cuda.get_rng_state_all()] if torch.cuda.is_initialized() else [],
-        "loaders": [_b64(g.get_state()) if g is not None else None for g in _loader_generators(loaders)],
+        "loaders": [_b64(g.get_state()) if g is not None else None for g in loader_generators(loaders)],
     }
     return out
 
@@ -91,7 +91,7 @@ def restore_rng(state: dict[str, Any], rng: random.Random, loaders: Iterable[Any
     torch.set_rng_state(_unb64(state["torch"]))
     if state.get("cuda") and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([_unb64(s) for s in state["cuda"]])
-    for gen, s in zip(_loader_generators(loaders), state.get("loaders", [])):
+    for gen, s in zip(loader_generators(loaders), state.get("loaders", [])):
         if gen is not None and s is not None:
             gen.set_state(_unb64(s))
 

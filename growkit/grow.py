@@ -45,11 +45,11 @@ from .errors import InputError
 from .executor import Executor, LocalExecutor, get_executor
 from .gallery import Entry, Gallery
 from .graph import as_args
-from .jobs import STOPPED, ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
+from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
 from .methods import get_method
 from .plan import GrowthPlan
 from .surgery import growable, state_of
-from .train import BatchFn, NonFiniteLoss, evaluate, first_input
+from .train import BatchFn, evaluate, first_input
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
 
@@ -445,12 +445,10 @@ class GrowRun:
             if weak.plan is None:
                 self.child_done(rnd, prog, spec, weak, None)
                 return
-            job = self.tune_job(rnd, spec, weak)
             save = hook({"plan": weak.plan, "rec": weak.rec})
-            with self.trainer.scope(job.seed):
-                grown = self.trainer.model_from(job.plan, job.state)
-                save({"phase": "finetune", "epoch": 0, "stats": {}}, work=grown)
-                tune = self.trainer.finetune_model(job, grown, save=save)
+            tune = self.trainer.finetune(self.tune_job(rnd, spec, weak), save=save,
+                                         before_train=lambda m: save({"phase": "finetune", "epoch": 0, "stats": {}},
+                                                                     work=m))
         else:
             p = resume[0]["progress"]
             weak = WeakResult(rnd, i, spec["parent"], p["plan"], None, p["rec"])
@@ -488,9 +486,7 @@ class GrowRun:
         def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
             self.save({"round": rnd, "parent": parent.id, "plan": plan, **p}, work=work, opts=opts, sched=sched)
 
-        res = self.trainer.finetune_model(job, grown, save=save, resume=saved)
-        if res.state is None:
-            raise NonFiniteLoss(res.rec["note"].removeprefix(STOPPED))
+        res = self.trainer.train_child(job, grown, save=save, resume=saved)
         rec.update(res.rec)
         self.add_trained(res, rec)
         self.save({"round": rnd, "phase": "round_end"})

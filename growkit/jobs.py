@@ -22,7 +22,7 @@ import torch
 from torch import nn
 
 from .candidates import inject
-from .checkpoint import _loader_generators
+from .checkpoint import loader_generators
 from .cost import Budget, Cost, measure
 from .errors import ResourceError
 from .finalize import finalize
@@ -117,7 +117,7 @@ def job_seed_scope(seed: int, loaders: Iterable[Any], device: torch.device) -> I
     loaders' generators for one job; restore all of them afterwards."""
     import numpy as np
 
-    gens = [g for g in _loader_generators(loaders) if g is not None]
+    gens = [g for g in loader_generators(loaders) if g is not None]
     saved = [g.get_state() for g in gens]
     py_state, np_state = random.getstate(), np.random.get_state()
     devices = [device] if device.type == "cuda" else []
@@ -283,17 +283,26 @@ class ChildTrainer:
 
     # ------------------------------------------------------------------ fine-tuning
     def finetune(self, job: TuneJob, *, save: SaveHook | None = None,
-                 resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+                 resume: tuple[dict[str, Any], State] | None = None,
+                 before_train: Callable[[torch.fx.GraphModule], None] | None = None) -> TuneResult:
         """Fine-tune the child (fresh cosine schedule, new parameters at ``lr * new_lr_mult``),
         then evaluate it and measure its cost. A non-finite loss or an exploding eta gives a
-        result without weights and with a note (the round keeps its last good model)."""
+        result without weights and with a note (the round keeps its last good model).
+        ``before_train(model)`` sees the built child first (the driver checkpoints it there)."""
         with self.scope(job.seed):
             grown = self.model_from(job.plan, None if resume is not None else unpack_state(job.state))
-            return self.finetune_model(job, grown, save=save, resume=resume)
+            if before_train is not None:
+                before_train(grown)
+            try:
+                return self.train_child(job, grown, save=save, resume=resume)
+            except NonFiniteLoss as exc:
+                return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None,
+                                  {"note": STOPPED + str(exc)})
 
-    def finetune_model(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
-                       resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
-        """:meth:`finetune` on an already built model (trained in place), in the caller's RNG scope."""
+    def train_child(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
+                    resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+        """The training of :meth:`finetune` on a built model (in place, in the caller's RNG scope);
+        raises :class:`growkit.train.NonFiniteLoss` when the loss or an eta blows up."""
         cfg = self.cfg
         rec: dict[str, Any] = {}
         t = time.perf_counter()
@@ -328,14 +337,10 @@ class ChildTrainer:
                 save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st)}, work=grown, opts={"finetune": opt},
                      sched=sched)
 
-        try:
-            st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
-                             batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
-                             desc=f"round {job.round} fine-tune", after_step=after_step, start_epoch=start,
-                             stats=stats, on_epoch_end=on_epoch_end)
-        except NonFiniteLoss as exc:
-            rec["note"] = STOPPED + str(exc)
-            return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None, rec)
+        st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
+                         batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
+                         desc=f"round {job.round} fine-tune", after_step=after_step, start_epoch=start,
+                         stats=stats, on_epoch_end=on_epoch_end)
         rec["finetune_s"] = time.perf_counter() - t
         rec["finetune_train_acc"] = st.train_accuracy
         rec["etas"] = {e.point: float(branches[e.key].eta.detach()) for e in new}

@@ -109,10 +109,6 @@ class _Take:
         return itertools.islice(iter(self.loader), self.n)
 
 
-# The schedule grow()'s phases use, so a pass trains like Petridish does.
-_cosine = cosine_schedule
-
-
 # ---------------------------------------------------------------------------------------- context
 class SearchContext:
     """What a pass works with in one round (see the module docstring).
@@ -202,7 +198,7 @@ class SearchContext:
         if steps <= 0:
             return stats
         opt = self.optimizer(model)
-        sched = _cosine(opt, steps)
+        sched = cosine_schedule(opt, steps)  # grow()'s phase schedule
         model.train()
         for _ in range(steps):
             x, y = self.train_stream.next()

@@ -25,8 +25,9 @@ from torch import nn
 
 from ..methods import register_method
 from ..ops import canonical
+from ..jobs import cosine_schedule
 from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, _cosine, _positive_float, _positive_int, cells_of, derive_from_cells,
+    AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
     insert_cells,
 )
 from .space import Atom
@@ -107,7 +108,7 @@ class Darts(SearchMethod):
         cell_weights = [p for c in cells.values() for n, p in c.named_parameters() if n != "alpha"]
         opt_w = ctx.optimizer(supernet, extra_new=cell_weights, exclude=alphas)
         opt_a = torch.optim.Adam(alphas, lr=o["arch_lr"], betas=(0.5, 0.999), weight_decay=o["arch_weight_decay"])
-        sched = _cosine(opt_w, ctx.steps)
+        sched = cosine_schedule(opt_w, ctx.steps)
         supernet.train()
         for _ in range(ctx.steps):
             # Architecture step: first-order (the weights are taken as they are), validation batch.

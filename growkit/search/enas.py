@@ -28,8 +28,9 @@ from ..errors import InputError
 from ..methods import register_method
 from ..ops import canonical
 from ..train import _forward, _logits
+from ..jobs import cosine_schedule
 from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, _cosine, _positive_float, _positive_int, cells_of, derive_from_cells,
+    AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
     insert_cells,
 )
 from .space import Atom, SearchSpace
@@ -235,7 +236,7 @@ class Enas(SearchMethod):
         ctrl = self._controller(ctx, decisions)
         opt_c = torch.optim.Adam(ctrl.parameters(), lr=o["controller_lr"])
         opt_w = ctx.optimizer(supernet, extra_new=[p for c in cells.values() for p in c.parameters()])
-        sched = _cosine(opt_w, ctx.steps)
+        sched = cosine_schedule(opt_w, ctx.steps)
         gen = ctx.generator()
         sample_kw = {"tanh_c": o["tanh_c"], "temperature": o["temperature"]}
 

@@ -41,7 +41,7 @@ from ..grow import GrowResult, _check_example
 from ..plan import BRANCHES, GrowthPlan, apply_plan
 from ..surgery import META_KEY, growable, remove_inserted, state_of
 from ..train import BatchFn, NonFiniteLoss, _forward, _logits, evaluate, first_input, iter_batches, train_steps
-from .common import _cosine, num_batches
+from ..jobs import cosine_schedule, num_batches
 
 __all__ = ["prune", "PruneResult", "rebuild_pruned", "PRUNE_METHODS", "IMPORTANCES"]
 
@@ -293,7 +293,7 @@ def prune(
         if finetune_epochs <= 0:
             return
         opt = torch.optim.SGD(m.parameters(), lr=lr, momentum=momentum, weight_decay=weight_decay)
-        sched = _cosine(opt, finetune_epochs * num_batches(loader))
+        sched = cosine_schedule(opt, finetune_epochs * num_batches(loader))
         train_steps(m, loader, opt, epochs=finetune_epochs, scheduler=sched, loss_fn=loss_fn, batch_fn=batch_fn,
                     device=dev, progress=progress, desc=desc)
 
