@@ -53,6 +53,7 @@ import growkit
 from growkit.adapters import data as D
 from growkit.cost import count_flops, count_params
 from growkit.train import evaluate, train_steps
+from growkit.ops import OP_SETS
 
 logger = logging.getLogger("grow_vs_finetune")
 
@@ -112,6 +113,21 @@ def train_loader(data: dict[str, Any], seed: int) -> DataLoader:
 
 
 # ---------------------------------------------------------------------------------------- models
+def base_channels(name: str, args: argparse.Namespace) -> tuple[int, ...]:
+    """The dataset's base widths, or the ``--channels`` override."""
+    return tuple(args.channels.get(name, DATASETS[name]["channels"]))
+
+
+def _parse_channels(items: list[str]) -> dict[str, tuple[int, ...]]:
+    out = {}
+    for item in items:
+        name, _, widths = item.partition("=")
+        if name not in DATASETS or not widths:
+            raise SystemExit(f"--channels wants NAME=W1,W2,W3,W4 with NAME in {', '.join(DATASETS)}, got {item!r}")
+        out[name] = tuple(int(w) for w in widths.split(","))
+    return out
+
+
 def make_model(channels: tuple[int, ...]) -> nn.Module:
     return timm.create_model(FAMILY, pretrained=False, num_classes=10, in_chans=1,
                              channels=tuple(channels), stem_width=STEM_WIDTH)
@@ -204,7 +220,7 @@ def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: d
         rounds=args.rounds, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
         lr=hp["lr"], new_lr_mult=hp["new_lr_mult"], weight_decay=args.weight_decay,
         budget=growkit.Budget(params=args.budget), selection=selection, seed=seed, progress=False,
-        max_ops=args.max_ops, ops=args.ops, max_inputs=args.max_inputs, l1=args.l1, **extra,
+        max_ops=args.max_ops, ops=args.ops, max_inputs=args.max_inputs or None, l1=args.l1, **extra,
     )
     best = res.best
     hist = []
@@ -226,14 +242,13 @@ def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: d
 # ------------------------------------------------------------------------------------------ run
 def run_seed(name: str, seed: int, hp_grow: dict[str, Any], hp_ft: dict[str, Any], args: argparse.Namespace,
              variants: tuple[str, ...] = ("grow", "finetune", "random", "wider")) -> dict[str, Any]:
-    spec = DATASETS[name]
     data = make_data(name, seed, args.batch_size, args.quick)
     torch.manual_seed(seed)
     t = time.perf_counter()
-    base = make_model(spec["channels"])
+    base = make_model(base_channels(name, args))
     train_from_scratch(base, data, seed, args.base_epochs, args.base_lr, args)
     out: dict[str, Any] = {"seed": seed, "sizes": data["sizes"]}
-    out["base"] = {**metrics(base, data), "wall_s": time.perf_counter() - t, "channels": list(spec["channels"])}
+    out["base"] = {**metrics(base, data), "wall_s": time.perf_counter() - t, "channels": list(base_channels(name, args))}
     logger.info("%s seed %d base: train %.4f val %.4f test %.4f, %d params (%.0f s)", name, seed,
                 out["base"]["train_acc"], out["base"]["val_acc"], out["base"]["test_acc"], out["base"]["params"],
                 out["base"]["wall_s"])
@@ -247,7 +262,7 @@ def run_seed(name: str, seed: int, hp_grow: dict[str, Any], hp_ft: dict[str, Any
             target = out.get("grow", {}).get("params") or int(args.budget * out["base"]["params"])
             if target <= out["base"]["params"]:
                 target = int(args.budget * out["base"]["params"])
-            ch, _ = wider_channels(spec["channels"], target, data["example"])
+            ch, _ = wider_channels(base_channels(name, args), target, data["example"])
             torch.manual_seed(seed)
             m = make_model(ch)
             train_from_scratch(m, data, seed, args.base_epochs + extra_epochs(args), args.base_lr, args)
@@ -268,12 +283,11 @@ def extra_epochs(args: argparse.Namespace) -> int:
 
 def tune(name: str, args: argparse.Namespace) -> dict[str, Any]:
     """Pick grow's (lr, new_lr_mult) and fine-tuning's lr by validation accuracy on a tuning seed."""
-    spec = DATASETS[name]
     seed = TUNE_SEED
     data = make_data(name, seed, args.batch_size, args.quick)
     torch.manual_seed(seed)
     t0 = time.perf_counter()
-    base = make_model(spec["channels"])
+    base = make_model(base_channels(name, args))
     train_from_scratch(base, data, seed, args.base_epochs, args.base_lr, args)
     base_val = evaluate(base, data["val"])["accuracy"]
     trials: dict[str, list[dict[str, Any]]] = {"grow": [], "finetune": []}
@@ -444,8 +458,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--budget", type=float, default=1.5)
     p.add_argument("--max-ops", type=int, default=3)
-    p.add_argument("--ops", default=None, help="comma-separated op names, 'paper', or default")
-    p.add_argument("--max-inputs", type=int, default=2)
+    p.add_argument("--ops", default=None, help="comma-separated op names, 'paper', 'wide', or default")
+    p.add_argument("--channels", action="append", default=[], metavar="NAME=W1,W2,W3,W4",
+                   help="override a dataset's base widths (repeatable)")
+    p.add_argument("--max-inputs", type=int, default=2, help="nearest eligible inputs per point; 0: all")
     p.add_argument("--l1", type=float, default=1e-3)
     p.add_argument("--candidate-lr", type=float, default=None,
                    help="grow's candidate_lr (Adam lr of the weak learners), if this growkit has it; default: growkit's")
@@ -456,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/grow_vs_finetune)")
     args = p.parse_args(argv)
-    if args.ops and args.ops not in ("paper", "all"):
+    args.channels = _parse_channels(args.channels)
+    if args.ops and args.ops not in OP_SETS:
         args.ops = tuple(args.ops.split(","))
     if args.quick:
         args.base_epochs, args.rounds, args.search_epochs, args.finetune_epochs = 2, 1, 1, 1
@@ -479,7 +496,7 @@ def main(argv: list[str] | None = None) -> int:
         "versions": {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()},
         "settings": {**{k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(args).items()}, "seeds": seeds,
                      "family": FAMILY, "stem_width": STEM_WIDTH,
-                     "channels": {n: list(DATASETS[n]["channels"]) for n in names},
+                     "channels": {n: list(base_channels(n, args)) for n in names},
                      "grow_grid": GROW_GRID, "finetune_grid": FT_GRID, "tune_seed": TUNE_SEED},
         "extra_epochs": extra_epochs(args),
         "growkit": growkit_info(),

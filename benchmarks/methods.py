@@ -50,6 +50,7 @@ import grow_vs_finetune as gvf  # noqa: E402  (the same bases, data splits and t
 import growkit  # noqa: E402
 from growkit.cost import count_flops, count_params  # noqa: E402
 from growkit.train import evaluate, train_steps  # noqa: E402
+from growkit.ops import OP_SETS  # noqa: E402
 
 logger = logging.getLogger("methods")
 
@@ -354,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--new-lr-mult", type=float, default=2.0)
     p.add_argument("--weight-decay", type=float, default=5e-4)
     p.add_argument("--budget", type=float, default=1.5)
-    p.add_argument("--ops", default="paper", help="comma-separated op names, 'paper', or 'default'")
+    p.add_argument("--ops", default="paper", help="comma-separated op names, 'paper', 'wide', or 'default'")
     p.add_argument("--max-inputs", type=int, default=2)
     p.add_argument("--max-ops", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=128)
@@ -367,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/methods)")
     args = p.parse_args(argv)
-    args.ops = None if args.ops == "default" else (args.ops if args.ops in ("paper", "all") else tuple(args.ops.split(",")))
+    args.ops = None if args.ops == "default" else (args.ops if args.ops in OP_SETS else tuple(args.ops.split(",")))
     argv_s = " ".join(sys.argv if argv is None else argv)
     if args.quick:
         args.base_epochs, args.rounds, args.search_epochs, args.finetune_epochs = 15, 1, 2, 2

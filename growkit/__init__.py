@@ -13,7 +13,7 @@ from .errors import (
     TraceError,
 )
 from .graph import EligibleInput, GrowthPoint, LayerGraph, trace
-from .ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, OpRegistry, OpSpec, register_op
+from .ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, WIDE_OPS, OpRegistry, OpSpec, register_op
 from .candidates import Candidate, CandidateModel, inject
 from .branch import GrownBranch
 from .finalize import finalize
@@ -45,7 +45,7 @@ __version__ = "0.1.0"
 __all__ = [
     "BudgetError", "ExportError", "GrowkitError", "InputError", "OpError", "PlanError",
     "PointError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
-    "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "OpRegistry", "OpSpec", "register_op",
+    "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "WIDE_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
     "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "GrowthMethod", "register_method", "load", "save", "cost",

@@ -25,6 +25,8 @@ __all__ = [
     "DEFAULT_REGISTRY",
     "register_op",
     "PAPER_OPS",
+    "WIDE_OPS",
+    "OP_SETS",
     "DEFAULT_OPS",
     "TOKEN_OPS",
     "default_ops",
@@ -157,6 +159,29 @@ class DilConv(nn.Sequential):
         )
 
 
+class MBConv(nn.Sequential):
+    """Inverted bottleneck (MobileNetV2 / ProxylessNAS MBConv): 1x1 expand, kxk depthwise, 1x1 project.
+
+    The paper's ops keep a branch as narrow as its growth point; this op computes in
+    ``expand * max(c_in, c_out)`` hidden channels, so a grown shortcut can add width, not only a
+    path. ReLU first, BN last, as the DARTS ops, so the candidate's feature norm sees the same form.
+    """
+
+    def __init__(self, c_in: int, c_out: int, k: int, stride: int, expand: int = 4) -> None:
+        hidden = expand * max(c_in, c_out)
+        super().__init__(
+            nn.ReLU(),
+            nn.Conv2d(c_in, hidden, 1, bias=False),
+            OpBatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.Conv2d(hidden, hidden, k, stride, k // 2, groups=hidden, bias=False),
+            OpBatchNorm2d(hidden),
+            nn.ReLU(),
+            nn.Conv2d(hidden, c_out, 1, bias=False),
+            OpBatchNorm2d(c_out),
+        )
+
+
 class PoolProj(nn.Sequential):
     """3x3 pooling (stride = factor) followed by a 1x1 projection when channels differ."""
 
@@ -187,6 +212,7 @@ class Skip(nn.Sequential):
 for _k in (3, 5):
     DEFAULT_REGISTRY.register(f"sep_conv_{_k}x{_k}", lambda s, k=_k: SepConv(s.c_in, s.c_out, k, s.factor))
     DEFAULT_REGISTRY.register(f"dil_conv_{_k}x{_k}", lambda s, k=_k: DilConv(s.c_in, s.c_out, k, s.factor))
+    DEFAULT_REGISTRY.register(f"mb_conv_{_k}x{_k}", lambda s, k=_k: MBConv(s.c_in, s.c_out, k, s.factor))
 DEFAULT_REGISTRY.register("max_pool_3x3", lambda s: PoolProj("max", s.c_in, s.c_out, s.factor))
 DEFAULT_REGISTRY.register("avg_pool_3x3", lambda s: PoolProj("avg", s.c_in, s.c_out, s.factor))
 
@@ -236,6 +262,10 @@ PAPER_OPS: tuple[str, ...] = (
 )
 """The paper's feature-map op set (Petridish / DARTS)."""
 
+WIDE_OPS: tuple[str, ...] = PAPER_OPS + ("mb_conv_3x3", "mb_conv_5x5")
+"""The paper's set plus inverted bottlenecks (expansion 4), for bases too narrow for a shortcut
+of the point's own width to add capacity; ``ops="wide"``."""
+
 DEFAULT_OPS: tuple[str, ...] = ("sep_conv_3x3", "identity")
 """The default for feature maps: one spatial op and the skip, about 1.5x a plain train step
 (see benchmarks/results/weak_learning_overhead.md); ``ops="paper"`` for the full set."""
@@ -247,18 +277,23 @@ DEFAULT_TOKEN_OPS: tuple[str, ...] = ("dwconv_tokens", "identity")
 """The default for tokens: token mixing plus the skip."""
 
 
+OP_SETS: dict[str, tuple[str, ...]] = {"paper": PAPER_OPS, "all": PAPER_OPS, "wide": WIDE_OPS}
+"""Named feature-map op sets ``ops=`` accepts (tokens use :data:`TOKEN_OPS` for each)."""
+
+
 def default_ops(layout: str) -> tuple[str, ...]:
     """The op set used when ``ops=None``."""
     return DEFAULT_TOKEN_OPS if layout == "tokens" else DEFAULT_OPS
 
 
 def resolve_ops(ops: Iterable[str] | str | None, layout: str) -> tuple[str, ...]:
-    """``None`` -> default, ``"paper"`` / ``"all"`` -> the full set, else the given names."""
+    """``None`` -> default, ``"paper"`` / ``"all"`` -> the full set, ``"wide"`` -> the paper's
+    set plus inverted bottlenecks, else the given names."""
     if ops is None:
         return default_ops(layout)
     if isinstance(ops, str):
-        if ops in ("paper", "all"):
-            return TOKEN_OPS if layout == "tokens" else PAPER_OPS
+        if ops in OP_SETS:
+            return TOKEN_OPS if layout == "tokens" else OP_SETS[ops]
         ops = (ops,)
     out = tuple(ops)
     if not out:

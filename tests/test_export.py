@@ -12,8 +12,8 @@ from .conftest import TinyResNet, run_eval
 pytest.importorskip("onnxruntime")
 
 
-def _grown(model, x):
-    cm = growkit.inject(model, x, ops="paper" if isinstance(model, TinyResNet) else None)
+def _grown(model, x, ops=None):
+    cm = growkit.inject(model, x, ops=ops or ("paper" if isinstance(model, TinyResNet) else None))
     grown = growkit.finalize(cm)
     torch.manual_seed(1)
     with torch.no_grad():  # non-zero gates and random projections: the branches matter
@@ -23,15 +23,18 @@ def _grown(model, x):
     return grown
 
 
-@pytest.mark.parametrize("kind", ["cnn", "tokens"])
+@pytest.mark.parametrize("kind", ["cnn", "cnn_inverted_bottleneck", "tokens"])
 def test_export_grown_model_parity(tmp_path, kind):
     torch.manual_seed(0)
-    if kind == "cnn":
+    ops = None
+    if kind.startswith("cnn"):
         model, x = TinyResNet(), torch.randn(1, 1, 16, 16)
+        if kind == "cnn_inverted_bottleneck":
+            ops = ("mb_conv_3x3", "mb_conv_5x5")
     else:
         model = timm.create_model("vit_tiny_patch16_224", img_size=32, depth=2, num_classes=10)
         x = torch.randn(1, 3, 32, 32)
-    grown = _grown(model, x)
+    grown = _grown(model, x, ops)
     assert not torch.equal(run_eval(grown, x), run_eval(model, x))  # growth is active
     rep = growkit.export_onnx(grown, tmp_path / "m.onnx", x)
     assert rep.passed and rep.batch_sizes == [1, 3]

@@ -13,6 +13,7 @@ from torch import nn
 
 import growkit
 from growkit.graph import outputs_equal
+from growkit.ops import resolve_ops
 
 from .conftest import TinyResNet, run_eval
 
@@ -339,3 +340,37 @@ def test_op_batchnorm_eval_form_matches_batch_norm():
     bn.eval()
     ref = F.batch_norm(x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=bn.eps)
     torch.testing.assert_close(bn(x), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_wide_ops_add_hidden_width_and_grow_exactly(tmp_path):
+    """``ops="wide"``: the inverted-bottleneck ops compute in 4 x the wider side's channels and
+    inject / finalize / save / load keep the function exactly, as the paper's ops do."""
+    model, x, y = _make("tiny_resnet")
+    assert resolve_ops("wide", "nchw") == growkit.WIDE_OPS
+    assert set(growkit.PAPER_OPS) < set(growkit.WIDE_OPS)
+    cm = growkit.inject(model, x[:1], ops=("mb_conv_3x3", "mb_conv_5x5"), max_inputs=2)
+    checked = 0
+    for name, cand in cm.candidates.items():
+        point = cm.state.point(name)
+        for (z, op), m in zip(cand.edges(), cand.ops):
+            zin = next(e for e in point.inputs if e.name == z)
+            convs = [c for c in m.modules() if isinstance(c, nn.Conv2d)]
+            hidden = 4 * max(zin.channels, point.channels)
+            assert [c.out_channels for c in convs] == [hidden, hidden, point.channels], (z, op)
+            assert convs[1].groups == hidden and convs[1].kernel_size[0] == int(op[-1])
+            assert convs[1].stride[0] == zin.factor
+            checked += 1
+    assert checked >= 4
+    assert outputs_equal(run_eval(cm, x), run_eval(copy.deepcopy(model), x))
+    _weak_learn(cm, x, y)
+    grown = growkit.finalize(cm, max_ops=2)
+    assert torch.equal(run_eval(grown, x), run_eval(cm, x))
+    assert {e.op for ed in growkit.plan_of(grown).edits for e in ed.edges} <= {"mb_conv_3x3", "mb_conv_5x5"}
+    opt = torch.optim.SGD(grown.parameters(), lr=0.05)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(grown.train()(x), y).backward()
+        opt.step()
+    growkit.save(grown, tmp_path / "g")
+    loaded = growkit.load(tmp_path / "g", base_model=model)
+    assert torch.equal(run_eval(loaded, x), run_eval(grown, x))
