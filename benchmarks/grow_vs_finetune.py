@@ -320,6 +320,16 @@ def _ms(xs: list[float]) -> str:
     return f"{100 * m:.2f} ± {100 * s:.2f}"
 
 
+def _paired_p(diffs: list[float]) -> str:
+    """Two-sided one-sample t-test of the per-seed differences against 0."""
+    if len(diffs) < 2 or statistics.stdev(diffs) == 0:
+        return "-"
+    from scipy.stats import ttest_1samp  # scipy comes with scikit-learn
+
+    p = float(ttest_1samp(diffs, 0.0).pvalue)
+    return "< 0.001" if p < 0.001 else f"{p:.3f}"
+
+
 def summarize(name: str, runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
     present = [k for k, _ in VARIANTS if all(k in r for r in runs)]
     s: dict[str, Any] = {}
@@ -376,13 +386,15 @@ def markdown(result: dict[str, Any]) -> str:
             L.append(f"| {label} | {_ms([r[k]['test_acc'] for r in runs])} | {per} | {100 * s[k]['train_acc']:.2f} | "
                      f"{100 * s[k]['val_acc']:.2f} | {s[k]['params']:,.0f} | {s[k]['flops'] / 1e6:.3f} | {s[k]['wall_s']:.0f} |")
         L.append("")
-        L += ["| paired difference (test points) | per seed | mean ± std | wins/ties of seeds |", "|---|---|---|---|"]
+        L += ["| paired difference (test points) | per seed | mean ± std | wins/ties of seeds | mean > std (goal) "
+              "| paired t-test p |", "|---|---|---|---|---|---|"]
         for key, label in (("grow-finetune", "(a) - (b)"), ("grow-random", "(a) - (c)"), ("grow-base", "(a) - base"),
                            ("wider-finetune", "(d) - (b)")):
             if key in s:
                 x = s[key]
                 L.append(f"| {label} | {', '.join(f'{100 * v:+.2f}' for v in x['per_seed'])} | "
-                         f"{100 * x['mean']:+.2f} ± {100 * x['std']:.2f} | {x['wins']}/{x['ties']} of {len(runs)} |")
+                         f"{100 * x['mean']:+.2f} ± {100 * x['std']:.2f} | {x['wins']}/{x['ties']} of {len(runs)} | "
+                         f"{'yes' if x['mean'] > x['std'] else 'no'} | {_paired_p(x['per_seed'])} |")
         if s.get("recovered_fraction") is not None:
             L.append("")
             L.append(f"(a) recovers {100 * s['recovered_fraction']:.0f} % of the (d) - (b) gain, at "
@@ -471,7 +483,13 @@ def main(argv: list[str] | None = None) -> int:
                    help="subset of grow,finetune,random,wider (wider needs grow first for its size target)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/grow_vs_finetune)")
+    p.add_argument("--render", default=None, metavar="JSON",
+                   help="only rewrite the markdown report next to this result file, from its JSON")
     args = p.parse_args(argv)
+    if args.render:
+        src = Path(args.render)
+        src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        return 0
     args.channels = _parse_channels(args.channels)
     if args.ops and args.ops not in OP_SETS:
         args.ops = tuple(args.ops.split(","))

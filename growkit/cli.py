@@ -10,6 +10,7 @@ from typing import Sequence
 import torch
 
 from .errors import GrowkitError, InputError
+from .ops import OP_SETS
 
 __all__ = ["main"]
 
@@ -79,6 +80,15 @@ def _method_options(text: str | None) -> dict:
     return opts
 
 
+def _ops_arg(text: str) -> str | tuple[str, ...] | None:
+    """``--ops``: a named set, ``default`` (inject's cheap pair) or op names."""
+    if text == "default":
+        return None
+    if text in OP_SETS:
+        return text
+    return tuple(t for t in (s.strip() for s in text.split(",")) if t)
+
+
 def _cmd_grow(args: argparse.Namespace) -> int:
     from growkit.adapters import data as gdata
 
@@ -113,6 +123,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
         checkpoint_dir=args.out, method=args.method, method_options=options, children=args.children,
+        ops=_ops_arg(args.ops),
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
@@ -191,6 +202,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--children", type=int, default=1, help="children grown per round (parents from the eps-hull)")
     g.add_argument("--ray-workers", type=int, default=0, help="run the children's jobs on this many Ray workers")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
+    g.add_argument("--ops", default="paper",
+                   help="candidate ops: paper (default), wide (paper + inverted bottlenecks), default (cheap), "
+                        "or comma-separated op names")
     g.add_argument("--method", default="petridish",
                    help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
     g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')

@@ -134,9 +134,12 @@ def test_cli_grow_and_report(tmp_path, capsys):
 
     out = tmp_path / "run"
     rc = main(["grow", "--model", "tests.conftest:TinyResNet", "--data", "digits", "--out", str(out),
-               "--base-epochs", "1", "--rounds", "1", "--budget", "params=2.0", "--num-classes", "10"])
+               "--base-epochs", "1", "--rounds", "1", "--budget", "params=2.0", "--num-classes", "10",
+               "--ops", "mb_conv_3x3,identity"])
     assert rc == 0
     assert (out / "plan.json").is_file() and (out / "gallery.png").is_file()
+    ops = {e.op for ed in growkit.GrowthPlan.load(out / "plan.json").edits for e in ed.edges}
+    assert ops and ops <= {"mb_conv_3x3", "identity"}
     assert main(["report", str(out)]) == 0
     assert "| id |" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing")]) == 2
