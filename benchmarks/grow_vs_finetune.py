@@ -53,7 +53,7 @@ import growkit
 from growkit.adapters import data as D
 from growkit.cost import count_flops, count_params
 from growkit.train import evaluate, train_steps
-from growkit.ops import OP_SETS
+from growkit.ops import ops_from_text
 
 logger = logging.getLogger("grow_vs_finetune")
 
@@ -491,8 +491,7 @@ def main(argv: list[str] | None = None) -> int:
         src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
         return 0
     args.channels = _parse_channels(args.channels)
-    if args.ops and args.ops not in OP_SETS:
-        args.ops = tuple(args.ops.split(","))
+    args.ops = ops_from_text(args.ops)
     if args.quick:
         args.base_epochs, args.rounds, args.search_epochs, args.finetune_epochs = 2, 1, 1, 1
         if "--seeds" not in " ".join(sys.argv):

@@ -50,7 +50,7 @@ import grow_vs_finetune as gvf  # noqa: E402  (the same bases, data splits and t
 import growkit  # noqa: E402
 from growkit.cost import count_flops, count_params  # noqa: E402
 from growkit.train import evaluate, train_steps  # noqa: E402
-from growkit.ops import OP_SETS  # noqa: E402
+from growkit.ops import ops_from_text  # noqa: E402
 
 logger = logging.getLogger("methods")
 
@@ -368,7 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/methods)")
     args = p.parse_args(argv)
-    args.ops = None if args.ops == "default" else (args.ops if args.ops in OP_SETS else tuple(args.ops.split(",")))
+    args.ops = ops_from_text(args.ops)
     argv_s = " ".join(sys.argv if argv is None else argv)
     if args.quick:
         args.base_epochs, args.rounds, args.search_epochs, args.finetune_epochs = 15, 1, 2, 2

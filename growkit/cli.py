@@ -10,7 +10,7 @@ from typing import Sequence
 import torch
 
 from .errors import GrowkitError, InputError
-from .ops import OP_SETS
+from .ops import ops_from_text
 
 __all__ = ["main"]
 
@@ -80,15 +80,6 @@ def _method_options(text: str | None) -> dict:
     return opts
 
 
-def _ops_arg(text: str) -> str | tuple[str, ...] | None:
-    """``--ops``: a named set, ``default`` (inject's cheap pair) or op names."""
-    if text == "default":
-        return None
-    if text in OP_SETS:
-        return text
-    return tuple(t for t in (s.strip() for s in text.split(",")) if t)
-
-
 def _cmd_grow(args: argparse.Namespace) -> int:
     from growkit.adapters import data as gdata
 
@@ -123,7 +114,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
         checkpoint_dir=args.out, method=args.method, method_options=options, children=args.children,
-        ops=_ops_arg(args.ops),
+        ops=ops_from_text(args.ops),
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )

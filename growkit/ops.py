@@ -27,6 +27,7 @@ __all__ = [
     "PAPER_OPS",
     "WIDE_OPS",
     "OP_SETS",
+    "ops_from_text",
     "DEFAULT_OPS",
     "TOKEN_OPS",
     "default_ops",
@@ -279,6 +280,16 @@ DEFAULT_TOKEN_OPS: tuple[str, ...] = ("dwconv_tokens", "identity")
 
 OP_SETS: dict[str, tuple[str, ...]] = {"paper": PAPER_OPS, "all": PAPER_OPS, "wide": WIDE_OPS}
 """Named feature-map op sets ``ops=`` accepts (tokens use :data:`TOKEN_OPS` for each)."""
+
+
+def ops_from_text(text: str | None) -> str | tuple[str, ...] | None:
+    """The command-line form of ``ops=``: a named set (``paper``, ``wide``), ``default`` for the
+    cheap default, or comma-separated op names."""
+    if text is None or text == "default":
+        return None
+    if text in OP_SETS:
+        return text
+    return tuple(t for t in (s.strip() for s in text.split(",")) if t)
 
 
 def default_ops(layout: str) -> tuple[str, ...]:
