@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Iterable
+from typing import Iterable, Mapping, Sequence
 
 import torch
 import torch.fx
@@ -57,11 +57,11 @@ def selected_edges(
     if selection == "alpha":
         return {k: cands[k].top_edges(max_ops) for k in names}
     out = {}
-    for k in names:
-        c = cands[k]
+    for k, c in cands.items():
         flat = c.alpha.detach().flatten().tolist()
         pick = torch.randperm(len(flat), generator=generator)[:max_ops].tolist()
-        out[k] = [(*c.edges()[i], flat[i]) for i in pick]
+        if k in names:
+            out[k] = [(*c.edges()[i], flat[i]) for i in pick]
     return out
 
 
@@ -73,6 +73,7 @@ def finalize(
     selection: str = "alpha",
     generator: torch.Generator | None = None,
     registry: OpRegistry | None = None,
+    edges: Mapping[str, Sequence[tuple[str, str, float]]] | None = None,
 ) -> torch.fx.GraphModule:
     """Grow the chosen points of ``candidate_model`` (not modified) into a new module.
 
@@ -82,6 +83,9 @@ def finalize(
         points: points to grow (default: every candidate); unchosen points get nothing.
         selection: ``"alpha"`` (top |alpha|) or ``"random"`` edges (ablation baseline).
         generator: RNG for ``selection="random"``.
+        edges: point -> (input, op, alpha) edges to keep, as :func:`selected_edges` returns them;
+            given, it replaces ``max_ops``, ``points``, ``selection`` and ``generator``, so a
+            selection that was costed first (random draws included) is the one that is grown.
 
     Returns:
         A ``torch.fx.GraphModule`` computing exactly the candidate model's function, with the
@@ -91,8 +95,18 @@ def finalize(
         raise InputError(
             f"finalize expects the CandidateModel returned by growkit.inject, got {type(candidate_model).__name__}"
         )
-    chosen = selected_edges(candidate_model, max_ops, points, selection, generator)
     cands = candidate_model.candidates
+    if edges is None:
+        chosen = selected_edges(candidate_model, max_ops, points, selection, generator)
+    else:
+        chosen = {k: list(v) for k, v in edges.items()}
+        for k, es in chosen.items():
+            if k not in cands:
+                raise PointError(f"no candidate at point {k!r}; candidates are at: {', '.join(cands)}")
+            known = set(cands[k].edges())
+            bad = [(z, op) for z, op, _ in es if (z, op) not in known]
+            if bad:
+                raise InputError(f"point {k!r} has no candidate edge(s) {bad}; its edges are {sorted(known)}")
     gm = copy.deepcopy(candidate_model.module)
     gm.meta["growkit"] = candidate_model.state.copy()
     remove_inserted(gm, CANDIDATES)

@@ -318,9 +318,9 @@ class Grower:
             self.events.append(ev)
             return ev
         gen = torch.Generator().manual_seed(self.rng.getrandbits(63))
-        chosen, why = choose_points(cm, self.example, current=self.cost, base=self.base_cost, budget=self.budget,
-                                    max_ops=self.cfg["max_ops"], selection=self.selection, generator=gen,
-                                    max_points=self.points_per_growth)
+        chosen, why, edges = choose_points(cm, self.example, current=self.cost, base=self.base_cost,
+                                           budget=self.budget, max_ops=self.cfg["max_ops"], selection=self.selection,
+                                           generator=gen, max_points=self.points_per_growth)
         if not chosen:
             ev.note = why
             logger.info("growth at step %d (%s): %s", self.steps, trigger, why)
@@ -329,8 +329,7 @@ class Grower:
         was = cm.training
         check = self._outputs(cm)
         retired = list(cm.candidate_parameters())
-        grown = finalize(cm, max_ops=self.cfg["max_ops"], points=chosen, selection=self.selection,
-                         generator=torch.Generator().manual_seed(self.rng.getrandbits(63)))
+        grown = finalize(cm, edges=edges)
         new_names = adopt_parameters(grown, cm.module)
         fresh = self._inject(grown)
         after_cost = measure(grown, self.example)

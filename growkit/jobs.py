@@ -265,14 +265,14 @@ class ChildTrainer:
 
         # Choose where to grow: fit to the negative gradient per unit of added cost.
         sel = random.Random(job.seed)
-        chosen, why = choose_points(cm, self.example, current=job.parent_cost, base=self.base_cost,
-                                    budget=self.budget, max_ops=cfg["max_ops"], selection=cfg["selection"],
-                                    generator=_gen(sel), max_points=cfg["points_per_round"])
+        chosen, why, edges = choose_points(cm, self.example, current=job.parent_cost, base=self.base_cost,
+                                           budget=self.budget, max_ops=cfg["max_ops"], selection=cfg["selection"],
+                                           generator=_gen(sel), max_points=cfg["points_per_round"])
         rec["chosen"] = chosen
         if not chosen:
             rec["note"] = why
             return WeakResult(job.round, job.index, job.parent, None, None, rec)
-        grown = finalize(cm, max_ops=cfg["max_ops"], points=chosen, selection=cfg["selection"], generator=_gen(sel))
+        grown = finalize(cm, edges=edges)
         if self.budget is not None and self.budget.needs_latency:
             if not self.budget.allows(measure(grown, self.example, latency=True), self.base_cost):
                 rec["note"] = "latency over budget"

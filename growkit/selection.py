@@ -3,9 +3,12 @@
 Shared by :func:`growkit.grow` and :class:`growkit.Grower`: every candidate point is finalized
 once (a dry run) to measure its branch's parameters and FLOPs; points whose weak learner fits the
 negative gradient (score > 0) are ranked by score per relative added parameters and taken while
-the grown model stays within the budget.
+the grown model stays within the budget. The edges that were costed are returned with the points,
+so the caller grows exactly them (random edge draws included).
 """
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 import torch.fx
@@ -13,11 +16,22 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .candidates import CandidateModel
 from .cost import Budget, Cost, count_params
-from .finalize import finalize
+from .finalize import finalize, selected_edges
 from .plan import BRANCHES
 from .surgery import state_of
 
-__all__ = ["branch_costs", "choose_points"]
+__all__ = ["Choice", "branch_costs", "choose_points"]
+
+
+class Choice(NamedTuple):
+    """Result of :func:`choose_points`."""
+
+    points: list[str]
+    """points to grow, best first"""
+    why: str
+    """why nothing was chosen ('' when something was)"""
+    edges: dict[str, list[tuple[str, str, float]]]
+    """chosen point -> the (input, op, alpha) edges that were costed; pass to ``finalize(edges=)``"""
 
 
 def branch_costs(grown: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:
@@ -51,14 +65,15 @@ def choose_points(
     selection: str = "alpha",
     generator: torch.Generator | None = None,
     max_points: int | None = None,
-) -> tuple[list[str], str]:
-    """Points to grow (best first) and, when none, why.
+) -> Choice:
+    """Points to grow (best first), the edges to grow there and, when none, why.
 
     ``current`` is the cost of the model the candidates sit on, ``base`` the cost budgets are
     relative to.
     """
     scores = cm.scores()
-    full = finalize(cm, max_ops=max_ops, selection=selection, generator=generator)
+    edges = selected_edges(cm, max_ops, selection=selection, generator=generator)
+    full = finalize(cm, edges=edges)
     costs = branch_costs(full, example)
     ranked = sorted(
         (p for p in scores if scores[p] == scores[p] and scores[p] > 0 and p in costs),
@@ -77,4 +92,4 @@ def choose_points(
         add_p += costs[p][0]
         add_f += costs[p][1]
     why = "" if chosen else ("no candidate fits the budget" if ranked else "no candidate fits the negative gradient")
-    return chosen, why
+    return Choice(chosen, why, {p: edges[p] for p in chosen})

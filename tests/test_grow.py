@@ -57,6 +57,23 @@ def test_grow_reproducible_with_seed(trained):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+def test_random_selection_grows_the_costed_edges_within_budget(digits, trained):
+    # The random ablation once costed one random draw and grew another, so its children could
+    # break the budget (and were then silently dropped for the base).
+    train_l, val_l = digits
+    base = count_params(trained)
+    ops = ("identity", "sep_conv_3x3", "sep_conv_5x5", "max_pool_3x3")
+    for seed in range(5):
+        res = growkit.grow(trained, train_l, val_l, rounds=1, selection="random", budget=growkit.Budget(params=1.15),
+                           seed=seed, progress=False, finetune_epochs=0, ops=ops)
+        grown = [e for e in res.gallery if e.kind == "grown"]
+        assert grown, f"seed {seed}: nothing grown"
+        for e in grown:
+            assert e.cost.params <= 1.15 * base, (seed, e.cost.params, base)
+            m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+            assert e.cost.params == base + sum(count_params(b) for b in m.growkit_branches.values())
+
+
 def test_budget_nothing_fits_returns_base(digits, trained, caplog):
     train_l, val_l = digits
     with caplog.at_level(logging.WARNING, logger="growkit"):

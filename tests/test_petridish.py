@@ -12,6 +12,7 @@ import torchvision
 from torch import nn
 
 import growkit
+from growkit.finalize import selected_edges
 from growkit.graph import outputs_equal
 from growkit.ops import resolve_ops
 
@@ -168,6 +169,32 @@ def test_finalize_chosen_points_only_and_proj_init():
             if (z, op) in kept:
                 want = want + a * norm(opm(by_name[z]))
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_random_selection_is_stable_and_finalize_grows_given_edges():
+    model, x, y = _make("tiny_resnet")
+    cm = growkit.inject(model, x[:1], ops="paper")
+    _weak_learn(cm, x, y, steps=2)
+    pts = list(cm.candidates)
+
+    def draw(points=None):
+        return selected_edges(cm, 3, points, "random", torch.Generator().manual_seed(7))
+
+    full = draw()
+    # a point's random edges do not depend on which other points are asked for
+    assert draw([pts[2]]) == {pts[2]: full[pts[2]]}
+    assert draw(pts[1:3]) == {p: full[p] for p in pts[1:3]}
+    # finalize(edges=) grows exactly the given (costed) edges, whatever selection would pick now
+    chosen = {p: full[p] for p in (pts[0], pts[2])}
+    grown = growkit.finalize(cm, edges=chosen)
+    plan = growkit.plan_of(grown)
+    assert {e.point: [(g.input, g.op) for g in e.edges] for e in plan.edits} == {
+        p: [(z, op) for z, op, _ in es] for p, es in chosen.items()}
+    assert torch.equal(run_eval(grown, x), run_eval(cm, x))
+    with pytest.raises(growkit.InputError, match="no candidate edge"):
+        growkit.finalize(cm, edges={pts[0]: [("nope", "identity", 1.0)]})
+    with pytest.raises(growkit.PointError, match="no candidate at point"):
+        growkit.finalize(cm, edges={"nope": []})
 
 
 def test_plan_round_trip_replays_exactly(tmp_path):
