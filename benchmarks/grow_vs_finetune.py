@@ -369,6 +369,10 @@ def markdown(result: dict[str, Any]) -> str:
         f"{a['seeds']}.",
         "",
     ]
+    for rr in result.get("reruns", []):
+        L += [f"Re-run on {rr['date'][:10]} at growkit commit {rr['growkit']['commit'][:10]}"
+              f"{' + local changes' if rr['growkit']['dirty'] else ''}: variant(s) {', '.join(rr['variants'])} "
+              f"(same bases, bit for bit; {rr['wall_s'] / 60:.1f} min). {rr.get('note') or ''}".rstrip(), ""]
     for name, d in result["datasets"].items():
         s, runs = d["summary"], d["runs"]
         hp = d["hparams"]
@@ -444,6 +448,38 @@ def growkit_info() -> dict[str, Any]:
     return info
 
 
+def merge(result: dict[str, Any], rerun: dict[str, Any], note: str | None = None) -> dict[str, Any]:
+    """``result`` with the variants of ``rerun`` swapped in, seed by seed.
+
+    Used to re-run one arm after a fix without re-running the others. The bases are retrained in
+    the re-run; they must match the original bit for bit (metrics and parameter counts), else the
+    arms would not share a starting point and the merge is refused.
+    """
+    out = copy.deepcopy(result)
+    known = {k for k, _ in VARIANTS if k != "base"}
+    variants = sorted({v for d in rerun["datasets"].values() for r in d["runs"] for v in r if v in known})
+    for name, d in rerun["datasets"].items():
+        if name not in out["datasets"]:
+            raise ValueError(f"{name} is not in the result being merged into")
+        old = {r["seed"]: r for r in out["datasets"][name]["runs"]}
+        if sorted(old) != sorted(r["seed"] for r in d["runs"]):
+            raise ValueError(f"{name}: seeds differ ({sorted(old)} vs {[r['seed'] for r in d['runs']]})")
+        for r in d["runs"]:
+            a, b = old[r["seed"]]["base"], r["base"]
+            keys = ("train_acc", "val_acc", "test_acc", "params", "flops")
+            if any(a[k] != b[k] for k in keys):
+                raise ValueError(f"{name} seed {r['seed']}: the re-run base differs "
+                                 f"({ {k: a[k] for k in keys} } vs { {k: b[k] for k in keys} })")
+            for v in variants:
+                old[r["seed"]][v] = r[v]
+        if d["hparams"] != out["datasets"][name]["hparams"]:
+            raise ValueError(f"{name}: hyper-parameters differ ({d['hparams']} vs {out['datasets'][name]['hparams']})")
+        out["datasets"][name]["summary"] = summarize(name, out["datasets"][name]["runs"], argparse.Namespace(**out["settings"]))
+    out.setdefault("reruns", []).append({"variants": variants, "date": rerun["date"], "growkit": rerun["growkit"],
+                                         "wall_s": rerun["total_wall_s"], "note": note})
+    return out
+
+
 def _clean(x: Any) -> Any:
     if isinstance(x, float):
         return x if math.isfinite(x) else None
@@ -485,10 +521,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/grow_vs_finetune)")
     p.add_argument("--render", default=None, metavar="JSON",
                    help="only rewrite the markdown report next to this result file, from its JSON")
+    p.add_argument("--merge", nargs=2, default=None, metavar=("RESULT", "RERUN"),
+                   help="replace the variants RERUN.json has in RESULT.json (same seeds; the bases must be "
+                        "identical), recompute the summary, rewrite RESULT.{json,md}; --note says why")
+    p.add_argument("--note", default=None, help="with --merge: a note kept in the result and shown in the report")
     args = p.parse_args(argv)
     if args.render:
         src = Path(args.render)
         src.with_suffix(".md").write_text(markdown(json.loads(src.read_text())))
+        return 0
+    if args.merge:
+        dst = Path(args.merge[0])
+        merged = merge(json.loads(dst.read_text()), json.loads(Path(args.merge[1]).read_text()), args.note)
+        dst.write_text(json.dumps(_clean(merged), indent=1))
+        dst.with_suffix(".md").write_text(markdown(merged))
         return 0
     args.channels = _parse_channels(args.channels)
     args.ops = ops_from_text(args.ops)
