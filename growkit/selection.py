@@ -3,8 +3,11 @@
 Shared by :func:`growkit.grow` and :class:`growkit.Grower`: every candidate point is finalized
 once (a dry run) to measure its branch's parameters and FLOPs; points whose weak learner fits the
 negative gradient (score > 0) are ranked by score per relative added parameters and taken while
-the grown model stays within the budget. The edges that were costed are returned with the points,
-so the caller grows exactly them (random edge draws included).
+the grown model stays within the budget. A point whose ``max_ops`` edges do not fit what is left
+keeps its leading edges that do (top |alpha| first; for random selection, the first drawn), so
+expensive ops at one point do not shut out a point that a smaller branch would serve. The edges
+that were costed are returned with the points, so the caller grows exactly them (random edge
+draws included).
 """
 from __future__ import annotations
 
@@ -65,11 +68,13 @@ def choose_points(
     selection: str = "alpha",
     generator: torch.Generator | None = None,
     max_points: int | None = None,
+    partial: bool = True,
 ) -> Choice:
     """Points to grow (best first), the edges to grow there and, when none, why.
 
     ``current`` is the cost of the model the candidates sit on, ``base`` the cost budgets are
-    relative to.
+    relative to. ``partial=False`` grows a point with all of its ``max_ops`` edges or not at all
+    (the paper's Algorithm 2 has no budget).
     """
     scores = cm.scores()
     edges = selected_edges(cm, max_ops, selection=selection, generator=generator)
@@ -80,16 +85,29 @@ def choose_points(
         key=lambda p: scores[p] / (costs[p][0] / max(base.params, 1) + 1e-9),
         reverse=True,
     )
-    chosen: list[str] = []
+    chosen: dict[str, list[tuple[str, str, float]]] = {}
     add_p, add_f = 0, 0
+
+    def fits(cost: tuple[int, int]) -> bool:
+        trial = Cost(current.params + add_p + cost[0], current.flops + add_f + cost[1], None)
+        return budget is None or budget.allows(trial, base)
+
     for p in ranked:
         if max_points is not None and len(chosen) >= max_points:
             break
-        trial = Cost(current.params + add_p + costs[p][0], current.flops + add_f + costs[p][1], None)
-        if budget is not None and not budget.allows(trial, base):
-            continue
-        chosen.append(p)
-        add_p += costs[p][0]
-        add_f += costs[p][1]
+        keep, cost = edges[p], costs[p]
+        if not fits(cost):
+            keep = []
+            # Fewer edges shrink the branch (its ops and the projection's input width).
+            for k in range(len(edges[p]) - 1, 0, -1) if partial else ():
+                c = branch_costs(finalize(cm, edges={p: edges[p][:k]}), example)[p]
+                if fits(c):
+                    keep, cost = edges[p][:k], c
+                    break
+            if not keep:
+                continue
+        chosen[p] = keep
+        add_p += cost[0]
+        add_f += cost[1]
     why = "" if chosen else ("no candidate fits the budget" if ranked else "no candidate fits the negative gradient")
-    return Choice(chosen, why, {p: edges[p] for p in chosen})
+    return Choice(list(chosen), why, chosen)

@@ -12,9 +12,11 @@ import torchvision
 from torch import nn
 
 import growkit
+from growkit.cost import measure
 from growkit.finalize import selected_edges
 from growkit.graph import outputs_equal
 from growkit.ops import resolve_ops
+from growkit.selection import branch_costs, choose_points
 
 from .conftest import TinyResNet, run_eval
 
@@ -195,6 +197,32 @@ def test_random_selection_is_stable_and_finalize_grows_given_edges():
         growkit.finalize(cm, edges={pts[0]: [("nope", "identity", 1.0)]})
     with pytest.raises(growkit.PointError, match="no candidate at point"):
         growkit.finalize(cm, edges={"nope": []})
+
+
+def test_budget_keeps_leading_edges_of_a_point_that_does_not_fit_whole():
+    model, x, y = _make("tiny_resnet")
+    cm = growkit.inject(model, x[:1], ops="paper")
+    _weak_learn(cm, x, y, steps=5)
+    ex = (x[:1],)
+    c0 = measure(model, ex)
+    free = choose_points(cm, ex, current=c0, base=c0, budget=None, max_ops=3)
+    assert len(free.points) >= 2 and all(len(e) == 3 for e in free.edges.values())
+    p1, p2 = free.points[:2]
+    costs = branch_costs(growkit.finalize(cm, edges=free.edges), ex)
+    one = branch_costs(growkit.finalize(cm, edges={p2: free.edges[p2][:1]}), ex)[p2]
+    assert one[0] < costs[p2][0]
+    # room for p1 whole and p2's first edge, not for p2 whole; absolute so that no ratio rounds
+    budget = growkit.Budget(params=c0.params + costs[p1][0] + one[0], relative=False)
+    got = choose_points(cm, ex, current=c0, base=c0, budget=budget, max_ops=3)
+    assert got.points[:2] == [p1, p2]
+    assert got.edges[p1] == free.edges[p1] and got.edges[p2] == free.edges[p2][:1]
+    grown = growkit.finalize(cm, edges=got.edges)
+    assert measure(grown, ex).params <= budget.params
+    assert torch.equal(run_eval(grown, x), run_eval(cm, x))
+    # all-or-nothing (partial=False) skips p2 instead
+    whole = choose_points(cm, ex, current=c0, base=c0, budget=budget, max_ops=3, partial=False)
+    assert p1 in whole.points and p2 not in whole.points
+    assert all(whole.edges[p] == free.edges[p] for p in whole.points)
 
 
 def test_plan_round_trip_replays_exactly(tmp_path):
