@@ -369,6 +369,8 @@ def markdown(result: dict[str, Any]) -> str:
         f"{a['seeds']}.",
         "",
     ]
+    for note in result.get("notes", []):
+        L += [f"**Note ({note['date']}):** {note['text']}", ""]
     for rr in result.get("reruns", []):
         L += [f"Re-run on {rr['date'][:10]} at growkit commit {rr['growkit']['commit'][:10]}"
               f"{' + local changes' if rr['growkit']['dirty'] else ''}: variant(s) {', '.join(rr['variants'])} "
