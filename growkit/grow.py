@@ -162,6 +162,8 @@ def grow(
         val_loader: batches for model selection (default: ``loader``, with a warning).
         example_input: batch-1 input for tracing (default: sliced from the first batch).
         budget: limits relative to (or absolute beside) the base cost; ``None`` = no limit.
+            Points are taken by fit per added parameter while they fit; a point whose
+            ``max_ops`` edges do not fit keeps its leading edges that do.
         rounds: growth rounds (generations).
         children: children per round: that many parents are drawn from the epsilon-hull at the
             round's start, and each gets a weak-learning job and a fine-tuning job.

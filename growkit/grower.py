@@ -92,7 +92,8 @@ class Grower:
     Args:
         model: the trained model to grow (not modified; ``grower.model`` is a growable copy).
         example_input: a batch-1 input for tracing.
-        budget: growth limits relative to the model at construction.
+        budget: growth limits relative to the model at construction (see :func:`growkit.grow` for
+            how points and edges are fitted into it).
         ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`).
         candidate_lr: Adam learning rate of the candidates (stepped in :meth:`after_step`).
         new_lr_mult: attached optimizers train grown parameters at this multiple of the lr of
