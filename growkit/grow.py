@@ -178,8 +178,9 @@ def grow(
         candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). ``ops``
             defaults to the paper's full op set: with inject's cheap default (two ops) top-|alpha|
-            keeps 3 of 4 edges and is no better than random edges (benchmarks/results/
-            grow_vs_finetune*.md); the richer set costs more per weak-learning step.
+            keeps 3 of 4 edges, so there is little left to select; the richer set costs more per
+            weak-learning step. (On the small benchmarks in benchmarks/results/grow_vs_finetune*.md
+            top-|alpha| edges were no better than random edges at the same points with either set.)
         points: growth points to consider (fx node names; default: all of them).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
