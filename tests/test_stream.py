@@ -114,6 +114,27 @@ def test_grower_in_a_user_loop_is_exact_and_keeps_optimizer_state(stream3, pretr
     assert torch.equal(run_eval(replay, x), run_eval(grown, x))
 
 
+def test_grower_random_selection_stays_within_budget(stream3, pretrained):
+    # The Grower costed one random draw of edges and grew another (fixed with grow()'s).
+    base = sum(p.numel() for p in pretrained.parameters())
+    ops = ("identity", "sep_conv_3x3", "sep_conv_5x5", "max_pool_3x3")
+    for seed in range(4):
+        g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), budget=growkit.Budget(params=1.15), ops=ops,
+                           selection="random", warmup_steps=0, min_steps=5, seed=seed)
+        opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+        g.attach(opt)
+        for x, y in stream3[1].train:
+            loss = F.cross_entropy(g.model(x), y) + g.extra_loss()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            g.after_step()
+        ev = g.end_experience(1)
+        assert ev.chosen, ev.note
+        assert ev.exact and base < ev.params_after <= 1.15 * base, (seed, ev.params_after, base)
+        assert ev.params_after == sum(p.numel() for p in g.grown_model().parameters())
+
+
 def test_grow_stream_grows_at_boundaries_and_fills_the_matrix(stream3, pretrained, tmp_path):
     before = copy.deepcopy(pretrained.state_dict())
     res = growkit.grow_stream(pretrained, stream3, epochs=2, lr=0.05, replay=64, seed=0, progress=False,
