@@ -330,7 +330,7 @@ def _paired_p(diffs: list[float]) -> str:
     return "< 0.001" if p < 0.001 else f"{p:.3f}"
 
 
-def summarize(name: str, runs: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     present = [k for k, _ in VARIANTS if all(k in r for r in runs)]
     s: dict[str, Any] = {}
     for k in present:
@@ -466,6 +466,8 @@ def merge(result: dict[str, Any], rerun: dict[str, Any], note: str | None = None
         old = {r["seed"]: r for r in out["datasets"][name]["runs"]}
         if sorted(old) != sorted(r["seed"] for r in d["runs"]):
             raise ValueError(f"{name}: seeds differ ({sorted(old)} vs {[r['seed'] for r in d['runs']]})")
+        if d["hparams"] != out["datasets"][name]["hparams"]:
+            raise ValueError(f"{name}: hyper-parameters differ ({d['hparams']} vs {out['datasets'][name]['hparams']})")
         for r in d["runs"]:
             a, b = old[r["seed"]]["base"], r["base"]
             keys = ("train_acc", "val_acc", "test_acc", "params", "flops")
@@ -474,9 +476,7 @@ def merge(result: dict[str, Any], rerun: dict[str, Any], note: str | None = None
                                  f"({ {k: a[k] for k in keys} } vs { {k: b[k] for k in keys} })")
             for v in variants:
                 old[r["seed"]][v] = r[v]
-        if d["hparams"] != out["datasets"][name]["hparams"]:
-            raise ValueError(f"{name}: hyper-parameters differ ({d['hparams']} vs {out['datasets'][name]['hparams']})")
-        out["datasets"][name]["summary"] = summarize(name, out["datasets"][name]["runs"], argparse.Namespace(**out["settings"]))
+        out["datasets"][name]["summary"] = summarize(out["datasets"][name]["runs"])
     out.setdefault("reruns", []).append({"variants": variants, "date": rerun["date"], "growkit": rerun["growkit"],
                                          "wall_s": rerun["total_wall_s"], "note": note})
     return out
@@ -587,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
         d["hparams"] = {"grow": hp_grow, "finetune": hp_ft}
         for seed in seeds:
             d["runs"].append(run_seed(name, seed, hp_grow, hp_ft, args, tuple(v for v in args.variants.split(",") if v)))
-            d["summary"] = summarize(name, d["runs"], args)
+            d["summary"] = summarize(d["runs"])
             write()
         logger.info("%s done at %.0f s", name, time.perf_counter() - t0)
     write()

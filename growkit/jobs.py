@@ -264,10 +264,10 @@ class ChildTrainer:
         rec["scores"] = cm.scores()
 
         # Choose where to grow: fit to the negative gradient per unit of added cost.
-        sel = random.Random(job.seed)
         chosen, why, edges = choose_points(cm, self.example, current=job.parent_cost, base=self.base_cost,
                                            budget=self.budget, max_ops=cfg["max_ops"], selection=cfg["selection"],
-                                           generator=_gen(sel), max_points=cfg["points_per_round"])
+                                           generator=_gen(random.Random(job.seed)),
+                                           max_points=cfg["points_per_round"])
         rec["chosen"] = chosen
         if not chosen:
             rec["note"] = why

@@ -74,17 +74,22 @@ def test_accuracy_matrix_metrics_by_hand():
     assert AccuracyMatrix.from_dict(m.to_dict()).summary() == m.summary()
 
 
-def test_grower_in_a_user_loop_is_exact_and_keeps_optimizer_state(stream3, pretrained):
-    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0)
-    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
-    g.attach(opt)
-    base_ids = [id(p) for p in g.parameters()]
-    for x, y in stream3[1].train:
+def _train(g, opt, loader):
+    """A user's training loop around a Grower."""
+    for x, y in loader:
         loss = F.cross_entropy(g.model(x), y) + g.extra_loss()
         opt.zero_grad()
         loss.backward()
         opt.step()
         g.after_step()
+
+
+def test_grower_in_a_user_loop_is_exact_and_keeps_optimizer_state(stream3, pretrained):
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0)
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    base_ids = [id(p) for p in g.parameters()]
+    _train(g, opt, stream3[1].train)
     momentum = {id(p): opt.state[p]["momentum_buffer"].clone() for p in g.parameters()}
     x, y = next(iter(stream3[1].test))
     opt.zero_grad()
@@ -123,12 +128,7 @@ def test_grower_random_selection_stays_within_budget(stream3, pretrained):
                            selection="random", warmup_steps=0, min_steps=5, seed=seed)
         opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
         g.attach(opt)
-        for x, y in stream3[1].train:
-            loss = F.cross_entropy(g.model(x), y) + g.extra_loss()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            g.after_step()
+        _train(g, opt, stream3[1].train)
         ev = g.end_experience(1)
         assert ev.chosen, ev.note
         assert ev.exact and base < ev.params_after <= 1.15 * base, (seed, ev.params_after, base)
