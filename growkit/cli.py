@@ -53,6 +53,9 @@ def _load_data(spec: str, size: int | None):
 
 
 def _load_checkpoint(model, path: str) -> None:
+    if not Path(path).is_file():
+        raise InputError(f"--checkpoint {path}: no such file; pass the trained weights (.safetensors, or a "
+                         "torch state dict saved with torch.save)")
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
@@ -113,7 +116,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     res = grow(
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
-        checkpoint_dir=args.out, method=args.method, method_options=options, children=args.children,
+        checkpoint_dir=args.out, resume=args.resume, method=args.method, method_options=options, children=args.children,
         ops=ops_from_text(args.ops),
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
@@ -130,17 +133,16 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from .cost import Cost
-    from .gallery import Entry, Gallery
+    from .gallery import Gallery
 
     path = Path(args.dir) / "gallery.json"
     if not path.is_file():
         raise InputError(f"{path} not found: point growkit report at a directory written by growkit grow / save")
-    data = json.loads(path.read_text())["gallery"]
-    gal = Gallery(cost_axis=data.get("cost_axis", "params"), eps=data.get("eps", 0.025))
-    for e in data["entries"]:
-        gal.add(Entry(e["id"], e["parent"], Cost(e["params"], e["flops"], e.get("latency_ms")), e["val_error"],
-                      e.get("val_loss"), e.get("plan", {}), e["round"], e["kind"], e.get("times_chosen", 0)))
+    try:
+        gal = Gallery.from_dict(json.loads(path.read_text())["gallery"])
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
+        raise InputError(f"{path} is not a gallery written by growkit grow / save ({exc})") from exc
+    print(repr(gal) + "\n")
     print(gal.report())
     png = gal.plot(Path(args.dir) / "gallery.png")
     print(f"\nplot: {png}")
@@ -184,6 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--image-size", type=int, default=None)
     g.add_argument("--base-epochs", type=int, default=0, help="train the base first when no --checkpoint is given")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run whose checkpoints are in --out (same options)")
     g.add_argument("--rounds", type=int, default=2)
     g.add_argument("--search-epochs", type=int, default=1)
     g.add_argument("--finetune-epochs", type=int, default=1)
@@ -223,6 +227,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args) or 0)
     except GrowkitError as exc:
+        print(f"growkit: error: {exc.cli_message()}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # a path the user typed: say which, without a traceback
         print(f"growkit: error: {exc}", file=sys.stderr)
         return 2
 

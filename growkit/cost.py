@@ -104,7 +104,9 @@ class Budget:
             if self.relative and v < 1.0:
                 raise BudgetError(
                     f"Budget.{k}={v} is a ratio below 1: growth can only add cost. Use e.g. 1.2 for "
-                    "+20 %, or relative=False for an absolute limit"
+                    "+20 %, or relative=False for an absolute limit",
+                    cli=f"--budget {k}={v:g} is a ratio below 1: growth can only add cost. Use e.g. "
+                        f"{k}=1.2 for +20 %, or abs:{k}=N for an absolute limit",
                 )
 
     @classmethod
@@ -140,6 +142,15 @@ class Budget:
                 v = v * ref
             out[k] = float(v)
         return out
+
+    def describe(self, base: Cost) -> str:
+        """The limits as a person reads them, e.g. ``params <= 30,634 (1.5x base)``."""
+        units = {"params": "{:,.0f}", "flops": "{:,.0f}", "latency_ms": "{:.2f} ms"}
+        parts = []
+        for k, lim in self.limits(base).items():
+            ratio = f" ({getattr(self, k):g}x base)" if self.relative else ""
+            parts.append(f"{k} <= {units[k].format(lim)}{ratio}")
+        return ", ".join(parts) or "none"
 
     def allows(self, cost: Cost, base: Cost) -> bool:
         for k, lim in self.limits(base).items():

@@ -20,7 +20,19 @@ __all__ = [
 
 
 class GrowkitError(Exception):
-    """Base class of all growkit errors."""
+    """Base class of all growkit errors.
+
+    ``cli=`` is the same message worded for the command line (``--resume`` rather than
+    ``resume=True``); the ``growkit`` command prints it instead of the Python wording.
+    """
+
+    def __init__(self, *args: object, cli: str | None = None) -> None:
+        super().__init__(*args)
+        self.cli = cli
+
+    def cli_message(self) -> str:
+        """The message a command-line user should read."""
+        return self.cli or str(self)
 
 
 class TraceError(GrowkitError, RuntimeError):

@@ -8,6 +8,7 @@ Petridish's parallel search.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,8 +17,9 @@ from typing import Any
 import torch
 
 from .cost import Budget, Cost
+from .errors import BudgetError
 
-__all__ = ["Entry", "Gallery", "lower_convex_hull"]
+__all__ = ["Entry", "Gallery", "lower_convex_hull", "describe_plan"]
 
 logger = logging.getLogger(__name__)
 
@@ -93,18 +95,59 @@ def lower_convex_hull(points: list[tuple[float, float, int]]) -> list[int]:
     return [p[2] for p in out]
 
 
-class Gallery:
-    """Entries plus the hull / sampling / selection logic (see module docstring)."""
+def describe_plan(plan: dict[str, Any], limit: int = 3) -> str:
+    """What a plan grew, short: ``layer2_1 +3, layer3_0 +2`` (point, edges merged there)."""
+    edits = plan.get("edits", []) if isinstance(plan, dict) else []
+    if not edits:
+        return "-"
+    parts = [f"{e.get('point', '?')} +{len(e.get('edges', []))}" for e in edits[:limit]]
+    if len(edits) > limit:
+        parts.append(f"... ({len(edits)} branches)")
+    return ", ".join(parts)
 
-    def __init__(self, cost_axis: str = "params", eps: float = 0.025) -> None:
+
+class Gallery:
+    """Entries plus the hull / sampling / selection logic (see module docstring).
+
+    ``val_size`` is the number of validation examples behind every ``val_error`` (set by the
+    run that evaluates the entries); the report and plot use it for the binomial standard error.
+    """
+
+    def __init__(self, cost_axis: str = "params", eps: float = 0.025, val_size: int | None = None) -> None:
         if cost_axis not in ("params", "flops", "latency_ms"):
-            raise ValueError(f"cost_axis must be params, flops or latency_ms, got {cost_axis!r}")
+            raise BudgetError(f"cost_axis must be params, flops or latency_ms, got {cost_axis!r}")
         self.cost_axis = cost_axis
         self.eps = eps
+        self.val_size = val_size
         self.entries: list[Entry] = []
 
     def __len__(self) -> int:
         return len(self.entries)
+
+    def __repr__(self) -> str:
+        if not self.entries:
+            return f"Gallery(0 entries, cost_axis={self.cost_axis!r})"
+        base = self.base_entry()
+        best = self.best()
+        n = f", {self.val_size} val examples" if self.val_size else ""
+        return (f"Gallery({len(self.entries)} entries{n}, hull {[e.id for e in self.hull()]}; "
+                f"base #{base.id} val acc {100 * (1 - base.val_error):.2f} %, "
+                f"best #{best.id} val acc {100 * (1 - best.val_error):.2f} % at "
+                f"{self._rel(best, base)} {self.cost_axis})")
+
+    def base_entry(self) -> Entry:
+        """The un-grown model the run started from (the first entry if none is marked ``base``)."""
+        return next((e for e in self.entries if e.kind == "base"), self.entries[0])
+
+    def std_error(self, e: Entry) -> float | None:
+        """Binomial standard error of ``e.val_error`` (None when the validation size is unknown)."""
+        if not self.val_size:
+            return None
+        return math.sqrt(max(e.val_error * (1 - e.val_error), 0.0) / self.val_size)
+
+    def _rel(self, e: Entry, base: Entry) -> str:
+        b = self._x(base)
+        return f"{100 * (self._x(e) / b - 1):+.1f} %" if b else "-"
 
     def __iter__(self):
         return iter(self.entries)
@@ -167,51 +210,96 @@ class Gallery:
         return {
             "cost_axis": self.cost_axis,
             "eps": self.eps,
+            "val_size": self.val_size,
             "hull": [e.id for e in self.hull()],
             "entries": [e.to_dict() for e in self.entries],
         }
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "Gallery":
+        """Inverse of :meth:`to_dict` (entries without weights)."""
+        vs = d.get("val_size")
+        gal = cls(cost_axis=d.get("cost_axis", "params"), eps=float(d.get("eps", 0.025)),
+                  val_size=int(vs) if isinstance(vs, int) and vs > 0 else None)
+        for e in d.get("entries", []):
+            gal.add(Entry.from_dict(e))
+        return gal
+
     def report(self) -> str:
-        """Markdown table of all entries, hull members marked."""
+        """Markdown table of all entries: accuracy in %, cost relative to the base, hull marked."""
+        if not self.entries:
+            return "(empty gallery)"
         hull = {e.id for e in self.hull()}
+        base = self.base_entry()
+        se = self.std_error(base)
+        head = (f"validation set: {self.val_size} examples (1 example = {100 / self.val_size:.2f} percentage points; "
+                f"binomial s.e. of the base {100 * se:.2f} points)\n\n" if self.val_size and se is not None else "")
         lines = [
-            "| id | kind | parent | round | params | MFLOPs | latency ms | val acc % | edits | hull |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| id | kind | parent | round | params | params vs base | MFLOPs | FLOPs vs base | latency ms "
+            "| val acc % | grown | hull |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for e in self.entries:
             lat = f"{e.cost.latency_ms:.2f}" if e.cost.latency_ms is not None else "-"
+            dp = f"{100 * (e.cost.params / base.cost.params - 1):+.1f} %" if base.cost.params else "-"
+            df = f"{100 * (e.cost.flops / base.cost.flops - 1):+.1f} %" if base.cost.flops else "-"
             lines.append(
                 f"| {e.id} | {e.kind} | {'-' if e.parent is None else e.parent} | {e.round} | "
-                f"{e.cost.params:,} | {e.cost.flops / 1e6:.2f} | {lat} | {100 * (1 - e.val_error):.2f} | "
-                f"{len(e.plan.get('edits', []))} | {'*' if e.id in hull else ''} |"
+                f"{e.cost.params:,} | {dp} | {e.cost.flops / 1e6:.2f} | {df} | {lat} | {100 * (1 - e.val_error):.2f} | "
+                f"{describe_plan(e.plan)} | {'*' if e.id in hull else ''} |"
             )
-        return "\n".join(lines)
+        return head + "\n".join(lines)
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Scatter of (cost, validation error) with the lower convex hull, saved as PNG."""
-        import matplotlib
-
-        matplotlib.use("Agg", force=False)
+        """Cost vs validation error with binomial error bars and the lower convex hull, saved as PNG."""
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(6.4, 4.4))
-        kinds = sorted({e.kind for e in self.entries})
-        markers = {"base": "s", "grown": "o", "pruned": "v"}
-        for k in kinds:
-            es = [e for e in self.entries if e.kind == k]
-            ax.scatter([self._x(e) for e in es], [100 * e.val_error for e in es], marker=markers.get(k, "o"), label=k, alpha=0.8)
-        hull = self.hull()
-        ax.plot([self._x(e) for e in hull], [100 * e.val_error for e in hull], "k--", lw=1, label="lower convex hull")
-        for e in self.entries:
-            ax.annotate(str(e.id), (self._x(e), 100 * e.val_error), fontsize=7, xytext=(3, 3), textcoords="offset points")
-        ax.set_xlabel({"params": "parameters", "flops": "FLOPs", "latency_ms": "latency (ms)"}[self.cost_axis])
-        ax.set_ylabel("validation error (%)")
-        ax.set_title(title or "growkit gallery")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
+        fig = self.figure(title)
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         fig.savefig(path, dpi=120)
         plt.close(fig)
         return path
+
+    def figure(self, title: str | None = None) -> Any:
+        """The matplotlib figure :meth:`plot` saves (the caller closes it)."""
+        import matplotlib
+
+        matplotlib.use("Agg", force=False)
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        markers = {"base": "s", "grown": "o", "pruned": "v"}
+        ses = [self.std_error(e) for e in self.entries]
+        for k in sorted({e.kind for e in self.entries}):
+            es = [(e, se) for e, se in zip(self.entries, ses) if e.kind == k]
+            ax.errorbar([self._x(e) for e, _ in es], [100 * e.val_error for e, _ in es],
+                        yerr=[100 * se for _, se in es] if self.val_size else None, fmt=markers.get(k, "o"),
+                        capsize=3, label=k, alpha=0.85)
+        hull = self.hull()
+        if len(hull) >= 2:  # a one-point hull is just the best entry: nothing to draw
+            ax.plot([self._x(e) for e in hull], [100 * e.val_error for e in hull], "k--", lw=1,
+                    label="lower convex hull")
+        for e in self.entries:
+            label = f"#{e.id} base" if e.kind == "base" else f"#{e.id} {describe_plan(e.plan, limit=2)}"
+            ax.annotate(label, (self._x(e), 100 * e.val_error), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        ys = [100 * e.val_error for e in self.entries]
+        if self.val_size and ys:
+            # Keep the axis at least +-3 s.e. around the data, so that a 1- or 2-example difference
+            # does not fill the plot and look like a large effect.
+            pad = 3 * 100 * max(se or 0.0 for se in ses) or 1.0
+            lo, hi = min(ys) - pad, max(ys) + pad
+            ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
+        xs = [self._x(e) for e in self.entries]
+        span = (max(xs) - min(xs)) or max(xs) * 0.1 or 1.0
+        ax.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.45 * span)  # room for the labels on the right
+        ax.set_xlabel({"params": "parameters", "flops": "FLOPs", "latency_ms": "latency (ms)"}[self.cost_axis])
+        ylabel = "validation error (%)"
+        if self.val_size:
+            ylabel += f"\n{self.val_size} examples; bars: ±1 binomial s.e."
+        ax.set_ylabel(ylabel)
+        ax.set_title(title or "growkit gallery")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        return fig

@@ -147,6 +147,9 @@ class LayerGraph:
             f"{len(self.skipped)} blocks skipped)"
         )
         out = [head, self.table()]
+        if any(p.inputs for p in self.points):
+            out.append("eligible inputs: name(=,cC) has the point's resolution; name(/F,cC) has F times the "
+                       "point's height and width and is down-sampled by F; C = its channels (projected to the point's)")
         if self.skipped:
             out.append("skipped blocks:")
             out.extend(f"  {k}: {v}" for k, v in self.skipped.items())

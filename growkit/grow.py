@@ -293,6 +293,7 @@ class GrowRun:
 
     def add_entry(self, m: nn.Module, *, parent: int | None, rnd: int, kind: str) -> Entry:
         metrics = evaluate(m, self.val_loader, loss_fn=self.loss_fn, batch_fn=self.batch_fn, device=self.dev)
+        self.gallery.val_size = int(metrics["n"])
         plan = state_of(m).plan.to_dict()  # type: ignore[union-attr]
         e = Entry(
             self.gallery.next_id(), parent, measure(m, self.example, latency=self.want_latency),
@@ -339,7 +340,10 @@ class GrowRun:
             raise InputError(
                 "resume=True with settings that differ from the checkpointed run: "
                 + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
-                + "; pass the original settings or use a new checkpoint_dir"
+                + "; pass the original settings or use a new checkpoint_dir",
+                cli="--resume with settings that differ from the interrupted run: "
+                + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+                + "; pass the original options or use a new --out directory",
             )
         assert self.ckpt is not None
         for d in state["gallery"]["entries"]:
@@ -365,7 +369,9 @@ class GrowRun:
         if not resume and self.ckpt is not None and self.ckpt.latest_name() is not None:
             raise InputError(
                 f"{self.out} holds the checkpoint of an earlier run: pass resume=True to continue it, "
-                "or choose an empty checkpoint_dir"
+                "or choose an empty checkpoint_dir",
+                cli=f"{self.out} holds the checkpoint of an earlier run: add --resume to continue it, "
+                "or choose an empty --out directory",
             )
         saved = self.load() if resume else None
         if saved is None:
@@ -376,8 +382,8 @@ class GrowRun:
             logger.info("resuming from %s: %s", self.out, saved[0]["progress"])
         self.base_cost = self.trainer.base_cost = base_entry.cost
         if self.budget is not None:
-            logger.info("budget limits: %s", self.budget.limits(self.base_cost))
-        logger.info("base: val acc %.4f, %d params", 1 - base_entry.val_error, self.base_cost.params)
+            logger.info("budget limits: %s", self.budget.describe(self.base_cost))
+        logger.info("base: val acc %.2f %%, %s params", 100 * (1 - base_entry.val_error), f"{self.base_cost.params:,}")
         first = 1
         if saved is not None:
             prog = saved[0]["progress"]
@@ -503,8 +509,8 @@ class GrowRun:
             self.ckpt.write_entry(entry.id, entry.state)
         self.gallery.add(entry)
         rec.update(entry=entry.id, val_accuracy=1 - entry.val_error, params=entry.cost.params, flops=entry.cost.flops)
-        logger.info("round %d: grew %s, val acc %.4f, params %d", res.round, rec.get("chosen"), 1 - entry.val_error,
-                    entry.cost.params)
+        logger.info("round %d: grew %s, val acc %.2f %%, %s params", res.round, rec.get("chosen"),
+                    100 * (1 - entry.val_error), f"{entry.cost.params:,}")
         return entry
 
     def write_summary(self) -> None:

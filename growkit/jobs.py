@@ -29,7 +29,7 @@ from .finalize import finalize
 from .plan import BRANCHES, GrowthPlan, apply_plan
 from .selection import choose_points
 from .surgery import state_of
-from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, train_steps
+from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, loader_length, train_steps
 
 __all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
            "job_seed_scope", "cosine_schedule", "num_batches"]
@@ -153,10 +153,8 @@ def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_sc
 
 def num_batches(loader: Iterable) -> int:
     """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
-    try:
-        return len(loader)  # type: ignore[arg-type]
-    except TypeError:
-        return 1000
+    n = loader_length(loader)
+    return 1000 if n is None else n
 
 
 class ChildTrainer:

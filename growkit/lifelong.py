@@ -255,8 +255,8 @@ def grow_stream(
         matrix.add_row(accs, {"params": cost.params, "flops": cost.flops})
         history.append({"experience": exp.id, "train_s": time.perf_counter() - t0, "accuracies": accs,
                         "grown": ev.chosen if ev is not None else [], "note": ev.note if ev is not None else ""})
-        logger.info("after experience %s: accuracies %s, avg %.4f, params %d", exp.id,
-                    [round(a, 4) for a in accs], matrix.average_accuracy(), cost.params)
+        logger.info("after experience %s: accuracies %s, avg %.2f %%, %s params", exp.id,
+                    " / ".join(f"{100 * a:.2f} %" for a in accs), 100 * matrix.average_accuracy(), f"{cost.params:,}")
         if ckpt is not None:
             _save(ckpt, config, i, matrix, history, grower, net, opt, buffer, rng, stream)
 

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
+import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Sequence
 
@@ -13,7 +15,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 
-__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats"]
+__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
+           "loader_length"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,9 +141,13 @@ def train_steps(
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
     st = stats if stats is not None else PhaseStats()
+    # A bar redrawn in place turns into one long line in a log file: there, print a line per epoch.
+    interactive = progress and sys.stderr.isatty()
     for ep in range(start_epoch, epochs):
         it = iter_batches(loader, batch_fn, device)
-        bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", leave=False, disable=not progress, dynamic_ncols=True)
+        bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", total=loader_length(loader), unit="batch", leave=False,
+                   disable=not interactive, dynamic_ncols=True)
+        t0, steps0, loss0, correct0, seen0 = time.perf_counter(), st.steps, st.loss_sum, st.correct, st.seen
         for x, y in bar:
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
@@ -162,11 +169,24 @@ def train_steps(
             if logits.dim() == 2 and y.dim() == 1:
                 st.correct += int((logits.detach().argmax(1) == y).sum())
                 st.seen += int(y.numel())
-            if progress:
+            if interactive:
                 bar.set_postfix(loss=f"{st.mean_loss:.4f}")
+        if progress and not interactive:
+            n = st.steps - steps0
+            acc = f", train acc {100 * (st.correct - correct0) / (st.seen - seen0):.2f} %" if st.seen > seen0 else ""
+            print(f"{desc} {ep + 1}/{epochs}: {n} batches in {time.perf_counter() - t0:.1f} s, "
+                  f"loss {(st.loss_sum - loss0) / max(n, 1):.4f}{acc}", file=sys.stderr, flush=True)
         if on_epoch_end is not None:
             on_epoch_end(ep, st)
     return st
+
+
+def loader_length(loader: Iterable) -> int | None:
+    """Batches per epoch when the loader knows it (a ``DataLoader``), else ``None`` (a generator)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 @torch.no_grad()

@@ -279,6 +279,7 @@ def prune(
 
     def add(m: nn.Module, parent: int | None, rnd: int, kind: str, plan: dict[str, Any], note: str = "") -> Entry:
         metrics = evaluate(m, val_loader, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)
+        gallery.val_size = int(metrics["n"])
         e = Entry(gallery.next_id(), parent, measure(m, example), 1.0 - metrics["accuracy"], metrics["loss"], plan,
                   rnd, kind, state={k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, note=note)
         return gallery.add(e)
@@ -377,7 +378,8 @@ def _prune_branches(source: torch.fx.GraphModule, base: Entry, val_loader: Itera
         e = add(nxt, parent.id, step, "pruned", plan.to_dict(), note)
         history.append({"step": step, "removed": key, "point": edit.point, "scores": scores, "entry": e.id,
                         "val_accuracy": 1 - e.val_error, "params": e.cost.params, "flops": e.cost.flops})
-        logger.info("prune step %d: %s; val acc %.4f, %d params", step, note, 1 - e.val_error, e.cost.params)
+        logger.info("prune step %d: %s; val acc %.2f %%, %s params", step, note, 100 * (1 - e.val_error),
+                    f"{e.cost.params:,}")
         cur, parent = nxt, e
 
 
@@ -413,5 +415,6 @@ def _prune_channels(source: nn.Module, base: Entry, example: tuple[torch.Tensor,
         e = add(m, parent.id, step, "pruned", plan, f"channels pruned to ratio {ratio:.3g} ({importance})")
         history.append({"step": step, "ratio": ratio, "entry": e.id, "val_accuracy": 1 - e.val_error,
                         "params": e.cost.params, "flops": e.cost.flops})
-        logger.info("prune step %d: ratio %.3g; val acc %.4f, %d params", step, ratio, 1 - e.val_error, e.cost.params)
+        logger.info("prune step %d: ratio %.3g; val acc %.2f %%, %s params", step, ratio, 100 * (1 - e.val_error),
+                    f"{e.cost.params:,}")
         parent = e
