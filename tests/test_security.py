@@ -191,3 +191,55 @@ def test_save_again_leaves_no_stale_files(saved, tmp_path):
     growkit.save(grown, d)  # a directory save wrote: allowed, and the old gallery goes
     assert not (d / "gallery.json").exists()
     assert torch.equal(run_eval(growkit.load(d, base_model=model), x), run_eval(grown, x))
+
+
+# ---------------------------------------------------------------- item 2: half precision never poisons weights
+def _weak_steps(cm, x, y, steps, autocast=None):
+    opt = torch.optim.SGD(cm.base_parameters(), lr=0.01)
+    copt = torch.optim.Adam(cm.candidate_parameters(), lr=3e-3)
+    for _ in range(steps):
+        with torch.autocast("cpu", dtype=autocast, enabled=autocast is not None):
+            out = cm(x)
+            loss = torch.nn.functional.cross_entropy(out.float(), y) + cm.extra_loss()
+        opt.zero_grad()
+        copt.zero_grad()
+        loss.backward()
+        opt.step()
+        copt.step()
+
+
+def test_autocast_fp16_weak_learning_keeps_base_weights_finite():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 16, 16), torch.randint(0, 10, (64,))
+    cm = growkit.inject(TinyResNet(), x[:1], ops=("identity", "sep_conv_3x3"), normalize_grad=True)
+    _weak_steps(cm, x, y, 8, autocast=torch.float16)
+    bad = [n for n, p in cm.module.named_parameters() if not torch.isfinite(p).all()]
+    assert not bad, f"{len(bad)} non-finite parameters, e.g. {bad[:3]}"
+    assert all(c.alpha.dtype == torch.float32 for c in cm.candidates.values())
+    grown = growkit.finalize(cm)
+    assert all(torch.isfinite(t).all() for t in grown.state_dict().values() if t.is_floating_point())
+
+
+def test_half_model_with_half_inputs_stays_exact_and_finite():
+    torch.manual_seed(0)
+    x, y = torch.randn(64, 1, 16, 16).half(), torch.randint(0, 10, (64,))
+    model = TinyResNet().half()
+    cm = growkit.inject(model, x[:1], ops=("identity", "sep_conv_3x3"), normalize_grad=True)
+    assert torch.equal(run_eval(cm, x), run_eval(model, x))
+    _weak_steps(cm, x, y, 1)
+    assert all(torch.isfinite(p).all() for p in cm.module.parameters())
+    assert torch.isfinite(run_eval(cm, x)).all()
+
+
+def test_overflowing_candidate_never_reaches_the_output():
+    torch.manual_seed(0)
+    x = torch.randn(4, 1, 16, 16)
+    model = TinyResNet()
+    cm = growkit.inject(model, x[:1], ops=("identity",))
+    with torch.no_grad():
+        for c in cm.candidates.values():
+            c.alpha.fill_(float("inf"))
+    assert torch.equal(run_eval(cm, x), run_eval(model, x))
+    grown = growkit.finalize(cm)  # nothing non-finite is copied into the grown model
+    assert all(torch.isfinite(t).all() for t in grown.state_dict().values() if t.is_floating_point())
+    assert torch.equal(run_eval(grown, x), run_eval(model, x))
