@@ -96,7 +96,10 @@ def _forward(model: nn.Module, x: Any) -> Any:
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
-def _logits(out: Any) -> torch.Tensor:
+def _logits(out: Any, loss_fn: Any = None) -> torch.Tensor:
+    select = getattr(loss_fn, "select", None)  # growkit.outputs.OutputLoss: grow(output=...)
+    if select is not None:
+        return select(out)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
@@ -107,7 +110,38 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(out), y)
+    """Cross entropy on the model's only output; several outputs need ``output=`` (no guessing)."""
+    from .outputs import check_logits_targets
+
+    many = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else None
+    if many is not None and len(many) > 1:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in many]
+        raise InputError(
+            f"the model returns {len(many)} outputs {shapes}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}; "
+            "growkit does not guess which are the logits: pass output=KEY / INDEX / callable to grow(), or loss_fn="
+        )
+    logits = _logits(out)
+    check_logits_targets(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def _shapes(x: Any) -> list[tuple[int, ...]]:
+    xs = x if isinstance(x, (tuple, list)) else [x]
+    return [tuple(t.shape[1:]) for t in xs if isinstance(t, torch.Tensor)]
+
+
+def _forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
+    """Forward; a failure on a batch shaped unlike the first one is an :class:`InputError`."""
+    try:
+        return _forward(model, x)
+    except RuntimeError as exc:
+        if first is not None and _shapes(x) != first and not isinstance(exc, torch.OutOfMemoryError):
+            raise InputError(
+                f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
+                f"{first}, and the model fails on it ({str(exc)[:120]}); every batch needs the same shape (check "
+                "the dataset's transforms or collate_fn)"
+            ) from exc
+        raise
 
 
 def train_steps(
@@ -141,10 +175,12 @@ def train_steps(
     for ep in range(start_epoch, epochs):
         it = iter_batches(loader, batch_fn, device)
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", leave=False, disable=not progress, dynamic_ncols=True)
-        for x, y in bar:
+        first = None
+        for i, (x, y) in enumerate(bar):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            out = _forward(model, x)
+            out = _forward_checked(model, x, first, i)
+            first = first or _shapes(x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
@@ -158,7 +194,7 @@ def train_steps(
                 after_step()
             st.loss_sum += float(loss.detach())
             st.steps += 1
-            logits = _logits(out)
+            logits = _logits(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 st.correct += int((logits.detach().argmax(1) == y).sum())
                 st.seen += int(y.numel())
@@ -185,12 +221,14 @@ def evaluate(
     model.eval()
     total, n, correct = 0.0, 0, 0
     try:
-        for x, y in iter_batches(loader, batch_fn, device):
-            out = _forward(model, x)
+        first = None
+        for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
+            out = _forward_checked(model, x, first, i)
+            first = first or _shapes(x)
             b = int(y.shape[0]) if y.dim() else 1
             total += float(loss_fn(out, y)) * b
             n += b
-            logits = _logits(out)
+            logits = _logits(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 correct += int((logits.argmax(1) == y).sum())
     finally:

@@ -147,3 +147,27 @@ def check_plan_inputs(shapes: Any, dtypes: Any) -> tuple[list[list[int]], list[s
         if dt not in PLAN_DTYPES:
             raise PlanError(f"plan input dtype {str(dt)[:40]!r} is not one of {', '.join(PLAN_DTYPES)}")
     return out, list(dtypes)
+
+
+COST_AXES = ("params", "flops", "latency_ms")
+SELECTIONS = ("alpha", "random")
+
+
+def check_grow_settings(cfg: dict[str, Any]) -> None:
+    """The numeric and named settings of :func:`growkit.grow` (its ``config`` dict)."""
+    check_number("lr", cfg["lr"], lo=0.0, lo_open=True)
+    check_number("candidate_lr", cfg["candidate_lr"], lo=0.0, lo_open=True)
+    check_number("new_lr_mult", cfg["new_lr_mult"], lo=0.0, lo_open=True)
+    check_number("momentum", cfg["momentum"], lo=0.0, hi=1.0)
+    check_number("weight_decay", cfg["weight_decay"], lo=0.0)
+    check_number("l1", cfg["l1"], lo=0.0)
+    check_number("eps", cfg["eps"], lo=0.0)
+    check_number("max_eta", cfg["max_eta"], lo=0.0, lo_open=True, allow_inf=True)
+    check_int("search_epochs", cfg["search_epochs"], lo=0)
+    check_int("finetune_epochs", cfg["finetune_epochs"], lo=0)
+    check_int("max_ops", cfg["max_ops"], lo=1)
+    check_int("max_inputs", cfg["max_inputs"], lo=1, optional=True)
+    check_int("points_per_round", cfg["points_per_round"], lo=1, optional=True)
+    check_int("seed", cfg["seed"], lo=-(2 ** 63), optional=True)
+    check_choice("cost_axis", cfg["cost_axis"], COST_AXES)
+    check_choice("selection", cfg["selection"], SELECTIONS)
