@@ -131,17 +131,17 @@ def _shapes(x: Any) -> list[tuple[int, ...]]:
 
 
 def _forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
-    """Forward; a failure on a batch shaped unlike the first one is an :class:`InputError`."""
-    try:
-        return _forward(model, x)
-    except RuntimeError as exc:
-        if first is not None and _shapes(x) != first and not isinstance(exc, torch.OutOfMemoryError):
-            raise InputError(
-                f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
-                f"{first}, and the model fails on it ({str(exc)[:120]}); every batch needs the same shape (check "
-                "the dataset's transforms or collate_fn)"
-            ) from exc
-        raise
+    """Forward, after checking the batch has the first batch's shape beyond the batch axis.
+
+    A traced and grown model is built for one input shape (growth points, resampling ops); a
+    stray batch would fail deep inside a conv or, worse, silently run at another resolution.
+    """
+    if first is not None and _shapes(x) != first:
+        raise InputError(
+            f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
+            f"{first}; every batch needs the same shape (check the dataset's transforms or collate_fn)"
+        )
+    return _forward(model, x)
 
 
 def train_steps(

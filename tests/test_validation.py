@@ -143,3 +143,12 @@ def test_latency_budget_is_respected_at_point_selection(digits):
     tight = growkit.Budget(latency_ms=base.latency_ms / 10, relative=False)  # nothing can fit this
     got = choose_points(cm, ex, budget=tight, **kw)
     assert got.points == [] and "latency" in got.why
+
+
+def test_a_batch_of_another_resolution_is_not_silently_accepted(digits):
+    # A global-pool model runs on 8x16 inputs without complaint: grow() must not.
+    train_l, val_l = digits
+    batches = _batches(train_l)
+    batches[2] = (batches[2][0][:, :, :8], batches[2][1])
+    with pytest.raises(growkit.InputError, match="batch 3 has inputs of shape"):
+        growkit.grow(TinyResNet(), batches, batches, **FAST)
