@@ -8,7 +8,7 @@ create a canary file), whether any protected user file changed or vanished, and 
 model changed. Cases whose right answer is a result (not an error) check the result, so a silent
 wrong answer is counted as such. Writes ``benchmarks/results/hostile_inputs.{json,md}``.
 
-    OMP_NUM_THREADS=1 python benchmarks/hostile_inputs.py [--out NAME] [--only SUBSTRING]
+    OMP_NUM_THREADS=1 python benchmarks/hostile_inputs.py [--out NAME] [--only SUBSTRING] [--timeout S]
 
 Run it with ``PYTHONPATH`` pointing at an older checkout to get that checkout's figures (cases
 that need an API it lacks then show the raw error it gives).
@@ -23,6 +23,7 @@ import math
 import os
 import platform
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -44,6 +45,14 @@ ROOT = Path(__file__).resolve().parent.parent
 
 class SilentWrong(AssertionError):
     """A call returned, but its result is wrong."""
+
+
+class CaseTimeout(BaseException):
+    """A case ran past ``--timeout`` seconds (a hang or a runaway allocation)."""
+
+
+def _alarm(signum, frame):
+    raise CaseTimeout()
 
 
 # ------------------------------------------------------------------------------------ fixtures
@@ -215,6 +224,14 @@ def _source_case(source: str, kwargs: Callable[[Ctx], dict]):
     return build
 
 
+def _evil_module(c: Ctx) -> dict:
+    """A module on sys.path whose import alone creates the canary (a plan naming it must not import it)."""
+    (c.tmp / "hostile_module.py").write_text(f"open({str(c.canary)!r}, 'w').close()\nfactory = lambda: None\n")
+    sys.path.insert(0, str(c.tmp))
+    sys.modules.pop("hostile_module", None)
+    return {}
+
+
 def _user_dir(c: Ctx) -> Path:
     u = c.tmp / "user"
     u.mkdir(exist_ok=True)
@@ -231,7 +248,7 @@ for _src, _kw in [
     ("pathlib:Path.touch", lambda c: {"self": str(c.canary)}),
     ("shutil:rmtree", lambda c: {"path": str(_user_dir(c))}),
     ("builtins:exec", lambda c: {"source": f"open({str(c.canary)!r}, 'w')"}),
-    ("importlib:import_module", lambda c: {"name": "this"}),
+    ("hostile_module:factory", lambda c: _evil_module(c)),
     ("timm.models:_registry", lambda c: {}),
 ]:
     case("plan", f"base source {_src}")(_source_case(_src, _kw))
@@ -617,7 +634,7 @@ def _(c):
 
 
 # ------------------------------------------------------------------------------------ runner
-def run_case(world: World, cs: Case) -> dict[str, Any]:
+def run_case(world: World, cs: Case, timeout: int = 60) -> dict[str, Any]:
     tmp = Path(tempfile.mkdtemp(prefix="hostile-"))
     ctx = Ctx(world, tmp)
     row: dict[str, Any] = {"kind": cs.kind, "case": cs.name, "expect": cs.expect}
@@ -625,9 +642,13 @@ def run_case(world: World, cs: Case) -> dict[str, Any]:
     try:
         thunk = cs.build(ctx)
         ctx.protect(*(p for p in [tmp / "user"] if p.exists()))
+        signal.signal(signal.SIGALRM, _alarm)
+        signal.alarm(timeout)
         try:
             thunk()
             outcome, err = ("correct" if cs.expect == "ok" else "silently accepted"), ""
+        except CaseTimeout:
+            outcome, err = "raw error", f"hung: still running after {timeout} s (stopped)"
         except growkit.GrowkitError as exc:
             outcome, err = "growkit error", f"{type(exc).__name__}: {exc}"
         except SilentWrong as exc:
@@ -635,6 +656,8 @@ def run_case(world: World, cs: Case) -> dict[str, Any]:
         except Exception as exc:  # noqa: BLE001 - what the table is about
             outcome, err = "raw error", f"{type(exc).__name__}: {exc}"
             row["traceback"] = traceback.format_exc(limit=3)[-800:]
+        finally:
+            signal.alarm(0)
     except Exception as exc:  # noqa: BLE001
         outcome, err = "harness error", f"{type(exc).__name__}: {exc}"
     row.update(outcome=outcome, error=err[:300], seconds=round(time.perf_counter() - t, 3),
@@ -679,6 +702,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default="hostile_inputs")
     ap.add_argument("--only", default=None)
+    ap.add_argument("--timeout", type=int, default=60, help="seconds before a case counts as hung")
     ap.add_argument("--label", default=None, help="what growkit this is (default: its git commit)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
@@ -697,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     for cs in CASES:
         if args.only and args.only not in cs.name:
             continue
-        r = run_case(world, cs)
+        r = run_case(world, cs, args.timeout)
         rows.append(r)
         print(f"{r['kind']:10s} {r['outcome']:20s} {'CODE RAN ' if r['code_ran'] else ''}"
               f"{'LOST ' + ','.join(r['lost_files']) + ' ' if r['lost_files'] else ''}{cs.name}: {r['error'][:90]}",

@@ -130,9 +130,9 @@ def check_plan_inputs(shapes: Any, dtypes: Any) -> tuple[list[list[int]], list[s
         raise PlanError(f"plan input_shapes must be a list of at most {MAX_INPUTS} shapes")
     out = []
     for s in shapes:
-        if not (isinstance(s, list) and 1 <= len(s) <= MAX_INPUT_DIMS
+        if not (isinstance(s, list) and len(s) <= MAX_INPUT_DIMS
                 and all(isinstance(v, int) and not isinstance(v, bool) and 0 < v <= MAX_DIM for v in s)):
-            raise PlanError(f"plan input shape {str(s)[:80]} must be a list of 1 to {MAX_INPUT_DIMS} positive ints "
+            raise PlanError(f"plan input shape {str(s)[:80]} must be a list of at most {MAX_INPUT_DIMS} positive ints "
                             f"(each <= {MAX_DIM})")
         n = math.prod(s[1:])
         if n > MAX_INPUT_ELEMENTS:
@@ -140,7 +140,7 @@ def check_plan_inputs(shapes: Any, dtypes: Any) -> tuple[list[list[int]], list[s
                 f"plan input shape {s} has {n:,} elements per example (limit {MAX_INPUT_ELEMENTS:,}); "
                 "pass example_input= to growkit.load to re-trace with an input of your own"
             )
-        out.append([1, *s[1:]])
+        out.append([1, *s[1:]] if s else [])
     if not isinstance(dtypes, list) or len(dtypes) > MAX_INPUTS or (dtypes and len(dtypes) != len(out)):
         raise PlanError("plan input_dtypes must be a list with one dtype per input shape")
     for dt in dtypes:
