@@ -132,16 +132,17 @@ class World:
 
 
 class Case:
-    def __init__(self, kind: str, name: str, build: Callable, expect: str = "error") -> None:
-        self.kind, self.name, self.build, self.expect = kind, name, build, expect
+    def __init__(self, kind: str, name: str, build: Callable, expect: str = "error", slow: bool = False) -> None:
+        self.kind, self.name, self.build, self.expect, self.slow = kind, name, build, expect, slow
 
 
 CASES: list[Case] = []
 
 
-def case(kind: str, name: str, expect: str = "error"):
+def case(kind: str, name: str, expect: str = "error", slow: bool = False):
+    """Register a case; ``slow`` ones (that start Python processes) get 4x the timeout."""
     def deco(fn: Callable) -> Callable:
-        CASES.append(Case(kind, name, fn, expect))
+        CASES.append(Case(kind, name, fn, expect, slow))
         return fn
     return deco
 
@@ -583,7 +584,7 @@ def _holder(ckpt: Path) -> subprocess.Popen:
     return p
 
 
-@case("concurrent", "second grow() on a checkpoint_dir another process holds")
+@case("concurrent", "second grow() on a checkpoint_dir another process holds", slow=True)
 def _(c):
     k = c.copy_ckpt()
     c.protect(k)
@@ -598,7 +599,7 @@ def _(c):
     return go
 
 
-@case("concurrent", "two processes writing checkpoints in a tight loop")
+@case("concurrent", "two processes writing checkpoints in a tight loop", slow=True)
 def _(c):
     k = c.tmp / "ckpt2"
     script = textwrap.dedent("""
@@ -609,7 +610,7 @@ def _(c):
         d = CheckpointDir(sys.argv[1])
         try:
             with (d.lock() if hasattr(d, "lock") else contextlib.nullcontext()):
-                for i in range(300):
+                for i in range(100):
                     d.write({"format": "growkit.grow-checkpoint", "i": i}, {})
         except Exception as exc:
             print(type(exc).__name__, flush=True)
@@ -643,7 +644,7 @@ def run_case(world: World, cs: Case, timeout: int = 60) -> dict[str, Any]:
         thunk = cs.build(ctx)
         ctx.protect(*(p for p in [tmp / "user"] if p.exists()))
         signal.signal(signal.SIGALRM, _alarm)
-        signal.alarm(timeout)
+        signal.alarm(timeout * (4 if cs.slow else 1))
         try:
             thunk()
             outcome, err = ("correct" if cs.expect == "ok" else "silently accepted"), ""

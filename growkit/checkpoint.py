@@ -196,13 +196,14 @@ def _feed(h: Any, obj: Any, depth: int = 0) -> None:
         h.update(type(obj).__name__.encode())
 
 
-def data_fingerprint(loader: Any, batch_fn: Any = None, samples: int = 3) -> dict[str, Any]:
+def data_fingerprint(loader: Any, batch_fn: Any = None, first: Any = None) -> dict[str, Any]:
     """Sizes plus a hash of a few examples of ``loader``: tells one data set from another.
 
     With a map-style ``loader.dataset`` it hashes the first, middle and last examples (whatever
-    the shuffling); otherwise the first ``samples`` batches. Every random state (torch, Python,
-    numpy, the loader's generators) is seeded for the read and restored after it, so taking a
-    fingerprint changes nothing in the run.
+    the shuffling); otherwise ``first`` (the first batch, which the caller has read anyway) or,
+    without it, the first batch read here. Every random state (torch, Python, numpy, the
+    loader's generators) is seeded for the read and restored after it, so taking a fingerprint
+    changes nothing in the run.
     """
     from .train import default_batch_fn
 
@@ -225,9 +226,12 @@ def data_fingerprint(loader: Any, batch_fn: Any = None, samples: int = 3) -> dic
             if n and hasattr(ds, "__getitem__"):
                 for i in sorted({0, n // 2, n - 1}):
                     _feed(h, ds[i])
+            elif first is not None:
+                _feed(h, first)
             else:
-                for _, batch in zip(range(samples), loader):
+                for batch in loader:
                     _feed(h, (batch_fn or default_batch_fn)(batch))
+                    break
     finally:
         for g, st in zip(gens, saved):
             g.set_state(st)

@@ -52,7 +52,7 @@ from .methods import get_method
 from .outputs import OutputLoss, output_label
 from .plan import GrowthPlan
 from .surgery import growable, state_of
-from .train import BatchFn, evaluate, first_input
+from .train import BatchFn, evaluate, first_batch, first_input
 from .validate import check_grow_settings, check_int, check_loader
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
@@ -269,7 +269,8 @@ class GrowRun:
             logger.warning("no val_loader given: models are selected on the training data")
             val_loader = loader
         self.val_loader = val_loader
-        loader_x = first_input(loader, batch_fn)
+        batch = first_batch(loader, batch_fn)
+        loader_x = first_input(loader, batch_fn, batch)
         example = as_args(example_input if example_input is not None else loader_x)
         _check_example(example, loader_x)
         # Costs (FLOPs, latency) and the plan are per example: trace and measure at batch 1.
@@ -282,7 +283,9 @@ class GrowRun:
         self.out = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.ckpt = CheckpointDir(self.out) if self.out is not None else None
         self.allow_new_data = allow_new_data
-        self.data = ({"train": data_fingerprint(loader, batch_fn), "val": data_fingerprint(val_loader, batch_fn)}
+        # The training loader is not read again for it: a wrapper may count or log its reads.
+        self.data = ({"train": data_fingerprint(loader, batch_fn, first=batch),
+                      "val": data_fingerprint(val_loader, batch_fn, first=batch if val_loader is loader else None)}
                      if self.ckpt is not None else None)
         self.base_cost: Cost | None = None
         self.trainer = ChildTrainer(self.base_gm, self.example, loader, val_loader, config, base_cost=Cost(0, 0),

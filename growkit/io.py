@@ -1,8 +1,11 @@
 """Save and load grown models as ``plan.json`` + ``weights.safetensors`` (no pickle).
 
-Loading replays the plan onto the base model (re-created from the name recorded in the plan, or
-passed in) and loads the weights; the files are validated first, so a bad file raises a
-:class:`~growkit.PlanError` and never yields a half-built model.
+Loading replays the plan onto the base model (passed in, or re-created from an allow-listed
+``timm:NAME`` / ``torchvision:NAME`` recorded in the plan: nothing a file names is imported or
+called) and loads the weights; the files are validated first (bounds before allocation, tensor
+names, shapes and dtypes before reading the data), so a bad file raises a
+:class:`~growkit.PlanError` and never yields a half-built model. :func:`save` writes only into a
+new directory or one it wrote before (marked by ``.growkit-save.json``).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 
-__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats"]
+__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
+           "first_batch", "first_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -237,11 +238,16 @@ def evaluate(
     return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
 
 
-def first_input(loader: Iterable, batch_fn: BatchFn | None) -> Any:
-    """The first batch's inputs, sliced to batch 1 (used as ``example_input``)."""
+def first_batch(loader: Iterable, batch_fn: BatchFn | None) -> tuple[Any, torch.Tensor]:
+    """The first batch as ``(inputs, targets)`` (one read of the loader)."""
     for batch in loader:
-        x, _ = (batch_fn or default_batch_fn)(batch)
-        if isinstance(x, torch.Tensor):
-            return x[:1].detach().cpu()
-        return tuple(t[:1].detach().cpu() for t in x)
+        return (batch_fn or default_batch_fn)(batch)
     raise InputError("the data loader yielded no batches; check the dataset is not empty")
+
+
+def first_input(loader: Iterable, batch_fn: BatchFn | None, batch: tuple[Any, torch.Tensor] | None = None) -> Any:
+    """The first batch's inputs (or ``batch``'s), sliced to batch 1 (used as ``example_input``)."""
+    x, _ = batch if batch is not None else first_batch(loader, batch_fn)
+    if isinstance(x, torch.Tensor):
+        return x[:1].detach().cpu()
+    return tuple(t[:1].detach().cpu() for t in x)
