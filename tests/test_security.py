@@ -5,7 +5,6 @@ Every test here failed on the code before issue 16 (a command ran, a raw error, 
 from __future__ import annotations
 
 import json
-import sys
 import time
 import types
 
