@@ -9,6 +9,7 @@ from .errors import (
     OpError,
     PlanError,
     PointError,
+    LockError,
     ResourceError,
     TraceError,
 )
@@ -50,5 +51,5 @@ __all__ = [
     "Edge", "Edit", "GrowthPlan", "apply_plan", "plan_of",
     "Budget", "Cost", "Entry", "Gallery", "GrowResult", "grow", "GrowthMethod", "register_method", "load", "save", "cost",
     "ExportReport", "export_onnx", "prune", "search", "distributed", "Grower", "GrowthEvent", "AccuracyMatrix", "Experience", "Stream",
-    "class_incremental", "domain_incremental", "ReplayBuffer", "StreamResult", "grow_stream", "ResourceError",
+    "class_incremental", "domain_incremental", "ReplayBuffer", "StreamResult", "grow_stream", "ResourceError", "LockError",
 ]

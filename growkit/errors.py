@@ -16,6 +16,7 @@ __all__ = [
     "BudgetError",
     "ExportError",
     "ResourceError",
+    "LockError",
 ]
 
 
@@ -65,3 +66,7 @@ class ExportError(GrowkitError, RuntimeError):
 
 class ResourceError(GrowkitError, RuntimeError):
     """The device ran out of memory (the message says what was being trained and what to reduce)."""
+
+
+class LockError(GrowkitError, RuntimeError):
+    """Another live process holds the checkpoint directory (the message names it)."""

@@ -18,6 +18,7 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
@@ -34,6 +35,7 @@ from .candidates import CandidateModel
 from .checkpoint import (
     CheckpointDir,
     capture_rng,
+    data_fingerprint,
     full_state,
     load_full_state,
     optimizer_from_flat,
@@ -47,9 +49,11 @@ from .gallery import Entry, Gallery
 from .graph import as_args
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
 from .methods import get_method
+from .outputs import OutputLoss, output_label
 from .plan import GrowthPlan
 from .surgery import growable, state_of
-from .train import BatchFn, evaluate, first_input
+from .train import BatchFn, evaluate, first_batch, first_input
+from .validate import check_grow_settings, check_int, check_loader
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
 
@@ -153,6 +157,8 @@ def grow(
     cost_axis: str = "params",
     eps: float = 0.025,
     max_eta: float = 100.0,
+    output: str | int | Callable[[Any], torch.Tensor] | None = None,
+    allow_new_data: bool = False,
 ) -> GrowResult:
     """Grow ``model`` (not modified) with Petridish on ``loader``; see the module docstring.
 
@@ -193,16 +199,21 @@ def grow(
         cost_axis: gallery / hull cost axis: ``"params"``, ``"flops"`` or ``"latency_ms"``.
         max_eta: a grown gate with ``|eta|`` above this (or non-finite) stops the round and
             rolls back to the last good model, like a NaN loss.
+        output: which model output holds the logits when the model returns several: a dict key,
+            a tuple index, or a callable ``output(model_output) -> logits``.
+        allow_new_data: resume on data whose fingerprint (sizes, hash of a few examples) differs
+            from the checkpointed run's; by default that is refused.
     """
     growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, CandidateModel):
         raise InputError("model carries un-finalized candidates; call growkit.finalize first")
-    if not isinstance(rounds, int) or rounds < 0:
-        raise InputError(f"rounds must be an int >= 0, got {rounds!r}")
-    if not isinstance(children, int) or children < 1:
-        raise InputError(f"children must be an int >= 1, got {children!r}")
+    check_int("rounds", rounds, lo=0)
+    check_int("children", children, lo=1)
+    check_loader(loader, "loader")
+    if val_loader is not None:
+        check_loader(val_loader, "val_loader")
     if budget is not None and not isinstance(budget, Budget):
         raise InputError(f"budget must be a growkit.Budget, got {type(budget).__name__}")
     if resume and checkpoint_dir is None:
@@ -214,14 +225,17 @@ def grow(
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
         "selection": selection, "seed": seed, "cost_axis": cost_axis, "eps": eps, "max_eta": max_eta,
-        "children": children,
+        "children": children, "output": output_label(output),
     }
+    check_grow_settings(config)
+    if output is not None:
+        loss_fn = OutputLoss(output, loss_fn)
     ex = get_executor(executor, executor_options)
     if method != "petridish" and (children != 1 or not isinstance(ex, LocalExecutor)):
         raise InputError(f"method {method!r} runs one child per round in this process; children= and "
                          "executor= apply to method='petridish'")
     run = GrowRun(model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device, progress,
-                  checkpoint_dir, seed, growth_method, ex)
+                  checkpoint_dir, seed, growth_method, ex, allow_new_data=allow_new_data)
     try:
         return run.run(rounds, resume)
     finally:
@@ -238,7 +252,8 @@ class GrowRun:
     """
 
     def __init__(self, model, loader, val_loader, example_input, budget, config, loss_fn, batch_fn, device,
-                 progress, checkpoint_dir, seed, method, executor: Executor | None = None) -> None:
+                 progress, checkpoint_dir, seed, method, executor: Executor | None = None, *,
+                 allow_new_data: bool = False) -> None:
         self.cfg = config
         self.method = method
         self.executor = executor or get_executor("local")
@@ -254,9 +269,12 @@ class GrowRun:
             logger.warning("no val_loader given: models are selected on the training data")
             val_loader = loader
         self.val_loader = val_loader
-        loader_x = first_input(loader, batch_fn)
+        batch = first_batch(loader, batch_fn)
+        loader_x = first_input(loader, batch_fn, batch)
         example = as_args(example_input if example_input is not None else loader_x)
         _check_example(example, loader_x)
+        # Costs (FLOPs, latency) and the plan are per example: trace and measure at batch 1.
+        example = tuple(a[:1] if a.dim() else a for a in example)
         self.base_gm = growable(model, example).to(self.dev)
         self.example = tuple(a.to(self.dev) for a in example)
         self.want_latency = config["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
@@ -264,6 +282,11 @@ class GrowRun:
         self.history: list[dict[str, Any]] = []
         self.out = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.ckpt = CheckpointDir(self.out) if self.out is not None else None
+        self.allow_new_data = allow_new_data
+        # The training loader is not read again for it: a wrapper may count or log its reads.
+        self.data = ({"train": data_fingerprint(loader, batch_fn, first=batch),
+                      "val": data_fingerprint(val_loader, batch_fn, first=batch if val_loader is loader else None)}
+                     if self.ckpt is not None else None)
         self.base_cost: Cost | None = None
         self.trainer = ChildTrainer(self.base_gm, self.example, loader, val_loader, config, base_cost=Cost(0, 0),
                                     budget=budget, loss_fn=loss_fn, batch_fn=batch_fn, device=self.dev,
@@ -320,7 +343,7 @@ class GrowRun:
             "gallery": self.gallery.to_dict(), "history": self.history, "optimizers": opt_meta,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": capture_rng(self.rng, (self.loader, self.val_loader)),
-            "method_state": self.method.state_dict(),
+            "method_state": self.method.state_dict(), "data": self.data,
         }
         self.ckpt.write(state, tensors)
 
@@ -345,6 +368,13 @@ class GrowRun:
                 + ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
                 + "; pass the original options or use a new --out directory",
             )
+        if state.get("data") != self.data:
+            if not self.allow_new_data:
+                raise InputError(
+                    f"resume=True on other data than the checkpointed run's (its data: {state.get('data')}; "
+                    f"now: {self.data}); pass the same loaders, or allow_new_data=True to continue on these"
+                )
+            logger.warning("resuming %s on other data than it was checkpointed with (allow_new_data=True)", self.out)
         assert self.ckpt is not None
         for d in state["gallery"]["entries"]:
             self.gallery.add(Entry.from_dict(d, self.ckpt.read_entry(int(d["id"]))))
@@ -365,6 +395,11 @@ class GrowRun:
 
     # ---------------------------------------------------------------- the loop
     def run(self, rounds: int, resume: bool) -> GrowResult:
+        """The loop, holding ``checkpoint_dir``'s lock (a second run on it gets a LockError)."""
+        with self.ckpt.lock() if self.ckpt is not None else contextlib.nullcontext():
+            return self._run(rounds, resume)
+
+    def _run(self, rounds: int, resume: bool) -> GrowResult:
         t0 = time.perf_counter()
         if not resume and self.ckpt is not None and self.ckpt.latest_name() is not None:
             raise InputError(

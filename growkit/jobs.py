@@ -270,11 +270,7 @@ class ChildTrainer:
         if not chosen:
             rec["note"] = why
             return WeakResult(job.round, job.index, job.parent, None, None, rec)
-        grown = finalize(cm, edges=edges)
-        if self.budget is not None and self.budget.needs_latency:
-            if not self.budget.allows(measure(grown, self.example, latency=True), self.base_cost):
-                rec["note"] = "latency over budget"
-                return WeakResult(job.round, job.index, job.parent, None, None, rec)
+        grown = finalize(cm, edges=edges)  # within a latency budget too: choose_points measured it
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
         state = {k: v.detach().cpu().clone() for k, v in grown.state_dict().items()}
         return WeakResult(job.round, job.index, job.parent, plan, state, rec)

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from .errors import InputError
 
 __all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
-           "loader_length"]
+           "loader_length", "first_batch", "first_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,10 @@ def _forward(model: nn.Module, x: Any) -> Any:
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
-def _logits(out: Any) -> torch.Tensor:
+def _logits(out: Any, loss_fn: Any = None) -> torch.Tensor:
+    select = getattr(loss_fn, "select", None)  # growkit.outputs.OutputLoss: grow(output=...)
+    if select is not None:
+        return select(out)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
@@ -110,7 +113,38 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(out), y)
+    """Cross entropy on the model's only output; several outputs need ``output=`` (no guessing)."""
+    from .outputs import check_logits_targets
+
+    many = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else None
+    if many is not None and len(many) > 1:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in many]
+        raise InputError(
+            f"the model returns {len(many)} outputs {shapes}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}; "
+            "growkit does not guess which are the logits: pass output=KEY / INDEX / callable to grow(), or loss_fn="
+        )
+    logits = _logits(out)
+    check_logits_targets(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def _shapes(x: Any) -> list[tuple[int, ...]]:
+    xs = x if isinstance(x, (tuple, list)) else [x]
+    return [tuple(t.shape[1:]) for t in xs if isinstance(t, torch.Tensor)]
+
+
+def _forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
+    """Forward, after checking the batch has the first batch's shape beyond the batch axis.
+
+    A traced and grown model is built for one input shape (growth points, resampling ops); a
+    stray batch would fail deep inside a conv or, worse, silently run at another resolution.
+    """
+    if first is not None and _shapes(x) != first:
+        raise InputError(
+            f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
+            f"{first}; every batch needs the same shape (check the dataset's transforms or collate_fn)"
+        )
+    return _forward(model, x)
 
 
 def train_steps(
@@ -148,10 +182,12 @@ def train_steps(
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", total=loader_length(loader), unit="batch", leave=False,
                    disable=not interactive, dynamic_ncols=True)
         t0, steps0, loss0, correct0, seen0 = time.perf_counter(), st.steps, st.loss_sum, st.correct, st.seen
-        for x, y in bar:
+        first = None
+        for i, (x, y) in enumerate(bar):
             for opt in optimizers:
                 opt.zero_grad(set_to_none=True)
-            out = _forward(model, x)
+            out = _forward_checked(model, x, first, i)
+            first = first or _shapes(x)
             loss = loss_fn(out, y)
             if not torch.isfinite(loss):
                 raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
@@ -165,7 +201,7 @@ def train_steps(
                 after_step()
             st.loss_sum += float(loss.detach())
             st.steps += 1
-            logits = _logits(out)
+            logits = _logits(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 st.correct += int((logits.detach().argmax(1) == y).sum())
                 st.seen += int(y.numel())
@@ -205,12 +241,14 @@ def evaluate(
     model.eval()
     total, n, correct = 0.0, 0, 0
     try:
-        for x, y in iter_batches(loader, batch_fn, device):
-            out = _forward(model, x)
+        first = None
+        for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
+            out = _forward_checked(model, x, first, i)
+            first = first or _shapes(x)
             b = int(y.shape[0]) if y.dim() else 1
             total += float(loss_fn(out, y)) * b
             n += b
-            logits = _logits(out)
+            logits = _logits(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 correct += int((logits.argmax(1) == y).sum())
     finally:
@@ -219,11 +257,16 @@ def evaluate(
     return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
 
 
-def first_input(loader: Iterable, batch_fn: BatchFn | None) -> Any:
-    """The first batch's inputs, sliced to batch 1 (used as ``example_input``)."""
+def first_batch(loader: Iterable, batch_fn: BatchFn | None) -> tuple[Any, torch.Tensor]:
+    """The first batch as ``(inputs, targets)`` (one read of the loader)."""
     for batch in loader:
-        x, _ = (batch_fn or default_batch_fn)(batch)
-        if isinstance(x, torch.Tensor):
-            return x[:1].detach().cpu()
-        return tuple(t[:1].detach().cpu() for t in x)
+        return (batch_fn or default_batch_fn)(batch)
     raise InputError("the data loader yielded no batches; check the dataset is not empty")
+
+
+def first_input(loader: Iterable, batch_fn: BatchFn | None, batch: tuple[Any, torch.Tensor] | None = None) -> Any:
+    """The first batch's inputs (or ``batch``'s), sliced to batch 1 (used as ``example_input``)."""
+    x, _ = batch if batch is not None else first_batch(loader, batch_fn)
+    if isinstance(x, torch.Tensor):
+        return x[:1].detach().cpu()
+    return tuple(t[:1].detach().cpu() for t in x)

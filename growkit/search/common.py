@@ -209,7 +209,7 @@ class SearchContext:
             sched.step()
             stats.steps += 1
             stats.loss_sum += float(loss.detach())
-            logits = _logits(out)
+            logits = _logits(out, self.run.loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 stats.correct += int((logits.detach().argmax(1) == y).sum())
                 stats.seen += int(y.numel())
