@@ -96,8 +96,13 @@ def _cmd_grow(args: argparse.Namespace) -> int:
     options = _method_options(args.method_options)
     get_method(args.method, **options)  # an unknown pass or option fails now, not after base training
     out = Path(args.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if not args.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # The run writes checkpoints, the model and reports there: never over someone's files.
+        from .checkpoint import LATEST
+
+        if (out / LATEST).is_file():
+            raise InputError(f"--out {out} holds the checkpoints of an earlier run: add --resume to continue it, "
+                             "or choose a new directory")
         raise InputError(f"--out {out} exists and is not an empty directory; choose a new directory")
     ds, val_ds = _load_data(args.data, args.image_size)
     x0 = ds[0][0]
