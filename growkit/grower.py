@@ -22,7 +22,7 @@ import copy
 import logging
 import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -267,13 +267,7 @@ class Grower:
             group["initial_lr"] = g0["initial_lr"] * self.new_lr_mult
         optimizer.add_param_group(group)
         rule, etas = self._pending if self._pending is not None else (self.rule, {})
-        mgr = self._newparams.get(id(optimizer))
-        if mgr is None or mgr.optimizer is not optimizer:
-            mgr = self._newparams[id(optimizer)] = NewParamGroups(optimizer, self.rule,
-                                                                  self.steps_per_epoch or self.min_steps)
-        mgr.warmup_steps = self.rule.warmup_steps(self.steps_per_epoch or self.min_steps)
-        ids = {id(p) for p in group["params"]}
-        mgr.add(optimizer.param_groups[-1], {k: e for k, e in etas.items() if id(e) in ids}, rule)
+        self._manage(optimizer, optimizer.param_groups[-1], rule, etas)
         for s in schedulers:
             # LR schedulers keep one entry per param group; extend them for the new group so it
             # follows the same schedule at new_lr_mult x the first group's rate.
@@ -283,6 +277,38 @@ class Grower:
                 s.lr_lambdas.append(s.lr_lambdas[0])
             if isinstance(getattr(s, "_last_lr", None), list):
                 s._last_lr.append(group["lr"])
+
+    def _manage(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], rule: NewParamRule,
+                etas: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """Put ``group`` under ``rule`` (one :class:`NewParamGroups` per optimizer); returns its entry."""
+        mgr = self._newparams.get(id(optimizer))
+        if mgr is None or mgr.optimizer is not optimizer:
+            mgr = self._newparams[id(optimizer)] = NewParamGroups(optimizer, self.rule,
+                                                                  self.steps_per_epoch or self.min_steps)
+        mgr.warmup_steps = self.rule.warmup_steps(self.steps_per_epoch or self.min_steps)
+        ids = {id(p) for p in group["params"]}
+        mgr.add(group, {k: e for k, e in etas.items() if id(e) in ids}, rule)
+        return mgr.entries[-1]
+
+    def new_group_state(self, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+        """JSON-able state of ``optimizer``'s new-parameter groups (index, warm-up progress, rate
+        scale), for checkpoints; :meth:`load_new_group_state` re-applies it."""
+        mgr = self._newparams.get(id(optimizer))
+        if mgr is None:
+            return []
+        index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+        return [{"group": index[id(e["group"])], "step": e["step"], "peak": e["peak"], "scale": e["rule"].scale}
+                for e in mgr.entries if id(e["group"]) in index]
+
+    def load_new_group_state(self, optimizer: torch.optim.Optimizer, state: list[dict[str, Any]]) -> None:
+        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule (an
+        optimizer rebuilt from a checkpoint)."""
+        branches = getattr(self.model.module, BRANCHES, {})
+        etas = {e.point: branches[e.key].eta for e in self.plan.edits if e.key in branches}
+        for st in state:
+            entry = self._manage(optimizer, optimizer.param_groups[int(st["group"])],
+                                 replace(self.rule, scale=float(st["scale"])), etas)
+            entry["step"], entry["peak"] = int(st["step"]), float(st["peak"])
 
     def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
               retired: Iterable[nn.Parameter] = ()) -> None:

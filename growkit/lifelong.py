@@ -227,6 +227,8 @@ def grow_stream(
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if grower is not None:
         grower.attach(opt)
+        if saved is not None:
+            grower.load_new_group_state(opt, saved[0].get("new_groups", []))
     buffer = ReplayBuffer(replay, seed=seed or 0) if replay > 0 else None
 
     n = len(stream)
@@ -324,6 +326,7 @@ def _save(ckpt: CheckpointDir, config: dict[str, Any], i: int, matrix: AccuracyM
     if grower is not None:
         gmeta, gt = grower.state_dict()
         state["grower"] = gmeta
+        state["new_groups"] = grower.new_group_state(opt)
         tensors.update(gt)
     else:
         tensors.update(full_state(net, "net."))
