@@ -28,7 +28,7 @@ from .cost import Budget, Cost, measure
 from .errors import ResourceError
 from .finalize import finalize
 from .plan import BRANCHES, GrowthPlan, apply_plan
-from .newparams import RETRY_LR_SCALE, NewParamGroups, NewParamRule
+from .newparams import NewParamGroups, NewParamRule
 from .selection import choose_points
 from .surgery import state_of
 from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, train_steps

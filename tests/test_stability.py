@@ -11,7 +11,6 @@ from torch.utils.data import Subset
 import growkit
 from growkit.adapters.data import digits_dataset
 from growkit.newparams import NewParamGroups, NewParamRule
-from growkit.train import train_steps
 
 from .conftest import TinyResNet, run_eval
 
