@@ -225,6 +225,12 @@ def _copy(m: nn.Module) -> nn.Module:
     return copy.deepcopy(m)
 
 
+def _rollbacks(run: dict[str, Any]) -> int:
+    """Growths rolled back in one growth run (from the children's notes / the stream's events)."""
+    notes = [h.get("note") or "" for h in run.get("children", [])] + [e.get("note") or "" for e in run.get("events", [])]
+    return sum("learning rate halved" in n for n in notes)
+
+
 def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """One row per (model, mode, lr) over seeds."""
     rows: dict[tuple, list[dict[str, Any]]] = {}
@@ -238,7 +244,7 @@ def summarize(cells: list[dict[str, Any]]) -> list[dict[str, Any]]:
         pairs = [(a["accuracy"], b["accuracy"]) for a, b in zip(ng, gr) if a["finite"] and b["finite"]]
         row: dict[str, Any] = {"model": model, "mode": mode, "lr": lr, "seeds": len(cs),
                                "nogrow_finite": sum(a["finite"] for a in ng), "grow_finite": sum(b["finite"] for b in gr),
-                               "failures": failures, "pairs": len(pairs)}
+                               "failures": failures, "pairs": len(pairs), "rollbacks": sum(_rollbacks(b) for b in gr)}
         if pairs:
             a = [p[0] for p in pairs]
             b = [p[1] for p in pairs]
@@ -271,17 +277,19 @@ def markdown(result: dict[str, Any]) -> str:
         f"{a['grower_options']}.",
         "",
         f"**Failures (no-growth finite, growth not): {fails}** over {sum(r['seeds'] for r in rows)} cells; "
-        f"accuracy below the no-growth run by more than the seed spread: {len(flags)} of {len(rows)} rows.",
+        f"accuracy below the no-growth run by more than the seed spread: {len(flags)} of {len(rows)} rows. "
+        "Rollbacks: growths undone after a divergence (retried at half the new parameters' rate, or dropped). "
+        "Seed spread: the larger sample std over seeds of the two runs' accuracies.",
         "",
-        "| model | mode | lr | no-growth finite | growth finite | failures | no-growth acc % | growth acc % | "
-        "diff (points) | seed spread | flag |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| model | mode | lr | no-growth finite | growth finite | failures | rollbacks | no-growth acc % | "
+        "growth acc % | diff (points) | seed spread | flag |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         acc = (f"{100 * r['nogrow_acc']:.1f} | {100 * r['grow_acc']:.1f} | {100 * r['diff']:+.1f} | "
                f"{100 * r['spread']:.1f} | {'BELOW' if r['acc_flag'] else ''}") if "diff" in r else "- | - | - | - | "
         lines.append(f"| {r['model']} | {r['mode']} | {r['lr']} | {r['nogrow_finite']}/{r['seeds']} | "
-                     f"{r['grow_finite']}/{r['seeds']} | {r['failures']} | {acc} |")
+                     f"{r['grow_finite']}/{r['seeds']} | {r['failures']} | {r.get('rollbacks', 0)} | {acc} |")
     errs = sorted({(c['model'], c['mode'], c['lr'], c['seed'], c[k].get('error', '')[:160])
                    for c in result["cells"] for k in ("nogrow", "grow") if c[k].get("error")})
     if errs:
