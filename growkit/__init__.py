@@ -6,6 +6,7 @@ from .errors import (
     ExportError,
     GrowkitError,
     InputError,
+    NonFiniteLoss,
     OpError,
     PlanError,
     PointError,
@@ -44,7 +45,7 @@ def plan_of(model):
 __version__ = "0.1.0"
 
 __all__ = [
-    "BudgetError", "ExportError", "GrowkitError", "InputError", "OpError", "PlanError",
+    "BudgetError", "ExportError", "GrowkitError", "InputError", "NonFiniteLoss", "OpError", "PlanError",
     "PointError", "TraceError", "EligibleInput", "GrowthPoint", "LayerGraph", "trace",
     "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "WIDE_OPS", "OpRegistry", "OpSpec", "register_op",
     "Candidate", "CandidateModel", "inject", "GrownBranch", "finalize",

@@ -17,6 +17,7 @@ __all__ = [
     "ExportError",
     "ResourceError",
     "LockError",
+    "NonFiniteLoss",
 ]
 
 
@@ -70,3 +71,9 @@ class ResourceError(GrowkitError, RuntimeError):
 
 class LockError(GrowkitError, RuntimeError):
     """Another live process holds the checkpoint directory (the message names it)."""
+
+
+class NonFiniteLoss(GrowkitError, RuntimeError):
+    """Training diverged: the loss, a model output or a grown gate ``eta`` became NaN / Inf (or
+    ``|eta|`` passed ``max_eta``). Growth rolls back on its own; this reaches the caller when the
+    run diverges without growth (lower the learning rate)."""

@@ -47,9 +47,10 @@ from .errors import InputError
 from .executor import Executor, LocalExecutor, get_executor
 from .gallery import Entry, Gallery
 from .graph import as_args
-from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
+from .jobs import STOPPED, ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult, rule_from_config
 from .methods import get_method
 from .outputs import OutputLoss, output_label
+from .newparams import DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, check_finite_outputs
 from .plan import GrowthPlan
 from .surgery import growable, state_of
 from .train import BatchFn, evaluate, first_batch, first_input
@@ -137,6 +138,9 @@ def grow(
     finetune_epochs: int = 1,
     lr: float = 0.01,
     new_lr_mult: float = 10.0,
+    new_lr_max: float = DEFAULT_MAX_LR,
+    new_lr_warmup: float = DEFAULT_WARMUP,
+    new_grad_clip: float | None = DEFAULT_CLIP,
     candidate_lr: float = 3e-3,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
@@ -156,9 +160,9 @@ def grow(
     seed: int | None = None,
     cost_axis: str = "params",
     eps: float = 0.025,
-    max_eta: float = 100.0,
     output: str | int | Callable[[Any], torch.Tensor] | None = None,
     allow_new_data: bool = False,
+    max_eta: float = DEFAULT_MAX_ETA,
 ) -> GrowResult:
     """Grow ``model`` (not modified) with Petridish on ``loader``; see the module docstring.
 
@@ -180,7 +184,11 @@ def grow(
             ``num_gpus``, ``threads``, ``max_retries``, ``runtime_env``.
         search_epochs / finetune_epochs: epochs of each phase per round.
         lr: base learning rate (SGD, cosine schedule restarted each phase).
-        new_lr_mult: learning-rate multiplier for newly grown parameters while fine-tuning.
+        new_lr_mult / new_lr_max / new_lr_warmup / new_grad_clip: newly grown parameters (branches,
+            projections, eta) fine-tune at ``new_lr_mult`` x the base rate, never above
+            ``new_lr_max``, ramped from 0 over ``new_lr_warmup`` of an epoch, gradient norm clipped
+            at ``new_grad_clip`` (see :mod:`growkit.newparams`). A child whose fine-tuning diverges
+            is rolled back and retried once with that rate halved, then dropped.
         candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). ``ops``
             defaults to the paper's full op set: with inject's cheap default (two ops) top-|alpha|
@@ -197,12 +205,15 @@ def grow(
         resume: continue from the last complete checkpoint in ``checkpoint_dir`` (if any).
         seed: makes the run reproducible on CPU.
         cost_axis: gallery / hull cost axis: ``"params"``, ``"flops"`` or ``"latency_ms"``.
-        max_eta: a grown gate with ``|eta|`` above this (or non-finite) stops the round and
-            rolls back to the last good model, like a NaN loss.
         output: which model output holds the logits when the model returns several: a dict key,
             a tuple index, or a callable ``output(model_output) -> logits``.
         allow_new_data: resume on data whose fingerprint (sizes, hash of a few examples) differs
             from the checkpointed run's; by default that is refused.
+        max_eta: a grown gate with ``|eta|`` above this (or non-finite) counts as a divergence,
+            like a NaN loss.
+
+    Raises:
+        NonFiniteLoss: the model's outputs are already non-finite (it is not grown).
     """
     growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
@@ -220,7 +231,8 @@ def grow(
         raise InputError("resume=True needs checkpoint_dir= (the directory of the interrupted run)")
     config = {
         "method": method, "method_options": method_options or {}, "budget": None if budget is None else repr(budget), "search_epochs": search_epochs,
-        "finetune_epochs": finetune_epochs, "lr": lr, "new_lr_mult": new_lr_mult, "candidate_lr": candidate_lr,
+        "finetune_epochs": finetune_epochs, "lr": lr, "new_lr_mult": new_lr_mult, "new_lr_max": new_lr_max,
+        "new_lr_warmup": new_lr_warmup, "new_grad_clip": new_grad_clip, "candidate_lr": candidate_lr,
         "momentum": momentum, "weight_decay": weight_decay, "l1": l1,
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
@@ -230,6 +242,7 @@ def grow(
     check_grow_settings(config)
     if output is not None:
         loss_fn = OutputLoss(output, loss_fn)
+    rule_from_config(config)  # validates the new-parameter settings before any work
     ex = get_executor(executor, executor_options)
     if method != "petridish" and (children != 1 or not isinstance(ex, LocalExecutor)):
         raise InputError(f"method {method!r} runs one child per round in this process; children= and "
@@ -275,6 +288,8 @@ class GrowRun:
         _check_example(example, loader_x)
         # Costs (FLOPs, latency) and the plan are per example: trace and measure at batch 1.
         example = tuple(a[:1] if a.dim() else a for a in example)
+        mdev = next(model.parameters()).device
+        check_finite_outputs(model, tuple(a.to(mdev) for a in example), "the model passed to grow()")
         self.base_gm = growable(model, example).to(self.dev)
         self.example = tuple(a.to(self.dev) for a in example)
         self.want_latency = config["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
@@ -432,8 +447,8 @@ class GrowRun:
             if self.out is not None:
                 self.write_summary()
         best = self.gallery.best(self.budget, self.base_cost)
-        if self.budget is not None and best.kind == "base" and rounds > 0:
-            logger.warning("no grown model beat the base within the budget; returning the base model")
+        if best.kind == "base" and rounds > 0:
+            self.warn_base_returned(base_entry)
         tail: dict[str, Any] = {"total_s": time.perf_counter() - t0, "executor": self.executor.name}
         tail.update(getattr(self.executor, "stats", {}))
         history = [dict(h) for h in self.history] + [tail]
@@ -445,6 +460,29 @@ class GrowRun:
 
     def round(self, rnd: int, saved: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
         self.method.round(self, rnd, saved)
+
+    def warn_base_returned(self, base: Entry) -> None:
+        """Say why the base comes back: every child scored below it, or every child collapsed
+        (diverged, or fell below half the base's accuracy), which points at the learning rate."""
+        grown = [e for e in self.gallery if e.kind == "grown"]
+        stopped = [h for h in self.history if str(h.get("note", "")).startswith(STOPPED[:7])]
+        base_acc = 1 - base.val_error
+        collapsed = [e for e in grown if 1 - e.val_error < 0.5 * base_acc]
+        tried = len(grown) + len(stopped)
+        if tried and len(collapsed) + len(stopped) == tried:
+            logger.warning(
+                "every grown child collapsed (%d of %d diverged, the others fell below half the base's validation "
+                "accuracy %.4f): the likely cause is the learning rate (lr=%g; new parameters at most %g); try a "
+                "lower lr, or lower new_lr_max / new_lr_mult; returning the base model",
+                len(stopped), tried, base_acc, self.cfg["lr"], min(self.cfg["lr"] * self.cfg["new_lr_mult"],
+                                                                   self.cfg["new_lr_max"]))
+        elif grown:
+            best = max(grown, key=lambda e: 1 - e.val_error)
+            within = "" if self.budget is None else " within the budget"
+            logger.warning("no grown model beat the base%s (best child: val acc %.4f, base %.4f); returning the "
+                           "base model", within, 1 - best.val_error, base_acc)
+        elif self.budget is not None:
+            logger.warning("no grown model beat the base within the budget; returning the base model")
 
     def petridish_round(self, rnd: int, saved: tuple[dict[str, Any], dict[str, torch.Tensor]] | None) -> None:
         """Draw the round's parents and seeds (the schedule), then let the executor run the children."""
@@ -530,9 +568,12 @@ class GrowRun:
         def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
             self.save({"round": rnd, "parent": parent.id, "plan": plan, **p}, work=work, opts=opts, sched=sched)
 
-        res = self.trainer.train_child(job, grown, save=save, resume=saved)
+        res = self.trainer.tune_with_rollback(job, grown, save=save, resume=saved)
         rec.update(res.rec)
-        self.add_trained(res, rec)
+        if res.state is not None:
+            self.add_trained(res, rec)
+        else:
+            logger.warning("round %d: %s; nothing grown", rnd, rec["note"])
         self.save({"round": rnd, "phase": "round_end"})
 
     def add_trained(self, res: TuneResult, rec: dict[str, Any]) -> Entry:

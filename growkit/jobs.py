@@ -12,6 +12,7 @@ seeded at job start and restored afterwards.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import random
 import time
@@ -27,16 +28,21 @@ from .cost import Budget, Cost, measure
 from .errors import ResourceError
 from .finalize import finalize
 from .plan import BRANCHES, GrowthPlan, apply_plan
+from .newparams import NewParamGroups, NewParamRule
 from .selection import choose_points
 from .surgery import state_of
 from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, loader_length, train_steps
 
 __all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
-           "job_seed_scope", "cosine_schedule", "num_batches"]
+           "job_seed_scope", "cosine_schedule", "num_batches", "rule_from_config", "watch_new_params"]
+
+logger = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 STOPPED = "stopped and rolled back to the last good model: "
 """How a job's note starts when a non-finite loss or an exploding eta stopped it."""
+RETRIED = "rolled back to before the growth and retried with the new parameters' learning rate halved: "
+"""How a child's note starts when its first fine-tuning diverged and the retry succeeded."""
 SaveHook = Callable[..., None]
 RestoreHook = Callable[..., None]
 
@@ -155,6 +161,48 @@ def num_batches(loader: Iterable) -> int:
     """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
     n = loader_length(loader)
     return 1000 if n is None else n
+
+
+def rule_from_config(cfg: dict[str, Any]) -> NewParamRule:
+    """The :class:`NewParamRule` of grow()'s settings (``new_lr_mult``, ``new_lr_max``,
+    ``new_lr_warmup``, ``new_grad_clip``, ``max_eta``)."""
+    return NewParamRule(mult=cfg["new_lr_mult"], max_lr=cfg["new_lr_max"], warmup=cfg["new_lr_warmup"],
+                        clip=cfg["new_grad_clip"], max_eta=cfg["max_eta"])
+
+
+def watch_new_params(opt: torch.optim.Optimizer, group: dict[str, Any], model: nn.Module, rule: NewParamRule,
+                     steps_per_epoch: int) -> NewParamGroups:
+    """Put ``group`` of ``opt`` under ``rule`` with the eta guard raising from ``opt.step()``: every
+    module of ``model`` whose gate ``eta`` trains in ``group`` is watched (grown branches, search cells)."""
+    mgr = NewParamGroups(opt, rule, steps_per_epoch)
+    ids = {id(p) for p in group["params"]}
+    etas = {name or "model": m.eta for name, m in model.named_modules()
+            if isinstance(getattr(m, "eta", None), nn.Parameter) and id(m.eta) in ids}
+    mgr.add(group, etas)
+    opt.register_step_post_hook(lambda *_: mgr.check())
+    return mgr
+
+
+@contextlib.contextmanager
+def _rng_restore_point(loaders: Iterable[Any], device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a function that puts torch's (CPU and ``device``), Python's, numpy's and the loaders'
+    generators back to their state at entry (the RNG part of a rollback)."""
+    import numpy as np
+
+    gens = [g for g in loader_generators(loaders) if g is not None]
+    saved = ([g.get_state() for g in gens], torch.get_rng_state(), random.getstate(), np.random.get_state(),
+             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def restore() -> None:
+        for g, st in zip(gens, saved[0]):
+            g.set_state(st)
+        torch.set_rng_state(saved[1])
+        random.setstate(saved[2])
+        np.random.set_state(saved[3])
+        if saved[4] is not None:
+            torch.cuda.set_rng_state(saved[4], device)
+
+    yield restore
 
 
 class ChildTrainer:
@@ -279,24 +327,53 @@ class ChildTrainer:
     def finetune(self, job: TuneJob, *, save: SaveHook | None = None,
                  resume: tuple[dict[str, Any], State] | None = None,
                  before_train: Callable[[torch.fx.GraphModule], None] | None = None) -> TuneResult:
-        """Fine-tune the child (fresh cosine schedule, new parameters at ``lr * new_lr_mult``),
-        then evaluate it and measure its cost. A non-finite loss or an exploding eta gives a
-        result without weights and with a note (the round keeps its last good model).
+        """Fine-tune the child (fresh cosine schedule, new parameters under the new-parameter rule),
+        then evaluate it and measure its cost; see :meth:`tune_with_rollback` for a divergence.
         ``before_train(model)`` sees the built child first (the driver checkpoints it there)."""
         with self.scope(job.seed):
             grown = self.model_from(job.plan, None if resume is not None else unpack_state(job.state))
             if before_train is not None:
                 before_train(grown)
+            return self.tune_with_rollback(job, grown, save=save, resume=resume)
+
+    def tune_with_rollback(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
+                           resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+        """:meth:`train_child`, rolled back when it diverges (a non-finite loss or an exploding eta):
+        the model's weights and every RNG go back to their state before the fine-tuning (the
+        optimizer and schedule are fresh anyway) and the training runs once more with the new
+        parameters' learning rate halved. If that diverges too, the result has no weights and a note
+        (the round keeps its last good model). A job resumed from a checkpoint mid fine-tuning no
+        longer has the state before it and is not retried."""
+        state0 = None if resume is not None else {k: v.detach().clone() for k, v in grown.state_dict().items()}
+        with _rng_restore_point((self.loader, self.val_loader), self.dev) as restore_rng:
             try:
                 return self.train_child(job, grown, save=save, resume=resume)
             except NonFiniteLoss as exc:
+                first = str(exc)
+                retried = resume is not None and resume[0]["progress"].get("retry", False)
+            if state0 is None or retried:
                 return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None,
-                                  {"note": STOPPED + str(exc)})
+                                  {"note": STOPPED + first + ("" if retried else " (resumed: not retried)")})
+            logger.warning("round %d child %d: %s; rolling back to before the growth and retrying with the new "
+                           "parameters' learning rate halved", job.round, job.index, first)
+            restore_rng()
+            grown.load_state_dict(state0)
+            if save is not None:  # a resume from here retries too
+                save({"phase": "finetune", "epoch": 0, "stats": {}, "retry": True}, work=grown)
+            try:
+                res = self.train_child(job, grown, save=save, retry=True)
+            except NonFiniteLoss as exc:
+                return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None,
+                                  {"note": f"{STOPPED}{first}; the retry with the new parameters' learning rate "
+                                           f"halved diverged too ({exc}): continued without this growth"})
+        res.rec["note"] = RETRIED + first
+        return res
 
     def train_child(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
-                    resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+                    resume: tuple[dict[str, Any], State] | None = None, retry: bool = False) -> TuneResult:
         """The training of :meth:`finetune` on a built model (in place, in the caller's RNG scope);
-        raises :class:`growkit.train.NonFiniteLoss` when the loss or an eta blows up."""
+        raises :class:`growkit.NonFiniteLoss` when the loss or an eta blows up. ``retry``: the
+        new parameters train at :data:`growkit.newparams.RETRY_LR_SCALE` x their rate."""
         cfg = self.cfg
         rec: dict[str, Any] = {}
         t = time.perf_counter()
@@ -307,33 +384,36 @@ class ChildTrainer:
         opt = _optimizer(
             [
                 {"params": [p for p in grown.parameters() if id(p) not in fresh]},
-                {"params": new_params, "lr": cfg["lr"] * cfg["new_lr_mult"]},
+                {"params": new_params},
             ],
             cfg["lr"], cfg["momentum"], cfg["weight_decay"],
         )
         epochs = cfg["finetune_epochs"]
-        sched = cosine_schedule(opt, epochs * num_batches(self.loader))
+        steps_per_epoch = num_batches(self.loader)
+        sched = cosine_schedule(opt, epochs * steps_per_epoch)
+        rule = rule_from_config(cfg)
+        if resume is not None:
+            retry = bool(resume[0]["progress"].get("retry", retry))
+        if retry:
+            rule = rule.retry()
+        mgr = watch_new_params(opt, opt.param_groups[-1], grown, rule, steps_per_epoch) if new_params else None
         stats, start = PhaseStats(), 0
         if resume is not None:
             prog = resume[0]["progress"]
             self.restore(resume, grown, {"finetune": opt}, sched)
             stats, start = PhaseStats(**prog["stats"]), prog["epoch"]
-        etas = {e.key: branches[e.key].eta for e in new}
-
-        def after_step() -> None:
-            for k, eta in etas.items():
-                v = float(eta.detach())
-                if not math.isfinite(v) or abs(v) > cfg["max_eta"]:
-                    raise NonFiniteLoss(f"eta of the branch grown at {k} exploded to {v:.3g} (max_eta {cfg['max_eta']})")
+            if mgr is not None and prog.get("newparams"):
+                mgr.load_state_dict(prog["newparams"])
 
         def on_epoch_end(ep: int, st: PhaseStats) -> None:
             if save is not None:
-                save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st)}, work=grown, opts={"finetune": opt},
-                     sched=sched)
+                save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st), "retry": retry,
+                      "newparams": mgr.state_dict() if mgr is not None else []},
+                     work=grown, opts={"finetune": opt}, sched=sched)
 
         st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
                          batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
-                         desc=f"round {job.round} fine-tune", after_step=after_step, start_epoch=start,
+                         desc=f"round {job.round} fine-tune", start_epoch=start,
                          stats=stats, on_epoch_end=on_epoch_end)
         rec["finetune_s"] = time.perf_counter() - t
         rec["finetune_train_acc"] = st.train_accuracy

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from .errors import InputError, NonFiniteLoss
 
 __all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
            "loader_length", "first_batch", "first_input"]
@@ -71,10 +71,6 @@ def iter_batches(loader: Iterable, batch_fn: BatchFn | None, device: torch.devic
         yield _to(x, device), _to(y, device)
     if n == 0:
         raise InputError("the data loader yielded no batches; check the dataset is not empty")
-
-
-class NonFiniteLoss(RuntimeError):
-    """Raised inside a phase when the loss becomes NaN or Inf (grow() catches it)."""
 
 
 @dataclass

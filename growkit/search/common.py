@@ -5,7 +5,8 @@ A pass subclasses :class:`SearchMethod` and implements :meth:`SearchMethod.searc
 step budget, helpers that build / train / evaluate children) and returns the :class:`Child` to
 keep. The driver does the rest the same way for every pass: parent sampling from the gallery,
 the budget check, rebuilding the child from its plan, fine-tuning with ``run.finetune`` (a fresh
-schedule, new parameters at ``lr * new_lr_mult``), the gallery entry and checkpoints. So passes
+schedule, new parameters under the rule of :mod:`growkit.newparams`, rolled back and retried once
+when it diverges), the gallery entry and checkpoints. So passes
 differ only in how they search, and compare on equal terms::
 
     @register_method
@@ -38,15 +39,15 @@ import torch.fx
 from torch import nn
 
 from ..cost import measure
-from ..errors import InputError, ResourceError
+from ..errors import InputError, NonFiniteLoss, ResourceError
 from ..gallery import Entry
 from ..graph import EligibleInput, GrowthPoint
-from ..jobs import cosine_schedule, num_batches
+from ..jobs import cosine_schedule, num_batches, rule_from_config, watch_new_params
 from ..methods import GrowthMethod
 from ..ops import add_keep_strides, build_edge_op, decanonical, feature_norm
 from ..plan import BRANCHES, apply_edit
 from ..surgery import growable, insert_at_point, remove_inserted, state_of
-from ..train import NonFiniteLoss, PhaseStats, _forward, _logits, default_loss, evaluate, iter_batches
+from ..train import PhaseStats, _forward, _logits, default_loss, evaluate, iter_batches
 from .space import Atom, SearchSpace, plan_to_list
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -180,15 +181,21 @@ class SearchContext:
 
     def optimizer(self, model: torch.fx.GraphModule, extra_new: Sequence[nn.Parameter] = (),
                   exclude: Sequence[nn.Parameter] = ()) -> torch.optim.SGD:
-        """SGD as grow() fine-tunes: this round's branches (and ``extra_new``) at ``lr * new_lr_mult``,
-        the rest of ``model`` but ``exclude`` at ``lr``."""
+        """SGD as grow() fine-tunes: this round's branches (and ``extra_new``) under the new-parameter
+        rule (:mod:`growkit.newparams`: capped, warmed-up rate, eta guard raising
+        ``NonFiniteLoss`` from ``step()``), the rest of ``model`` but ``exclude`` at ``lr``."""
         cfg = self.run.cfg
         new = [p for k in self.new_keys(model) for p in getattr(model, BRANCHES)[k].parameters()] + list(extra_new)
         ids = {id(p) for p in new} | {id(p) for p in exclude}
-        groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-                  {"params": new, "lr": cfg["lr"] * cfg["new_lr_mult"]}]
-        return torch.optim.SGD([g for g in groups if g["params"]], lr=cfg["lr"], momentum=cfg["momentum"],
-                               weight_decay=cfg["weight_decay"])
+        old = [p for p in model.parameters() if id(p) not in ids]
+        opt = torch.optim.SGD([{"params": old}] if old else [{"params": new}], lr=cfg["lr"], momentum=cfg["momentum"],
+                              weight_decay=cfg["weight_decay"])
+        if new:
+            if old:
+                opt.add_param_group({"params": new})
+            # The new-parameter rule and the eta guard, as in grow()'s fine-tuning.
+            watch_new_params(opt, opt.param_groups[-1], model, rule_from_config(cfg), num_batches(self.run.loader))
+        return opt
 
     def train(self, model: torch.fx.GraphModule, steps: int) -> PhaseStats:
         """Train ``model`` for ``steps`` batches (cosine schedule over them), counted against the
