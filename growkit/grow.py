@@ -48,7 +48,7 @@ from .graph import as_args
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
 from .methods import get_method
 from .plan import GrowthPlan
-from .surgery import growable, state_of
+from .surgery import growable, state_of, trace_options
 from .train import BatchFn, evaluate, first_input
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
@@ -141,6 +141,7 @@ def grow(
     max_inputs: int | None = 2,
     max_ops: int = 3,
     points: Iterable[str] | None = None,
+    granularity: str = "block",
     points_per_round: int | None = None,
     selection: str = "alpha",
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
@@ -181,7 +182,8 @@ def grow(
             keeps 3 of 4 edges, so there is little left to select; the richer set costs more per
             weak-learning step. (On the small benchmarks in benchmarks/results/grow_vs_finetune*.md
             top-|alpha| edges were no better than random edges at the same points with either set.)
-        points: growth points to consider (fx node names; default: all of them).
+        points: growth points to consider (fx node names or module paths; default: all of them).
+        granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
         loss_fn: ``loss_fn(output, target)``; default cross entropy.
@@ -213,6 +215,7 @@ def grow(
         "momentum": momentum, "weight_decay": weight_decay, "l1": l1,
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
+        "granularity": granularity,
         "selection": selection, "seed": seed, "cost_axis": cost_axis, "eps": eps, "max_eta": max_eta,
         "children": children,
     }
@@ -257,7 +260,7 @@ class GrowRun:
         loader_x = first_input(loader, batch_fn)
         example = as_args(example_input if example_input is not None else loader_x)
         _check_example(example, loader_x)
-        self.base_gm = growable(model, example).to(self.dev)
+        self.base_gm = growable(model, example, **trace_options(config)).to(self.dev)
         self.example = tuple(a.to(self.dev) for a in example)
         self.want_latency = config["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
         self.gallery = Gallery(cost_axis=config["cost_axis"], eps=config["eps"])
