@@ -16,7 +16,7 @@ import torch.fx
 from torch import nn
 from torch.fx.graph_module import _copy_attr
 
-__all__ = ["DualGraphModule", "graphs_of", "same_graph", "shared_nodes", "all_nodes"]
+__all__ = ["DualGraphModule", "graphs_of", "same_graph", "align_names", "all_nodes"]
 
 
 class _Body(nn.Module):
@@ -83,15 +83,73 @@ def same_graph(a: torch.fx.Graph, b: torch.fx.Graph) -> bool:
     return ka == kb
 
 
-def shared_nodes(a: torch.fx.Graph, b: torch.fx.Graph) -> set[str]:
-    """Names of the nodes that compute the same value in both graphs: same name, op, target and
-    arguments, and every input node shared too."""
-    kb = {n.name: _node_key(n) for n in b.nodes}
+def _target(n: torch.fx.Node) -> str:
+    if isinstance(n.target, str):
+        return n.target
+    return f"{getattr(n.target, '__module__', '')}.{getattr(n.target, '__qualname__', repr(n.target))}"
+
+
+def align_names(train: torch.fx.Graph, eval_: torch.fx.Graph) -> tuple[torch.fx.Graph, set[str]]:
+    """A copy of ``train`` whose nodes carry the names of the corresponding ``eval_`` nodes, and
+    the set of those names.
+
+    Nodes correspond when op, target and constant arguments are equal and their input nodes
+    correspond (matched in graph order), or when they are the same submodule call (its k-th call
+    in both graphs), even where a train-only branch changed its input. A branch taken only in
+    training shifts fx's automatic names (``add_1`` in one graph is ``add`` in the other); after
+    alignment a growth point's name means the same place in both graphs. Nodes only the train
+    graph has get names that the eval graph does not use.
+    """
+    intern: dict[str, int] = {}
+    ids: dict[torch.fx.Node, int] = {}
+
+    def sig(n: torch.fx.Node) -> str:
+        args = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: f"%{ids[a]}")
+        return f"{n.op}|{_target(n)}|{args!r}"
+
+    by_sig: dict[str, list[torch.fx.Node]] = {}
+    calls: dict[str, list[torch.fx.Node]] = {}
+    for n in eval_.nodes:
+        s = sig(n)
+        ids[n] = intern.setdefault(s, len(intern))
+        by_sig.setdefault(s, []).append(n)
+        if n.op == "call_module":
+            calls.setdefault(str(n.target), []).append(n)
+    eval_names = {n.name for n in eval_.nodes}
+    final: dict[torch.fx.Node, str] = {}
+    used: set[str] = set()
     shared: set[str] = set()
-    for n in a.nodes:
-        if kb.get(n.name) == _node_key(n) and all(i.name in shared for i in n.all_input_nodes):
-            shared.add(n.name)
-    return shared
+    taken: set[torch.fx.Node] = set()
+    for n in train.nodes:
+        s = sig(n)
+        match = next((m for m in by_sig.get(s, []) if m not in taken), None)
+        if match is None and n.op == "call_module":
+            # The same module call, on an input a train-only branch changed: the same place in
+            # the network (a growth point there means the same thing in both modes).
+            match = next((m for m in calls.get(str(n.target), []) if m not in taken), None)
+        ids[n] = ids[match] if match is not None else intern.setdefault(s, len(intern))
+        if match is not None and n.op != "output":
+            taken.add(match)
+            final[n] = match.name
+            shared.add(final[n])
+        else:
+            name, k = n.name if n.op == "output" else f"train_{n.name}", 0
+            while (name in eval_names and n.op != "output") or name in used:
+                k += 1
+                name = f"train_{n.name}_{k}"
+            final[n] = name
+        used.add(final[n])
+    out = torch.fx.Graph(tracer_cls=train._tracer_cls, tracer_extras=train._tracer_extras)
+    out.set_codegen(copy.deepcopy(train._codegen))
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for n in train.nodes:
+        args, kwargs = torch.fx.node.map_arg((n.args, n.kwargs), lambda a: env[a])
+        new = out.create_node(n.op, n.target, args, kwargs, name=final[n], type_expr=n.type)
+        if new.name != final[n]:
+            raise RuntimeError(f"fx renamed {final[n]!r} to {new.name!r}")
+        new.meta = copy.copy(n.meta)
+        env[n] = new
+    return out, shared
 
 
 def all_nodes(gm: torch.fx.GraphModule) -> chain:

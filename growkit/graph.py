@@ -24,7 +24,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten
 
-from .dualgraph import DualGraphModule, same_graph, shared_nodes
+from .dualgraph import DualGraphModule, align_names, same_graph
 from .errors import InputError, TraceError
 from .safecopy import copy_module
 
@@ -691,10 +691,11 @@ def _add_user_points(
     extra: list[tuple[int, str, torch.fx.Node, str]] = []
 
     def bad(name: str, why: str) -> PointError:
+        found_names = ", ".join(f"{node.name} ({path})" for _, path, node, _ in found) or "(none)"
         return PointError(
-            f"points: {name!r} {why}. Name a module path (e.g. 'layer1.0') or an fx node name whose "
-            f"value is one floating NCHW / NHWC / (B, N, C) tensor; valid names include: "
-            f"{_valid_point_names(gm, usable)}"
+            f"no growth point named {name!r}: {name!r} {why}. Name a module path (e.g. 'layer1.0') or "
+            f"an fx node name whose value is one floating NCHW / NHWC / (B, N, C) tensor. Growth points "
+            f"found: {found_names}; valid names include: {_valid_point_names(gm, usable)}"
         )
 
     for name in user_points:
@@ -856,8 +857,8 @@ def trace(
         # cached attention biases, need no second graph).
         gm: torch.fx.GraphModule = train_gm
     else:
-        usable = shared_nodes(train_gm.graph, eval_gm.graph)
-        gm = DualGraphModule(work, train_gm.graph, eval_gm.graph, type(model).__name__)
+        train_graph, usable = align_names(train_gm.graph, eval_gm.graph)
+        gm = DualGraphModule(work, train_graph, eval_gm.graph, type(model).__name__)
     gm.eval()
     try:
         ShapeProp(gm).propagate(*args)
