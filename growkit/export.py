@@ -7,7 +7,6 @@ second batch size; outputs are compared with PyTorch's (eval mode).
 """
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -21,6 +20,7 @@ from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError
 from .graph import as_args
+from .safecopy import copy_module
 
 __all__ = ["ExportReport", "export_onnx"]
 
@@ -67,7 +67,7 @@ def _prepare(model: nn.Module, remove_candidates: bool) -> nn.Module:
                 "the model still carries un-finalized Petridish candidates: call growkit.finalize(model) "
                 "first, or export_onnx(..., remove_candidates=True) to export the model without them"
             )
-        gm = copy.deepcopy(model.module)
+        gm = copy_module(model.module)
         remove_inserted(gm, CANDIDATES)
         return gm
     return model
@@ -145,7 +145,7 @@ def export_onnx(
         raise ExportError("ONNX export needs the 'onnx' extra: pip install 'growkit[onnx]'") from exc
     args = tuple(a.detach().cpu() for a in as_args(example_input))
     m = _prepare(model, remove_candidates)
-    m = copy.deepcopy(m).cpu().eval()
+    m = copy_module(m).cpu().eval()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     # torch.export specialises a size-1 dimension to the constant 1 even when it is declared

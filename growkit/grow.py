@@ -18,7 +18,6 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 """
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import random
@@ -49,6 +48,7 @@ from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
 from .methods import get_method
 from .plan import GrowthPlan
 from .surgery import growable, state_of, trace_options
+from .safecopy import copy_module
 from .train import BatchFn, evaluate, first_input
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
@@ -283,7 +283,7 @@ class GrowRun:
         always travel as safetensors with each job."""
         model = self.user_model
         if any(t.device.type != "cpu" for t in model.state_dict().values()):
-            model = copy.deepcopy(model).cpu()
+            model = copy_module(model).cpu()
         return {
             "module": model, "example": tuple(a.cpu() for a in self.example), "loader": self.loader,
             "val_loader": self.val_loader, "cfg": self.cfg, "base_cost": self.base_cost, "budget": self.budget,

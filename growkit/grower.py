@@ -18,7 +18,6 @@ parameters are added to them as new param groups. Growth is recorded in the plan
 """
 from __future__ import annotations
 
-import copy
 import logging
 import random
 from dataclasses import asdict, dataclass, field
@@ -35,6 +34,7 @@ from .errors import InputError
 from .finalize import finalize
 from .graph import as_args
 from .plan import BRANCHES, GrowthPlan
+from .safecopy import copy_module
 from .selection import choose_points
 from .surgery import growable, remove_inserted, state_of
 
@@ -186,7 +186,7 @@ class Grower:
 
     def grown_model(self) -> torch.fx.GraphModule:
         """A copy of the current model without candidates (same function): for save / export."""
-        gm = copy.deepcopy(self.model.module)
+        gm = copy_module(self.model.module)
         remove_inserted(gm, CANDIDATES)
         return gm
 
