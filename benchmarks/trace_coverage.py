@@ -696,6 +696,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished models of an earlier (stopped) run in --out and run only the rest")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run models that failed")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --resume: run nothing, rewrite the reports from the results file (e.g. after merging)")
     p.add_argument("--rerun", default="", help="with --resume: comma-separated models to run again even if done")
     p.add_argument("--source", choices=("timm", "torchvision", "zoo"), default="timm",
                    help="timm families (default), every torchvision classification model, or tests/zoo.py")
@@ -794,6 +796,10 @@ def run_all(args: argparse.Namespace, out_dir: Path, selection: list[dict[str, A
         logger.info("resuming: %d models already done", len(results))
         todo = [r for r in todo if r["model"] not in results]
     t_start = time.perf_counter()
+    if args.report_only:
+        md = write_results(results, selection, args, out_dir, t_start, final=not todo)
+        print(md)
+        return 0
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
             futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages, args.source)
