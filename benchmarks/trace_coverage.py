@@ -209,7 +209,7 @@ def timm_fx_reference(model: Any, x: Any, source: str = "timm") -> tuple[str, st
     return "ok", ""
 
 
-def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any) -> None:
+def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, exporter: str = "auto") -> None:
     """inject -> exact? -> randomised alphas -> finalize -> exact? -> eta = 0.1 -> ONNX + onnxruntime.
 
     ``x``: the model's positional inputs (a tuple).
@@ -258,7 +258,7 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any) 
         stage = "export"
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
-            rep = growkit.export_onnx(grown, Path(tmp) / "m.onnx", x, check=False)
+            rep = growkit.export_onnx(grown, Path(tmp) / "m.onnx", x, check=False, exporter=exporter)
         res.update(exporter=rep.exporter, onnx_max_abs=rep.max_abs_diff, onnx_max_rel=rep.max_rel_diff,
                    onnx_parity=rep.passed, export_s=round(time.perf_counter() - t0, 2))
         if rep.fallback_reason:
@@ -275,7 +275,7 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any) 
         dump()
         try:
             with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
-                rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False)
+                rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False, exporter=exporter)
             res["orig_export"] = "ok" if rep.passed else "parity_fail"
         except Exception as exc:  # noqa: BLE001
             res["orig_export"] = "error"
@@ -339,7 +339,8 @@ def make_model(source: str, name: str) -> tuple[Any, tuple[Any, ...], str]:
     return model, (torch.randn(1, *input_size, dtype=torch.float32),), "pretrained_cfg input_size"
 
 
-def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", source: str = "timm") -> None:
+def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", source: str = "timm",
+               exporter: str = "auto") -> None:
     """Create ``name``, run growkit.trace and the fx reference; write JSON to ``out_path``.
 
     The JSON is rewritten after each phase, so a timeout in a later phase keeps earlier results.
@@ -410,7 +411,7 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", s
     if stages == "grow":
         res["grow"] = "not run"
         if res["status"] == "ok":
-            grow_stages(model, x, res, dump)
+            grow_stages(model, x, res, dump, exporter)
         dump()
 
     res["timm_fx"] = "timeout"
@@ -429,12 +430,13 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", s
 # driver
 
 
-def run_one(name: str, timeout: float, threads: int, stages: str = "trace", source: str = "timm") -> dict[str, Any]:
+def run_one(name: str, timeout: float, threads: int, stages: str = "trace", source: str = "timm",
+            exporter: str = "auto") -> dict[str, Any]:
     """Run :func:`run_worker` for ``name`` in a fresh interpreter; never raises."""
     with tempfile.TemporaryDirectory(prefix="trace_cov_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out),
-               "--threads", str(threads), "--stages", stages, "--source", source]
+               "--threads", str(threads), "--stages", stages, "--source", source, "--exporter", exporter]
         t0 = time.perf_counter()
         timed_out = False
         try:
@@ -659,6 +661,7 @@ def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, 
         "families_arg": args.families or None,
         "limit": args.limit or None,
         "source": args.source,
+        "exporter": args.exporter,
         "resumed_from": getattr(args, "resumed_from", None),
         "rerun": [m.strip() for m in args.rerun.split(",") if m.strip()] or None,
         "complete": final,
@@ -696,6 +699,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished models of an earlier (stopped) run in --out and run only the rest")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run models that failed")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="ONNX exporter for the grow stages (auto: dynamo, TorchScript if it fails)")
     p.add_argument("--report-only", action="store_true",
                    help="with --resume: run nothing, rewrite the reports from the results file (e.g. after merging)")
     p.add_argument("--rerun", default="", help="with --resume: comma-separated models to run again even if done")
@@ -712,7 +717,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        run_worker(args.worker, Path(args.worker_out), args.threads, args.stages, args.source)
+        run_worker(args.worker, Path(args.worker_out), args.threads, args.stages, args.source, args.exporter)
         return 0
 
     warnings.filterwarnings("ignore")
@@ -802,7 +807,8 @@ def run_all(args: argparse.Namespace, out_dir: Path, selection: list[dict[str, A
         return 0
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages, args.source)
+            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages, args.source,
+                                               args.exporter)
                        for r in todo}
             # Rows are written in submission order; with --jobs > 1 later models may finish first.
             for r in todo:
