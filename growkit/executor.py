@@ -289,10 +289,10 @@ class _RayWorker:
 
 def build_trainer(spec: dict[str, Any]) -> ChildTrainer:
     """A :class:`ChildTrainer` from :meth:`growkit.grow.GrowRun.worker_spec` (in a worker process)."""
-    from .surgery import growable
+    from .surgery import growable, trace_options
 
     model = spec["module"]
-    base_gm = growable(model, spec["example"]).to(spec["device"])
+    base_gm = growable(model, spec["example"], **trace_options(spec["cfg"])).to(spec["device"])
     example = tuple(a.to(spec["device"]) for a in spec["example"])
     return ChildTrainer(base_gm, example, spec["loader"], spec["val_loader"], spec["cfg"], base_cost=spec["base_cost"],
                         budget=spec["budget"], loss_fn=spec["loss_fn"], batch_fn=spec["batch_fn"],

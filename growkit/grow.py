@@ -19,7 +19,6 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import random
@@ -52,7 +51,8 @@ from .methods import get_method
 from .outputs import OutputLoss, output_label
 from .newparams import DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, check_finite_outputs
 from .plan import GrowthPlan
-from .surgery import growable, state_of
+from .surgery import growable, state_of, trace_options
+from .safecopy import copy_module
 from .train import BatchFn, evaluate, first_batch, first_input
 from .validate import check_grow_settings, check_int, check_loader
 
@@ -149,6 +149,7 @@ def grow(
     max_inputs: int | None = 2,
     max_ops: int = 3,
     points: Iterable[str] | None = None,
+    granularity: str = "block",
     points_per_round: int | None = None,
     selection: str = "alpha",
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
@@ -195,7 +196,8 @@ def grow(
             keeps 3 of 4 edges, so there is little left to select; the richer set costs more per
             weak-learning step. (On the small benchmarks in benchmarks/results/grow_vs_finetune*.md
             top-|alpha| edges were no better than random edges at the same points with either set.)
-        points: growth points to consider (fx node names; default: all of them).
+        points: growth points to consider (fx node names or module paths; default: all of them).
+        granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
         loss_fn: ``loss_fn(output, target)``; default cross entropy.
@@ -236,6 +238,7 @@ def grow(
         "momentum": momentum, "weight_decay": weight_decay, "l1": l1,
         "ops": ops if ops is None or isinstance(ops, str) else list(ops), "max_inputs": max_inputs,
         "max_ops": max_ops, "points": None if points is None else list(points), "points_per_round": points_per_round,
+        "granularity": granularity,
         "selection": selection, "seed": seed, "cost_axis": cost_axis, "eps": eps, "max_eta": max_eta,
         "children": children, "output": output_label(output),
     }
@@ -290,7 +293,7 @@ class GrowRun:
         example = tuple(a[:1] if a.dim() else a for a in example)
         mdev = next(model.parameters()).device
         check_finite_outputs(model, tuple(a.to(mdev) for a in example), "the model passed to grow()")
-        self.base_gm = growable(model, example).to(self.dev)
+        self.base_gm = growable(model, example, **trace_options(config)).to(self.dev)
         self.example = tuple(a.to(self.dev) for a in example)
         self.want_latency = config["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
         self.gallery = Gallery(cost_axis=config["cost_axis"], eps=config["eps"])
@@ -318,7 +321,7 @@ class GrowRun:
         always travel as safetensors with each job."""
         model = self.user_model
         if any(t.device.type != "cpu" for t in model.state_dict().values()):
-            model = copy.deepcopy(model).cpu()
+            model = copy_module(model).cpu()
         return {
             "module": model, "example": tuple(a.cpu() for a in self.example), "loader": self.loader,
             "val_loader": self.val_loader, "cfg": self.cfg, "base_cost": self.base_cost, "budget": self.budget,

@@ -38,6 +38,7 @@ from .graph import as_args
 from .newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
                         check_finite_outputs)
 from .plan import BRANCHES, GrowthPlan
+from .safecopy import copy_module
 from .selection import choose_points
 from .surgery import growable, remove_inserted, state_of
 
@@ -218,7 +219,7 @@ class Grower:
 
     def grown_model(self) -> torch.fx.GraphModule:
         """A copy of the current model without candidates (same function): for save / export."""
-        gm = copy.deepcopy(self.model.module)
+        gm = copy_module(self.model.module)
         remove_inserted(gm, CANDIDATES)
         return gm
 

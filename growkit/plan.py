@@ -16,6 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
+from .dualgraph import all_nodes
 from .errors import OpError, PlanError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
 from .validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
@@ -144,7 +145,7 @@ class GrowthPlan:
 def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
     """Hash of the base graph's node names, ops and targets: detects a plan replayed on another model."""
     h = hashlib.sha256()
-    for n in gm.graph.nodes:
+    for n in all_nodes(gm):
         if n.op == "call_module" and str(n.target).startswith(("growkit_", BRANCHES)):
             continue
         h.update(f"{n.name}|{n.op}|{n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)}\n".encode())
@@ -181,6 +182,29 @@ def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None
     return branch
 
 
+def _trace_record(base: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``granularity`` / ``points`` a plan's base was traced with (data only)."""
+    from .graph import GRANULARITIES
+
+    rec = base.get("trace")
+    if rec is None:
+        return {}
+    if not isinstance(rec, dict) or set(rec) - {"granularity", "points"}:
+        raise PlanError("plan base 'trace' must be an object with 'granularity' and optional 'points'")
+    out: dict[str, Any] = {}
+    if rec.get("granularity") is not None:
+        if rec["granularity"] not in GRANULARITIES:
+            raise PlanError(f"plan base granularity {rec['granularity']!r} is not one of {GRANULARITIES}")
+        out["granularity"] = rec["granularity"]
+    pts = rec.get("points")
+    if pts is not None:
+        if not (isinstance(pts, list) and len(pts) <= 10_000 and all(
+                isinstance(v, str) and 0 < len(v) <= 500 and v.replace("_", "a").replace(".", "a").isalnum() for v in pts)):
+            raise PlanError("plan base points must be a list of module paths / node names")
+        out["points"] = list(pts)
+    return out
+
+
 def apply_plan(
     base_model: nn.Module,
     plan: GrowthPlan,
@@ -199,6 +223,8 @@ def apply_plan(
 
     if example_input is None:
         example_input = plan.example_input()
+    if state_of(base_model) is None:
+        trace_kwargs = {**_trace_record(plan.base), **trace_kwargs}
     gm = growable(base_model, example_input, **trace_kwargs)
     st = state_of(gm)
     assert st is not None

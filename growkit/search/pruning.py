@@ -22,7 +22,6 @@ when there is none. ``result.model`` is the most accurate model within the budge
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import warnings
@@ -39,6 +38,7 @@ from ..gallery import Entry, Gallery
 from ..graph import as_args
 from ..grow import GrowResult, _check_example
 from ..plan import BRANCHES, GrowthPlan, apply_plan
+from ..safecopy import copy_module
 from ..surgery import META_KEY, growable, remove_inserted, state_of
 from ..train import BatchFn, NonFiniteLoss, _forward, _logits, evaluate, first_input, iter_batches, train_steps
 from ..jobs import cosine_schedule, num_batches
@@ -85,7 +85,7 @@ def _torch_pruning():
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy without growkit's plan metadata (a channel-pruned model no longer fits it)."""
-    m = growable(model) if state_of(model) is not None else copy.deepcopy(model)
+    m = growable(model) if state_of(model) is not None else copy_module(model)
     meta = getattr(m, "meta", None)
     if isinstance(meta, dict):
         meta.pop(META_KEY, None)
@@ -147,7 +147,7 @@ def rebuild_pruned(source: nn.Module, entry: Entry, example_input: Any) -> nn.Mo
     elif state_of(source) is not None:
         m = apply_plan(_ungrown(source), GrowthPlan.from_dict(entry.plan), example)  # type: ignore[arg-type]
     else:
-        m = copy.deepcopy(source)
+        m = copy_module(source)
     assert entry.state is not None
     m.load_state_dict(entry.state)
     return m
@@ -269,7 +269,7 @@ def prune(
     _check_example(example, loader_x)
     example = tuple(a.to(dev) for a in example)
 
-    source = growable(model).to(dev) if state_of(model) is not None else copy.deepcopy(model).to(dev)
+    source = growable(model).to(dev) if state_of(model) is not None else copy_module(model).to(dev)
     if gallery is None:
         gallery = Gallery(cost_axis=cost_axis)
     elif not isinstance(gallery, Gallery):
