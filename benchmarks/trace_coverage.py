@@ -677,7 +677,9 @@ def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, 
     results_json.write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
     md = markdown(rows, summary, meta)
     if not final:
-        md = f"**Partial run: {len(results)} of {sum(1 for r in selection if r['model'])} models done.**\n\n" + md
+        pending = [r["model"] for r in selection if r["model"] and r["model"] not in results]
+        md = (f"**Partial run: {len(results)} of {sum(1 for r in selection if r['model'])} models done.** "
+              f"Not run yet: {', '.join(pending) or 'none'}.\n\n" + md)
     results_md.write_text(md)
     return md
 

@@ -353,7 +353,8 @@ def add_keep_strides(x: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
     keeping ``x``'s strides keeps insertion bit-exact.
     """
     out = x + delta
-    if out.stride() != x.stride() and x.numel() > 0:
+    # ONNX has no strides (and the TorchScript exporter has no aten::copy): nothing to keep there.
+    if out.stride() != x.stride() and x.numel() > 0 and not torch.onnx.is_in_onnx_export():
         out = torch.empty_like(x).copy_(out)
     return out
 
