@@ -12,27 +12,27 @@ from .errors import (
     ResourceError,
     TraceError,
 )
-from .graph import EligibleInput, GrowthPoint, LayerGraph, trace
-from .ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, WIDE_OPS, OpRegistry, OpSpec, register_op
-from .candidates import Candidate, CandidateModel, inject
-from .branch import GrownBranch
-from .finalize import finalize
-from .plan import Edge, Edit, GrowthPlan, apply_plan
-from .surgery import state_of
-from .cost import Budget, Cost
-from .gallery import Entry, Gallery
-from .grow import GrowResult, grow
-from .methods import GrowthMethod, register_method
+from .core.graph import EligibleInput, GrowthPoint, LayerGraph, trace
+from .core.ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, WIDE_OPS, OpRegistry, OpSpec, register_op
+from .core.candidates import Candidate, CandidateModel, inject
+from .core.branch import GrownBranch
+from .core.finalize import finalize
+from .core.plan import Edge, Edit, GrowthPlan, apply_plan
+from .core.surgery import state_of
+from .core.cost import Budget, Cost
+from .growth.gallery import Entry, Gallery
+from .growth.grow import GrowResult, grow
+from .growth.methods import GrowthMethod, register_method
 from .io import load, save
-from .grower import Grower, GrowthEvent
-from .cl_metrics import AccuracyMatrix
-from .streams import Experience, Stream, class_incremental, domain_incremental
-from .lifelong import ReplayBuffer, StreamResult, grow_stream
+from .lifelong.grower import Grower, GrowthEvent
+from .lifelong.metrics import AccuracyMatrix
+from .lifelong.streams import Experience, Stream, class_incremental, domain_incremental
+from .lifelong.stream import ReplayBuffer, StreamResult, grow_stream
 from .export import ExportReport, export_onnx
 from . import distributed
 from . import search  # registers the search passes (darts, enas, pnas, random, evolution)
-from .search import prune
-from . import cost
+from .prune import prune
+from .core import cost
 
 
 def plan_of(model):

@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .candidates import Candidate
+from .core.candidates import Candidate
 from .errors import InputError
-from .ops import OpBatchNorm2d, _TokenBN
+from .core.ops import OpBatchNorm2d, _TokenBN
 
 __all__ = [
     "prepare_ddp",

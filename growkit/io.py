@@ -16,8 +16,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, PlanError
-from .plan import GrowthPlan, apply_plan
-from .surgery import state_of
+from .core.plan import GrowthPlan, apply_plan
+from .core.surgery import state_of
 
 __all__ = ["save", "load", "write_json_atomic", "PLAN_FILE", "WEIGHTS_FILE"]
 

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
-from growkit.adapters.data import digits_dataset, split
-from growkit.cost import count_params
+from growkit.data import digits_dataset, split
+from growkit.core.cost import count_params
 from growkit.train import evaluate
 
 from .conftest import run_eval

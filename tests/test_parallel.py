@@ -96,7 +96,7 @@ def test_local_children_schedule(local_result, trained):
     for e in res.gallery:
         if e.kind == "grown":
             m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
-            assert growkit.cost.count_params(m) == e.cost.params
+            assert growkit.core.cost.count_params(m) == e.cost.params
     assert res.history[-1]["executor"] == "local"
 
 

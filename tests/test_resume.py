@@ -25,7 +25,7 @@ WORKER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import growkit
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
     from growkit.train import train_steps
     from tests.conftest import TinyResNet
 
@@ -58,7 +58,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def digits_small():
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
     from growkit.train import train_steps
 
     from .conftest import TinyResNet

@@ -11,15 +11,15 @@ import torch
 import torch.nn.functional as F
 
 import growkit
-from growkit.adapters.data import digits_dataset, make_loaders, split
-from growkit.cost import count_params, measure
-from growkit.methods import METHOD_REGISTRY
+from growkit.data import digits_dataset, make_loaders, split
+from growkit.core.cost import count_params, measure
+from growkit.growth.methods import METHOD_REGISTRY
 from growkit.search import (
     Atom, Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
 )
 from growkit.search.common import SEARCH_CELLS, cells_of, derive_from_cells, grow_plan, insert_cells
 from growkit.search.darts import derive
-from growkit.surgery import growable
+from growkit.core.surgery import growable
 
 from .conftest import TinyResNet, run_eval
 

@@ -16,12 +16,11 @@ from .darts import Darts, DartsCell
 from .enas import Controller, Enas, EnasCell
 from .evolution import Evolution, mutate
 from .pnas import MLPEnsemble, Pnas, spearman
-from .pruning import PruneResult, prune, rebuild_pruned
 from .random_search import RandomSearch
 from .space import Atom, SearchSpace, plan_from_list, plan_to_list
 
 __all__ = [
     "Atom", "SearchSpace", "plan_to_list", "plan_from_list", "SearchMethod", "SearchContext", "Child", "BatchStream",
     "AtomCell", "Darts", "DartsCell", "Enas", "EnasCell", "Controller", "Pnas", "MLPEnsemble", "spearman",
-    "RandomSearch", "Evolution", "mutate", "prune", "PruneResult", "rebuild_pruned",
+    "RandomSearch", "Evolution", "mutate",
 ]

@@ -37,21 +37,21 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..cost import measure
+from ..core.cost import measure
 from ..errors import InputError, ResourceError
-from ..gallery import Entry
-from ..graph import EligibleInput, GrowthPoint
-from ..jobs import cosine_schedule, num_batches
-from ..methods import GrowthMethod
-from ..ops import add_keep_strides, build_edge_op, decanonical, feature_norm
-from ..plan import BRANCHES, apply_edit
-from ..surgery import growable, insert_at_point, remove_inserted, state_of
+from ..growth.gallery import Entry
+from ..core.graph import EligibleInput, GrowthPoint
+from ..growth.jobs import cosine_schedule, num_batches
+from ..growth.methods import GrowthMethod
+from ..core.ops import add_keep_strides, build_edge_op, decanonical, feature_norm
+from ..core.plan import BRANCHES, apply_edit
+from ..core.surgery import growable, insert_at_point, remove_inserted, state_of
 from ..train import NonFiniteLoss, PhaseStats, _forward, _logits, default_loss, evaluate, iter_batches
 from .space import Atom, SearchSpace, plan_to_list
 
 if TYPE_CHECKING:  # pragma: no cover
-    from ..branch import GrownBranch
-    from ..grow import GrowRun
+    from ..core.branch import GrownBranch
+    from ..growth.grow import GrowRun
 
 __all__ = [
     "SearchMethod", "SearchContext", "Child", "BatchStream", "AtomCell", "set_proj_block", "proj_block",
@@ -114,7 +114,7 @@ class SearchContext:
     """What a pass works with in one round (see the module docstring).
 
     Attributes:
-        run: the :class:`growkit.grow.GrowRun`.
+        run: the :class:`growkit.growth.grow.GrowRun`.
         parent: the gallery entry grown from; ``parent_model`` its model.
         space: the :class:`SearchSpace` of the parent within the run's budget.
         steps: training batches this search may spend.

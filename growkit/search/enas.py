@@ -25,10 +25,10 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods import register_method
-from ..ops import canonical
+from ..growth.methods import register_method
+from ..core.ops import canonical
 from ..train import _forward, _logits
-from ..jobs import cosine_schedule
+from ..growth.jobs import cosine_schedule
 from .common import (
     AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
     insert_cells,

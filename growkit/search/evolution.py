@@ -13,7 +13,7 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from ..methods import register_method
+from ..growth.methods import register_method
 from .common import Child, SearchContext, SearchMethod, _positive_int
 from .space import Atom, SearchSpace
 

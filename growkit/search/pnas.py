@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods import register_method
+from ..growth.methods import register_method
 from .common import Child, SearchContext, SearchMethod, _positive_float, _positive_int
 from .space import Atom, plan_to_list
 

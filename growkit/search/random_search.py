@@ -8,7 +8,7 @@ best.
 """
 from __future__ import annotations
 
-from ..methods import register_method
+from ..growth.methods import register_method
 from .common import Child, SearchContext, SearchMethod, _positive_int
 
 __all__ = ["RandomSearch"]

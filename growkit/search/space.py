@@ -2,13 +2,13 @@
 
 An *atom* is one shortcut ``(point, input, op)``: op ``op`` applied to eligible input ``input``
 and added at growth point ``point``. A within-round *plan* is a set of atoms; it becomes one
-:class:`~growkit.plan.Edit` per point (concat + projection, eta gate: a
-:class:`~growkit.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
+:class:`~growkit.core.plan.Edit` per point (concat + projection, eta gate: a
+:class:`~growkit.core.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
 
 The space is built the way :func:`growkit.inject` builds candidates (the same points, the nearest
 ``max_inputs`` eligible inputs, the same op set), so all passes search the same space. The added
 cost of a plan is computed from per-atom op costs plus the projection and gate of each branch;
-it equals what :func:`growkit.cost.measure` reports for the grown model (tests pin this down).
+it equals what :func:`growkit.core.cost.measure` reports for the grown model (tests pin this down).
 """
 from __future__ import annotations
 
@@ -22,12 +22,12 @@ import torch.fx
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ..cost import Budget, Cost, count_params
+from ..core.cost import Budget, Cost, count_params
 from ..errors import PointError
-from ..graph import GrowthPoint
-from ..ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
-from ..plan import Edge, Edit
-from ..surgery import state_of
+from ..core.graph import GrowthPoint
+from ..core.ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
+from ..core.plan import Edge, Edit
+from ..core.surgery import state_of
 
 __all__ = ["Atom", "Plan", "SearchSpace", "plan_to_list", "plan_from_list"]
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import BudgetError
+from ..errors import BudgetError
 from .graph import as_args
 
 __all__ = ["Cost", "Budget", "count_params", "count_flops", "measure_latency_ms", "measure"]

@@ -21,15 +21,15 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .candidates import inject
-from .checkpoint import loader_generators
-from .cost import Budget, Cost, measure
-from .errors import ResourceError
-from .finalize import finalize
-from .plan import BRANCHES, GrowthPlan, apply_plan
-from .selection import choose_points
-from .surgery import state_of
-from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, loader_length, train_steps
+from ..core.candidates import inject
+from ..checkpoint import loader_generators
+from ..core.cost import Budget, Cost, measure
+from ..errors import ResourceError
+from ..core.finalize import finalize
+from ..core.plan import BRANCHES, GrowthPlan, apply_plan
+from ..core.selection import choose_points
+from ..core.surgery import state_of
+from ..train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, loader_length, train_steps
 
 __all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
            "job_seed_scope", "cosine_schedule", "num_batches"]

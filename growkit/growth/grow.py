@@ -30,8 +30,8 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import nn
 
-from .candidates import CandidateModel
-from .checkpoint import (
+from ..core.candidates import CandidateModel
+from ..checkpoint import (
     CheckpointDir,
     capture_rng,
     full_state,
@@ -40,16 +40,16 @@ from .checkpoint import (
     optimizer_to_flat,
     restore_rng,
 )
-from .cost import Budget, Cost, measure
-from .errors import InputError
+from ..core.cost import Budget, Cost, measure
+from ..errors import InputError
 from .executor import Executor, LocalExecutor, get_executor
 from .gallery import Entry, Gallery
-from .graph import as_args
+from ..core.graph import as_args
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult
 from .methods import get_method
-from .plan import GrowthPlan
-from .surgery import growable, state_of
-from .train import BatchFn, evaluate, first_input
+from ..core.plan import GrowthPlan
+from ..core.surgery import growable, state_of
+from ..train import BatchFn, evaluate, first_input
 
 __all__ = ["grow", "GrowResult", "GrowRun"]
 
@@ -168,7 +168,7 @@ def grow(
         children: children per round: that many parents are drawn from the epsilon-hull at the
             round's start, and each gets a weak-learning job and a fine-tuning job.
         executor: ``"local"`` (in this process, checkpointed every epoch), ``"ray"`` (parallel
-            Ray workers; ``pip install "growkit[ray]"``) or a :class:`growkit.executor.Executor`.
+            Ray workers; ``pip install "growkit[ray]"``) or a :class:`growkit.growth.executor.Executor`.
             The same seed gives the same gallery with either (see :mod:`growkit.executor`).
         executor_options: for ``"ray"``: ``num_workers``, ``address``, ``num_cpus``,
             ``num_gpus``, ``threads``, ``max_retries``, ``runtime_env``.
@@ -231,7 +231,7 @@ def grow(
 class GrowRun:
     """One grow() call: the loop, its gallery and its (resumable) progress.
 
-    This is the context a :class:`growkit.methods.GrowthMethod` works with: ``gallery``, ``rng``,
+    This is the context a :class:`growkit.growth.methods.GrowthMethod` works with: ``gallery``, ``rng``,
     ``budget``, ``base_cost``, ``cfg`` (the grow() settings), ``loader`` / ``val_loader``,
     ``history``; :meth:`materialize` (entry -> model), :meth:`model_from` (plan + weights ->
     model), :meth:`finetune` (train a grown model and add it to the gallery), :meth:`save`.
@@ -515,7 +515,7 @@ class GrowRun:
 
     def write_summary(self) -> None:
         """Human-facing files beside the checkpoints: gallery.json and the best model."""
-        from .io import save, write_json_atomic
+        from ..io import save, write_json_atomic
 
         assert self.out is not None
         self.out.mkdir(parents=True, exist_ok=True)

@@ -28,15 +28,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from .candidates import CANDIDATES, CandidateModel, inject
-from .checkpoint import full_state, load_full_state, optimizer_from_flat, optimizer_to_flat
-from .cost import Budget, Cost, measure
-from .errors import InputError
-from .finalize import finalize
-from .graph import as_args
-from .plan import BRANCHES, GrowthPlan
-from .selection import choose_points
-from .surgery import growable, remove_inserted, state_of
+from ..core.candidates import CANDIDATES, CandidateModel, inject
+from ..checkpoint import full_state, load_full_state, optimizer_from_flat, optimizer_to_flat
+from ..core.cost import Budget, Cost, measure
+from ..errors import InputError
+from ..core.finalize import finalize
+from ..core.graph import as_args
+from ..core.plan import BRANCHES, GrowthPlan
+from ..core.selection import choose_points
+from ..core.surgery import growable, remove_inserted, state_of
 
 __all__ = ["Grower", "GrowthEvent", "adopt_parameters"]
 
@@ -372,7 +372,7 @@ class Grower:
     def from_state(cls, model: nn.Module, example_input: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                    **options: Any) -> "Grower":
         """Re-create a grower saved with :meth:`state_dict` from the original base ``model``."""
-        from .plan import apply_plan
+        from ..core.plan import apply_plan
 
         plan = GrowthPlan.from_dict(meta["plan"])
         start = apply_plan(model, plan, example_input) if plan.edits else model

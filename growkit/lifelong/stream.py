@@ -18,16 +18,16 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointDir, capture_rng, full_state, load_full_state, optimizer_from_flat, optimizer_to_flat, restore_rng
-from .cl_metrics import AccuracyMatrix
-from .cost import Budget, measure
-from .errors import InputError
-from .graph import as_args
+from ..checkpoint import CheckpointDir, capture_rng, full_state, load_full_state, optimizer_from_flat, optimizer_to_flat, restore_rng
+from .metrics import AccuracyMatrix
+from ..core.cost import Budget, measure
+from ..errors import InputError
+from ..core.graph import as_args
 from .grower import Grower, GrowthEvent
-from .plan import GrowthPlan
+from ..core.plan import GrowthPlan
 from .streams import Stream
-from .surgery import growable, state_of
-from .train import BatchFn, default_batch_fn, evaluate, first_input, train_steps
+from ..core.surgery import growable, state_of
+from ..train import BatchFn, default_batch_fn, evaluate, first_input, train_steps
 
 __all__ = ["grow_stream", "StreamResult", "ReplayBuffer"]
 
@@ -119,7 +119,7 @@ class StreamResult:
 
     def save(self, path: str | Path) -> Path:
         """``metrics.json``, ``accuracy.png`` and the final model (plan + safetensors)."""
-        from .io import save, write_json_atomic
+        from ..io import save, write_json_atomic
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +156,7 @@ def grow_stream(
 
     Args:
         model: the (pretrained) model; a copy is trained.
-        stream: a :class:`growkit.streams.Stream`.
+        stream: a :class:`growkit.lifelong.streams.Stream`.
         grow: ``False`` runs the identical loop without candidates or growth (baselines).
         epochs: epochs per experience (SGD with ``lr``, ``momentum``, ``weight_decay``; one
             optimizer for the whole stream, grown parameters added by the grower).
@@ -167,7 +167,7 @@ def grow_stream(
         eval_split: ``"test"`` or ``"val"`` loaders fill the accuracy matrix.
     """
     if not isinstance(stream, Stream):
-        raise InputError(f"stream must be a growkit.streams.Stream, got {type(stream).__name__}")
+        raise InputError(f"stream must be a growkit.lifelong.streams.Stream, got {type(stream).__name__}")
     if eval_split not in ("test", "val"):
         raise InputError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     evals = [getattr(e, eval_split) for e in stream]

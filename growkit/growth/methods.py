@@ -1,6 +1,6 @@
 """Growth methods: passes over growkit's candidate space that ``grow(method=NAME)`` runs.
 
-A method implements one growth round on a :class:`growkit.grow.GrowRun` (the run context: gallery,
+A method implements one growth round on a :class:`growkit.growth.grow.GrowRun` (the run context: gallery,
 parent sampling, materialisation of gallery entries, fine-tuning, checkpoints). Petridish is the
 default; other passes (DARTS, ENAS, PNAS, random search, evolution) register the same way::
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from .errors import InputError
+from ..errors import InputError
 
 if TYPE_CHECKING:  # pragma: no cover
     from .grow import GrowRun

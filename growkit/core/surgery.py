@@ -17,7 +17,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import InputError, PointError
+from ..errors import InputError, PointError
 from .graph import GrowthPoint, LayerGraph, as_args, trace
 
 __all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted"]
@@ -30,7 +30,7 @@ class GrowState:
     """What growkit knows about a growable GraphModule (see module docstring)."""
 
     points: list[GrowthPoint]
-    plan: Any  # growkit.plan.GrowthPlan (typed loosely to avoid an import cycle)
+    plan: Any  # growkit.core.plan.GrowthPlan (typed loosely to avoid an import cycle)
     node_of: dict[str, str] = field(default_factory=dict)
     node_shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
 

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import OpError
+from ..errors import OpError
 
 __all__ = [
     "OpSpec",

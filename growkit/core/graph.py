@@ -22,7 +22,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten
 
-from .errors import InputError, TraceError
+from ..errors import InputError, TraceError
 
 __all__ = [
     "EligibleInput",
@@ -106,7 +106,7 @@ class LayerGraph:
         for p in self.points:
             if p.name == name or p.module == name:
                 return p
-        from .errors import PointError
+        from ..errors import PointError
 
         raise PointError(
             f"no growth point named {name!r}; available: "

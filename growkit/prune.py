@@ -33,15 +33,15 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..cost import Budget, Cost, measure
-from ..errors import InputError
-from ..gallery import Entry, Gallery
-from ..graph import as_args
-from ..grow import GrowResult, _check_example
-from ..plan import BRANCHES, GrowthPlan, apply_plan
-from ..surgery import META_KEY, growable, remove_inserted, state_of
-from ..train import BatchFn, NonFiniteLoss, _forward, _logits, evaluate, first_input, iter_batches, train_steps
-from ..jobs import cosine_schedule, num_batches
+from .core.cost import Budget, Cost, measure
+from .errors import InputError
+from .growth.gallery import Entry, Gallery
+from .core.graph import as_args
+from .growth.grow import GrowResult, _check_example
+from .core.plan import BRANCHES, GrowthPlan, apply_plan
+from .core.surgery import META_KEY, growable, remove_inserted, state_of
+from .train import BatchFn, NonFiniteLoss, _forward, _logits, evaluate, first_input, iter_batches, train_steps
+from .growth.jobs import cosine_schedule, num_batches
 
 __all__ = ["prune", "PruneResult", "rebuild_pruned", "PRUNE_METHODS", "IMPORTANCES"]
 

@@ -16,7 +16,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .errors import OpError, PlanError, PointError
+from ..errors import OpError, PlanError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
 
 __all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "apply_edit", "apply_plan", "BRANCHES"]

@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from .errors import InputError, ResourceError
+from ..errors import InputError, ResourceError
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult, pack_state, unpack_state
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -288,8 +288,8 @@ class _RayWorker:
 
 
 def build_trainer(spec: dict[str, Any]) -> ChildTrainer:
-    """A :class:`ChildTrainer` from :meth:`growkit.grow.GrowRun.worker_spec` (in a worker process)."""
-    from .surgery import growable
+    """A :class:`ChildTrainer` from :meth:`growkit.growth.grow.GrowRun.worker_spec` (in a worker process)."""
+    from ..core.surgery import growable
 
     model = spec["module"]
     base_gm = growable(model, spec["example"]).to(spec["device"])
@@ -311,4 +311,4 @@ def get_executor(executor: "str | Executor", options: dict[str, Any] | None = No
         return LocalExecutor()
     if executor == "ray":
         return RayExecutor(**(options or {}))
-    raise InputError(f"unknown executor {executor!r}; use 'local', 'ray' or a growkit.executor.Executor")
+    raise InputError(f"unknown executor {executor!r}; use 'local', 'ray' or a growkit.growth.executor.Executor")
