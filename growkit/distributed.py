@@ -41,7 +41,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from .core.candidates import Candidate
 from .errors import InputError
-from .core.ops import OpBatchNorm2d, _TokenBN
+from .core.ops import OpBatchNorm2d, TokenBN
 
 __all__ = [
     "prepare_ddp",
@@ -141,7 +141,7 @@ _TRAIN_FORWARDS: dict[type, TrainForward] = {
     _BatchNorm: _plain,
     nn.SyncBatchNorm: _plain,
     OpBatchNorm2d: _plain,  # its own forward differs only in eval mode
-    _TokenBN: _tokens,
+    TokenBN: _tokens,
 }
 
 try:  # timm's BatchNorm + activation, leaf modules in timm models

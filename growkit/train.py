@@ -1,4 +1,5 @@
-"""Training and evaluation helpers shared by grow(), streams and benchmarks."""
+"""Training and evaluation: the one training loop, its schedule and optimizer, shared by grow(),
+the search passes, pruning, streams and benchmarks."""
 from __future__ import annotations
 
 import logging
@@ -15,8 +16,9 @@ from tqdm.auto import tqdm
 
 from .errors import InputError
 
-__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
-           "loader_length"]
+__all__ = ["BatchFn", "LossFn", "default_batch_fn", "default_loss", "iter_batches", "train_steps", "train_batches",
+           "evaluate", "NonFiniteLoss", "PhaseStats", "loader_length", "num_batches", "cosine_schedule",
+           "growth_optimizer", "forward", "logits_of", "first_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -95,11 +97,13 @@ class PhaseStats:
         return self.correct / self.seen if self.seen else None
 
 
-def _forward(model: nn.Module, x: Any) -> Any:
+def forward(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for a tuple / list of inputs."""
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
-def _logits(out: Any) -> torch.Tensor:
+def logits_of(out: Any) -> torch.Tensor:
+    """The logits tensor of a model output (a tensor, or the first of a dict / tuple)."""
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
@@ -110,7 +114,8 @@ def _logits(out: Any) -> torch.Tensor:
 
 
 def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(_logits(out), y)
+    """Cross entropy on the output's logits."""
+    return F.cross_entropy(logits_of(out), y)
 
 
 def train_steps(
@@ -137,8 +142,6 @@ def train_steps(
     ``on_epoch_end(epoch, stats)`` runs after each epoch (checkpointing hooks in there).
     """
     device = device or next(model.parameters()).device
-    loss_fn = loss_fn or default_loss
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
     st = stats if stats is not None else PhaseStats()
     # A bar redrawn in place turns into one long line in a log file: there, print a line per epoch.
@@ -148,29 +151,9 @@ def train_steps(
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", total=loader_length(loader), unit="batch", leave=False,
                    disable=not interactive, dynamic_ncols=True)
         t0, steps0, loss0, correct0, seen0 = time.perf_counter(), st.steps, st.loss_sum, st.correct, st.seen
-        for x, y in bar:
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            out = _forward(model, x)
-            loss = loss_fn(out, y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
-            full = loss + extra_loss() if extra_loss is not None else loss
-            full.backward()
-            for opt in optimizers:
-                opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            if after_step is not None:
-                after_step()
-            st.loss_sum += float(loss.detach())
-            st.steps += 1
-            logits = _logits(out)
-            if logits.dim() == 2 and y.dim() == 1:
-                st.correct += int((logits.detach().argmax(1) == y).sum())
-                st.seen += int(y.numel())
-            if interactive:
-                bar.set_postfix(loss=f"{st.mean_loss:.4f}")
+        train_batches(model, bar, optimizer, scheduler=scheduler, loss_fn=loss_fn, extra_loss=extra_loss,
+                      after_step=after_step, stats=st, desc=desc,
+                      on_step=(lambda s: bar.set_postfix(loss=f"{s.mean_loss:.4f}")) if interactive else None)
         if progress and not interactive:
             n = st.steps - steps0
             acc = f", train acc {100 * (st.correct - correct0) / (st.seen - seen0):.2f} %" if st.seen > seen0 else ""
@@ -179,6 +162,74 @@ def train_steps(
         if on_epoch_end is not None:
             on_epoch_end(ep, st)
     return st
+
+
+def train_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    *,
+    scheduler: Any = None,
+    loss_fn: LossFn | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    stats: PhaseStats | None = None,
+    desc: str = "train",
+    on_step: Callable[[PhaseStats], None] | None = None,
+) -> PhaseStats:
+    """The training loop: one optimizer step per device-placed ``(x, y)`` of ``batches``.
+
+    Raises :class:`NonFiniteLoss` on a NaN / Inf loss (before the step). :func:`train_steps`
+    runs it per epoch over a loader; search passes run it over a fixed number of batches.
+    """
+    loss_fn = loss_fn or default_loss
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    st = stats if stats is not None else PhaseStats()
+    for x, y in batches:
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out = forward(model, x)
+        loss = loss_fn(out, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
+        full = loss + extra_loss() if extra_loss is not None else loss
+        full.backward()
+        for opt in optimizers:
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+        st.loss_sum += float(loss.detach())
+        st.steps += 1
+        logits = logits_of(out)
+        if logits.dim() == 2 and y.dim() == 1:
+            st.correct += int((logits.detach().argmax(1) == y).sum())
+            st.seen += int(y.numel())
+        if on_step is not None:
+            on_step(st)
+    return st
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+
+
+def num_batches(loader: Iterable) -> int:
+    """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
+    n = loader_length(loader)
+    return 1000 if n is None else n
+
+
+def growth_optimizer(model: nn.Module, new: Sequence[nn.Parameter], *, lr: float, new_lr_mult: float,
+                     momentum: float, weight_decay: float, exclude: Sequence[nn.Parameter] = ()) -> torch.optim.SGD:
+    """SGD over ``model``: the newly grown parameters ``new`` at ``lr * new_lr_mult``, the rest but
+    ``exclude`` at ``lr`` (empty groups left out). How every growth path fine-tunes a grown model."""
+    ids = {id(p) for p in new} | {id(p) for p in exclude}
+    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
+              {"params": list(new), "lr": lr * new_lr_mult}]
+    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def loader_length(loader: Iterable) -> int | None:
@@ -206,11 +257,11 @@ def evaluate(
     total, n, correct = 0.0, 0, 0
     try:
         for x, y in iter_batches(loader, batch_fn, device):
-            out = _forward(model, x)
+            out = forward(model, x)
             b = int(y.shape[0]) if y.dim() else 1
             total += float(loss_fn(out, y)) * b
             n += b
-            logits = _logits(out)
+            logits = logits_of(out)
             if logits.dim() == 2 and y.dim() == 1:
                 correct += int((logits.argmax(1) == y).sum())
     finally:

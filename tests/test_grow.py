@@ -36,12 +36,26 @@ def test_grow_end_to_end(digits, trained):
         assert e.cost.params == base.cost.params + added
         assert e.cost.params <= 1.6 * base.cost.params
         assert e.cost.flops > base.cost.flops
-    assert isinstance(res.model, torch.nn.Module)
-    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict()
     best = res.best
+    # res.model is the best entry within budget: its plan replayed on the base with its weights
+    within = [e for e in res.gallery if e.cost.params <= 1.6 * base.cost.params]
+    assert best.val_error == min(e.val_error for e in within)
+    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict() == growkit.GrowthPlan.from_dict(best.plan).to_dict()
+    sd = res.model.state_dict()
+    assert sd.keys() == best.state.keys() and all(torch.equal(sd[k].cpu(), v) for k, v in best.state.items())
+    ref = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(best.plan))
+    ref.load_state_dict(best.state)
+    x = next(iter(val_l))[0]
+    assert torch.equal(run_eval(res.model, x), run_eval(ref, x))
     assert evaluate(res.model, val_l)["accuracy"] == pytest.approx(1 - best.val_error)
     assert "base: val acc" in res.report() and "| id |" in res.report()
-    assert res.gallery.hull()[0].id == 0 or res.gallery.hull()[0].cost.params <= base.cost.params
+    # the hull: by increasing cost and strictly decreasing error, and no entry beats a hull point
+    # at the same or lower cost
+    hull = res.gallery.hull()
+    assert hull[0].cost.params == min(e.cost.params for e in res.gallery)
+    assert all(a.cost.params < b.cost.params and a.val_error > b.val_error for a, b in zip(hull, hull[1:]))
+    for h in hull:
+        assert not any(e.cost.params <= h.cost.params and e.val_error < h.val_error for e in res.gallery), h.id
     assert [h["round"] for h in res.history if "round" in h] == [1, 2]
 
 

@@ -56,7 +56,19 @@ def test_inject_is_exact_and_trains_candidates(name):
     torch.manual_seed(1)
     F.cross_entropy(base(x), y).backward()
     torch.manual_seed(1)
+    seen: dict[str, tuple] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(k):
+        def hook(mod, args, out):
+            seen[k] = args
+            out.register_hook(lambda g: grads.__setitem__(k, g))
+        return hook
+
+    hooks = [c.register_forward_hook(keep(k)) for k, c in cm.candidates.items()]
     (F.cross_entropy(cm(x), y) + cm.extra_loss()).backward()
+    for h in hooks:
+        h.remove()
     base_grads = dict(base.named_parameters())
     cand_ids = {id(p) for p in cm.candidate_parameters()}
     checked = 0
@@ -72,9 +84,16 @@ def test_inject_is_exact_and_trains_candidates(name):
     cps = list(cm.candidate_parameters())
     nonzero = [p for p in cps if p.grad is not None and p.grad.abs().sum() > 0]
     assert len(nonzero) >= 0.8 * len(cps)
-    for c in cm.candidates.values():
+    for k, c in cm.candidates.items():
         assert c.alpha.grad is not None and (c.alpha.grad != 0).all()
-        assert c.score == c.score  # a backward pass recorded a score (not nan)
+        # The backward pass recorded exactly one score: cos(x_c, -dL/dx_k), recomputed here from
+        # the candidate's inputs (a copy, so its BatchNorm statistics stay as they were).
+        assert int(c.score_count) == 1, k
+        with torch.no_grad():
+            xc = copy.deepcopy(c).weak_learner(*(z.detach() for z in seen[k][1:])).double().flatten()
+        g = -grads[k].double().flatten()
+        want = float(xc @ g / (xc.norm() * g.norm()))
+        assert c.score == pytest.approx(want, rel=1e-4, abs=1e-6), (k, c.score, want)
 
 
 def test_gradient_identity_of_weak_learning():

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 import growkit
 from growkit.data import digits_dataset, make_loaders, split
 from growkit.core.cost import count_params, measure
-from growkit.growth.methods import METHOD_REGISTRY
+from growkit.growth.methods import METHOD_REGISTRY, get_method, method_names
 from growkit.search import (
     Atom, Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
 )
@@ -300,7 +300,9 @@ def test_one_class_registers_a_pass(digits, trained):
             return ctx.child(plan, model, ctx.evaluate(model))
 
     try:
-        assert set(PASSES) | {"petridish"} <= set(METHOD_REGISTRY)
+        assert set(PASSES) | {"petridish", "test-first-fit"} <= set(method_names())
+        for name in PASSES:  # built-in passes are imported on first use and registered then
+            assert type(get_method(name)).name == name and name in METHOD_REGISTRY
         res = growkit.grow(trained, train_l, val_l, method="test-first-fit", method_options={"atoms": 2}, rounds=1,
                            seed=0, progress=False)
         assert [len(e.plan["edits"]) for e in res.gallery] == [0, 1]  # two atoms of the first point

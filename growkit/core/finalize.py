@@ -18,8 +18,8 @@ import torch.fx
 from .candidates import CANDIDATES, CandidateModel
 from ..errors import InputError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
-from .plan import Edge, Edit, apply_edit
-from .surgery import remove_inserted, state_of
+from .plan import Edge, Edit
+from .surgery import apply_edit, remove_inserted, state_of
 
 __all__ = ["finalize", "selected_edges"]
 

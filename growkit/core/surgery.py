@@ -1,4 +1,4 @@
-"""Graph surgery shared by inject, finalize and plan replay.
+"""Graph surgery shared by inject, finalize and plan replay (:func:`apply_plan`).
 
 A growable module is a ``torch.fx.GraphModule`` whose ``meta["growkit"]`` holds a
 :class:`GrowState`: the base model's growth points, the growth plan applied so far and, for every
@@ -17,10 +17,14 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..errors import InputError, PointError
-from .graph import GrowthPoint, LayerGraph, as_args, trace
+from ..errors import InputError, OpError, PlanError, PointError
+from .branch import GrownBranch
+from .graph import GrowthPoint, LayerGraph, as_args, model_name, trace
+from .ops import DEFAULT_REGISTRY, OpRegistry
+from .plan import BRANCHES, Edit, GrowthPlan, graph_fingerprint
 
-__all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted"]
+__all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted", "apply_edit", "apply_plan",
+           "META_KEY"]
 
 META_KEY = "growkit"
 
@@ -61,8 +65,6 @@ def state_of(gm: nn.Module) -> GrowState | None:
 
 def from_layer_graph(lg: LayerGraph, example_input: Any, base: dict[str, Any] | None = None) -> torch.fx.GraphModule:
     """Turn a traced :class:`LayerGraph` into a growable module with an empty plan."""
-    from .plan import GrowthPlan, graph_fingerprint
-
     gm = lg.graph_module
     args = as_args(example_input)
     plan = GrowthPlan(
@@ -95,8 +97,6 @@ def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -
 
 def _base_record(model: nn.Module, example_input: Any) -> dict[str, Any]:
     """How to re-create the base model: timm architecture and constructor arguments when known."""
-    from .graph import model_name
-
     name = model_name(model)
     if not name:
         return {}
@@ -165,3 +165,65 @@ def remove_inserted(gm: torch.fx.GraphModule, container: str) -> None:
         delattr(gm, container)
     gm.graph.lint()
     gm.recompile()
+
+
+def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None = None) -> nn.Module:
+    """Grow one branch onto growable ``gm`` (eta = 0: output unchanged); returns the branch."""
+    st = state_of(gm)
+    if st is None:
+        raise PlanError("apply_edit needs a growable module (from growkit.trace / inject / finalize)")
+    try:
+        p = st.point(edit.point)
+    except PointError as exc:
+        raise PlanError(f"plan names growth point {edit.point!r} that the base model does not have") from exc
+    eligible = {z.name: z for z in p.inputs}
+    specs = []
+    for e in edit.edges:
+        if e.input not in eligible:
+            raise PlanError(
+                f"plan edge input {e.input!r} is not an eligible input of point {p.name!r} "
+                f"(eligible: {', '.join(eligible) or 'none'})"
+            )
+        specs.append((eligible[e.input], e.op))
+    try:
+        branch = GrownBranch(p, specs, registry or DEFAULT_REGISTRY)
+    except OpError as exc:
+        raise PlanError(f"plan edit at {p.name!r}: {exc}") from exc
+    insert_at_point(gm, p.name, [e.input for e in edit.edges], branch, BRANCHES, edit.key)
+    st.plan.edits.append(edit)
+    return branch
+
+
+def apply_plan(
+    base_model: nn.Module,
+    plan: GrowthPlan,
+    example_input: Any = None,
+    *,
+    registry: OpRegistry | None = None,
+    **trace_kwargs: Any,
+) -> torch.fx.GraphModule:
+    """Replay ``plan`` onto a fresh trace of ``base_model`` (which is not modified).
+
+    The result has freshly initialised branches with eta = 0 (so it computes the base function);
+    load the grown model's ``state_dict`` to get its weights. Raises :class:`PlanError` when the
+    plan does not belong to this base model.
+    """
+    if example_input is None:
+        example_input = plan.example_input()
+    gm = growable(base_model, example_input, **trace_kwargs)
+    st = state_of(gm)
+    assert st is not None
+    if st.plan.edits:
+        raise PlanError("apply_plan expects an ungrown base model; this one already carries a plan")
+    if plan.fingerprint and st.plan.fingerprint != plan.fingerprint:
+        raise PlanError(
+            f"plan was made for a different base graph (fingerprint {plan.fingerprint}, this model "
+            f"traces to {st.plan.fingerprint}); pass the base model the plan was grown from"
+        )
+    if plan.base:
+        st.plan.base = dict(plan.base)
+    for edit in plan.edits:
+        apply_edit(gm, edit, registry)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

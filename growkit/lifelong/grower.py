@@ -136,8 +136,9 @@ class Grower:
         if min_steps < 1 or warmup_steps < 0 or warmup_steps >= min_steps:
             raise InputError(f"need 0 <= warmup_steps < min_steps, got {warmup_steps}, {min_steps}")
         self.budget = budget
-        self.cfg = {"ops": ops, "max_inputs": max_inputs, "max_ops": max_ops, "l1": l1,
-                    "points": None if points is None else list(points)}
+        self.ops = ops
+        self.max_inputs, self.max_ops, self.l1 = max_inputs, max_ops, l1
+        self.points = None if points is None else list(points)
         self.candidate_lr = candidate_lr
         self.new_lr_mult = new_lr_mult
         self.warmup_steps, self.min_steps = warmup_steps, min_steps
@@ -166,8 +167,7 @@ class Grower:
 
     # ------------------------------------------------------------------ model access
     def _inject(self, gm: torch.fx.GraphModule) -> CandidateModel:
-        c = self.cfg
-        cm = inject(gm, points=c["points"], ops=c["ops"], max_inputs=c["max_inputs"], l1=c["l1"], normalize_grad=True)
+        cm = inject(gm, points=self.points, ops=self.ops, max_inputs=self.max_inputs, l1=self.l1, normalize_grad=True)
         adopt_parameters(cm.module, gm)
         return cm
 
@@ -266,7 +266,7 @@ class Grower:
         """Call after each optimizer step: trains the candidates, tracks scores, checks triggers."""
         cands = self.model.candidates
         if not self._l1_in_loss:
-            l1 = self.cfg["l1"]
+            l1 = self.l1
             for c in cands.values():
                 if c.alpha.grad is not None:
                     c.alpha.grad.add_(l1 * torch.sign(c.alpha.detach()))
@@ -320,7 +320,7 @@ class Grower:
             return ev
         gen = torch.Generator().manual_seed(self.rng.getrandbits(63))
         chosen, why, edges = choose_points(cm, self.example, current=self.cost, base=self.base_cost,
-                                           budget=self.budget, max_ops=self.cfg["max_ops"], selection=self.selection,
+                                           budget=self.budget, max_ops=self.max_ops, selection=self.selection,
                                            generator=gen, max_points=self.points_per_growth)
         if not chosen:
             ev.note = why
@@ -372,7 +372,7 @@ class Grower:
     def from_state(cls, model: nn.Module, example_input: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                    **options: Any) -> "Grower":
         """Re-create a grower saved with :meth:`state_dict` from the original base ``model``."""
-        from ..core.plan import apply_plan
+        from ..core.surgery import apply_plan
 
         plan = GrowthPlan.from_dict(meta["plan"])
         start = apply_plan(model, plan, example_input) if plan.edits else model

@@ -18,16 +18,17 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointDir, capture_rng, full_state, load_full_state, optimizer_from_flat, optimizer_to_flat, restore_rng
+from ..checkpoint import (CheckpointDir, capture_rng, check_same_settings, full_state, load_full_state,
+                          optimizer_from_flat, optimizer_to_flat, restore_rng)
 from .metrics import AccuracyMatrix
 from ..core.cost import Budget, measure
 from ..errors import InputError
-from ..core.graph import as_args
 from .grower import Grower, GrowthEvent
 from ..core.plan import GrowthPlan
 from .streams import Stream
 from ..core.surgery import growable, state_of
-from ..train import BatchFn, default_batch_fn, evaluate, first_input, train_steps
+from ..runsetup import set_up_run
+from ..train import BatchFn, default_batch_fn, evaluate, train_steps
 
 __all__ = ["grow_stream", "StreamResult", "ReplayBuffer"]
 
@@ -176,11 +177,10 @@ def grow_stream(
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir=")
     fn = batch_fn or default_batch_fn
-    if seed is not None:
-        torch.manual_seed(seed)
+    setup = set_up_run(model, stream[0].train, None, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
+                       device=device, seed=seed, progress=progress, selects=None, check=False)
     rng = random.Random(seed)
-    example = as_args(example_input if example_input is not None else first_input(stream[0].train, batch_fn))
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    example, dev = setup.example, setup.device
     gopts = {"budget": budget, "seed": seed, **(grower_options or {})}
     ckpt = CheckpointDir(checkpoint_dir) if checkpoint_dir is not None else None
     config = {"grow": grow, "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
@@ -191,8 +191,9 @@ def grow_stream(
         if ckpt.latest_name() is not None and not resume:
             raise InputError(f"{checkpoint_dir} holds an earlier run: pass resume=True or use an empty directory")
         saved = ckpt.read() if resume else None
-        if saved is not None and saved[0].get("config") != config:
-            raise InputError(f"resume=True with different settings than the checkpointed run in {checkpoint_dir}")
+        if saved is not None:
+            check_same_settings(saved[0].get("config") or {}, config,
+                                api=f"pass the settings of the run checkpointed in {checkpoint_dir} or use a new directory")
 
     grower: Grower | None = None
     if grow:

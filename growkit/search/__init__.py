@@ -1,13 +1,12 @@
-"""Alternative growth and pruning passes over growkit's candidate space.
+"""Alternative growth passes over growkit's candidate space, one per module.
 
-Importing this package registers the search passes with :func:`growkit.grow`:
-``method="darts" | "enas" | "pnas" | "random" | "evolution"`` (``"petridish"`` is the default).
-Every pass searches the same space (:class:`SearchSpace`: growth points x eligible inputs x ops),
-keeps insertion function-preserving, respects the run's budget, and ends in a growth plan that
-is fine-tuned and entered in the gallery the same way. :func:`prune` removes grown branches or
-channels and enters its models in a gallery too. A new pass is one class: subclass
-:class:`SearchMethod`, set ``name``, implement ``search`` and decorate it with
-:func:`growkit.register_method`.
+``grow(method="darts" | "enas" | "pnas" | "random" | "evolution")`` imports the pass it needs
+(:data:`growkit.growth.methods.BUILTIN`); importing this package loads all of them. Every pass
+searches the same space (:class:`SearchSpace`: growth points x eligible inputs x ops), keeps
+insertion function-preserving, respects the run's budget, and ends in a growth plan that is
+fine-tuned and entered in the gallery the same way (:mod:`growkit.search.common`). A new pass is
+one class: subclass :class:`SearchMethod`, set ``name``, implement ``search`` and decorate it with
+:func:`growkit.register_method`. Pruning is a separate entry point: :func:`growkit.prune`.
 """
 from __future__ import annotations
 

@@ -25,9 +25,9 @@ from torch import nn
 
 from ..growth.methods import register_method
 from ..core.ops import canonical
-from ..growth.jobs import cosine_schedule
+from ..train import cosine_schedule
 from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
+    AtomCell, Child, SearchContext, SearchMethod, check_number, check_int, cells_of, derive_from_cells,
     insert_cells,
 )
 from .space import Atom
@@ -144,6 +144,6 @@ class Darts(SearchMethod):
         return ctx.child(plan, model, acc, **info)
 
     def validate(self) -> None:
-        _positive_float("arch_lr", self.opts["arch_lr"])
-        _positive_float("arch_weight_decay", self.opts["arch_weight_decay"], strict=False)
-        _positive_int("ops_per_edge", self.opts["ops_per_edge"])
+        check_number("arch_lr", self.opts["arch_lr"])
+        check_number("arch_weight_decay", self.opts["arch_weight_decay"], strict=False)
+        check_int("ops_per_edge", self.opts["ops_per_edge"])

@@ -20,9 +20,8 @@ from typing import Iterable, Sequence
 import torch
 import torch.fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..core.cost import Budget, Cost, count_params
+from ..core.cost import Budget, Cost, count_flops, count_params
 from ..errors import PointError
 from ..core.graph import GrowthPoint
 from ..core.ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
@@ -53,17 +52,6 @@ def plan_to_list(plan: Iterable[Atom]) -> list[list[str]]:
 
 def plan_from_list(items: Iterable[Sequence[str]]) -> frozenset[Atom]:
     return frozenset(Atom(*map(str, it)) for it in items)
-
-
-def _flops(module: nn.Module, x: torch.Tensor) -> int:
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            module(x)
-    finally:
-        module.train(was)
-    return int(fc.get_total_flops())
 
 
 class SearchSpace:
@@ -138,7 +126,7 @@ class SearchSpace:
     def _measure_op(self, op: str, z, p: GrowthPoint) -> tuple[int, int]:
         module = build_edge_op(self.registry, op, z, p)
         x = torch.zeros(canonical(torch.empty(z.shape, device="meta"), p.layout).shape)[:1]
-        return count_params(module), _flops(module, x)
+        return count_params(module), count_flops(module, x)
 
     def _measure_proj(self, p: GrowthPoint) -> tuple[int, int]:
         """Params and FLOPs that each edge adds to a branch's projection (linear in edges)."""
@@ -146,7 +134,7 @@ class SearchSpace:
         proj: nn.Module = nn.Linear(c, c, bias=False) if p.layout == "tokens" else nn.Conv2d(c, c, 1, bias=False)
         shape = list(canonical(torch.empty(p.shape, device="meta"), p.layout).shape)
         shape[0] = 1
-        return count_params(proj), _flops(proj, torch.zeros(shape))
+        return count_params(proj), count_flops(proj, torch.zeros(shape))
 
     def added_cost(self, plan: Iterable[Atom]) -> tuple[int, int]:
         """(params, FLOPs) the plan adds: ops, projections, and one gate ``eta`` per grown point."""
