@@ -165,3 +165,30 @@ def test_import_growkit_loads_no_search_pass() -> None:
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PKG.parent).stdout.split("\n")
     assert out[0] == "[]" and out[1] == "True", out
+
+
+def test_grow_settings_are_one_typed_config() -> None:
+    """grow()'s settings and GrowConfig's fields agree (names and defaults), and no module reads a
+    settings dict by key (``cfg["..."]``)."""
+    import dataclasses
+    import inspect
+
+    from growkit.growth.config import GrowConfig
+    from growkit.growth.grow import grow
+
+    params = inspect.signature(grow).parameters
+    for f in dataclasses.fields(GrowConfig):
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default  # type: ignore[misc]
+        assert f.name in params, f"GrowConfig.{f.name} is not a grow() argument"
+        want = params[f.name].default
+        assert (want if want is not None else None) == default or (want is None and default == {}), (f.name, want, default)
+    by_key = []
+    for path in PKG.rglob("*.py"):
+        # (timm's pretrained_cfg dicts, read in core/graph.py and modelspec.py, are not grow settings)
+        wing = path.parent.name in ("growth", "search", "lifelong") or path.name == "prune.py"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (isinstance(node, ast.Subscript) and isinstance(node.slice, ast.Constant)
+                    and isinstance(node.slice.value, str)
+                    and (getattr(node.value, "attr", None) == "cfg" or (wing and getattr(node.value, "id", None) == "cfg"))):
+                by_key.append(f"{path.relative_to(PKG)}:{node.lineno}")
+    assert not by_key, "settings read by key: " + ", ".join(by_key)

@@ -17,7 +17,8 @@ from growkit.growth.methods import METHOD_REGISTRY, get_method, method_names
 from growkit.search import (
     Atom, Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
 )
-from growkit.search.common import SEARCH_CELLS, cells_of, derive_from_cells, grow_plan, insert_cells
+from growkit.search.cells import SEARCH_CELLS, cells_of, derive_from_cells, insert_cells
+from growkit.search.common import grow_plan
 from growkit.search.darts import derive
 from growkit.core.surgery import growable
 

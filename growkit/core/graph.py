@@ -3,6 +3,11 @@
 The growth points are block outputs (``layer2.1``, ``stages.1.blocks.0``, ``blocks.3``), found from
 the module paths that torch.fx records in ``node.meta["nn_module_stack"]``. Everything here is a
 pure function of the model and the example input; the model passed in is never modified.
+
+Why over 450 lines: tracing (timm's fx registries, untraceable-module diagnostics), shape
+propagation and the growth-point / eligible-input rules are one step with one output, the
+LayerGraph; the rules read the tracer's module stack and shapes directly. The layer-granularity
+work (issue 18) changes these rules; split the rules into their own module with it, not before.
 """
 from __future__ import annotations
 

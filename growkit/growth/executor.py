@@ -3,8 +3,9 @@
 A round's schedule is fixed by the driver before any job starts: ``children`` parents drawn from
 the gallery's epsilon-hull (the parent queue), each with a seed. Every child is one weak-learning
 job (the candidate queue) followed by one fine-tuning job (the children queue); see
-:mod:`growkit.jobs`. Results are added to the gallery in child order as soon as every earlier
-child of the round is in, so the gallery, its hull and the next round's parents do not depend
+:mod:`growkit.growth.jobs`. An executor sees only the jobs and a :class:`ChildHost` (the round,
+:mod:`growkit.growth.petridish`), never the run. Results are handed back in child order as soon
+as every earlier child of the round is in, so the gallery, its hull and the next round's parents do not depend
 on which worker finished first, and ``executor="local"`` and ``executor="ray"`` give the same
 gallery for the same seed.
 

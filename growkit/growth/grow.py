@@ -5,8 +5,8 @@ at its growth points and keep training the whole model while the candidates lear
 amortised); score every point by how well its weak learner fits the negative gradient per unit
 of added cost; finalize the best points that fit the budget (concat + projection, eta = 0:
 exact); fine-tune with a fresh schedule and a higher learning rate on the new parameters;
-evaluate; add to the gallery. The children's jobs (:mod:`growkit.jobs`) run in this process or on
-Ray workers (:mod:`growkit.executor`), with the same result for the same seed.
+evaluate; add to the gallery. The children's jobs (:mod:`growkit.growth.jobs`) run in this process or on
+Ray workers (:mod:`growkit.growth.executor`), with the same result for the same seed.
 
 With ``checkpoint_dir`` the run state (gallery, history, working model, optimizer and scheduler
 states, every RNG state) is written atomically after every epoch of every phase;
@@ -91,7 +91,7 @@ def grow(
             round's start, and each gets a weak-learning job and a fine-tuning job.
         executor: ``"local"`` (in this process, checkpointed every epoch), ``"ray"`` (parallel
             Ray workers; ``pip install "growkit[ray]"``) or a :class:`growkit.growth.executor.Executor`.
-            The same seed gives the same gallery with either (see :mod:`growkit.executor`).
+            The same seed gives the same gallery with either (see :mod:`growkit.growth.executor`).
         executor_options: for ``"ray"``: ``num_workers``, ``address``, ``num_cpus``,
             ``num_gpus``, ``threads``, ``max_retries``, ``runtime_env``.
         search_epochs / finetune_epochs: epochs of each phase per round.

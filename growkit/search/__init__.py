@@ -10,7 +10,8 @@ one class: subclass :class:`SearchMethod`, set ``name``, implement ``search`` an
 """
 from __future__ import annotations
 
-from .common import AtomCell, BatchStream, Child, SearchContext, SearchMethod
+from .cells import AtomCell
+from .common import BatchStream, Child, SearchContext, SearchMethod
 from .darts import Darts, DartsCell
 from .enas import Controller, Enas, EnasCell
 from .evolution import Evolution, mutate

@@ -29,10 +29,8 @@ from ..growth.methods import register_method
 from ..core.ops import canonical
 from ..train import forward, logits_of
 from ..train import cosine_schedule
-from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, check_number, check_int, cells_of, derive_from_cells,
-    insert_cells,
-)
+from .cells import AtomCell, cells_of, derive_from_cells, insert_cells
+from .common import Child, SearchContext, SearchMethod, check_int, check_number
 from .space import Atom, SearchSpace
 
 __all__ = ["Enas", "EnasCell", "Controller"]
