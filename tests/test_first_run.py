@@ -150,7 +150,9 @@ def test_gallery_plot_draws_hull_only_when_there_is_one_and_labels_growth():
         labels = [t.get_text() for t in ax.get_legend().get_texts()]
         assert ("lower convex hull" in labels) is want_hull
         notes = [t.get_text() for t in ax.texts]
-        assert "#0 base" in notes and "#1 layer2_1_act2 +3" in notes
+        assert "#0" in notes and "#1" in notes
+        listing = fig.axes[1].texts[0].get_text()
+        assert "#0  95.33 %  +0.0 %  base" in listing and "#1  94.67 %  +25.0 %  grown: layer2_1_act2 +3" in listing
         lo, hi = ax.get_ylim()
         se = 100 * (0.0533 * (1 - 0.0533) / 300) ** 0.5
         assert hi - lo >= 6 * se - 1e-9  # a 2-example difference does not fill the axis

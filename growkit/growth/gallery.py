@@ -268,7 +268,7 @@ class Gallery:
         matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
-        fig, ax = plt.subplots(figsize=(7.2, 4.8))
+        fig, (ax, side) = plt.subplots(1, 2, figsize=(11, 4.8), gridspec_kw={"width_ratios": [1.5, 1]})
         markers = {"base": "s", "grown": "o", "pruned": "v"}
         ses = [self.std_error(e) for e in self.entries]
         for k in sorted({e.kind for e in self.entries}):
@@ -280,9 +280,11 @@ class Gallery:
         if len(hull) >= 2:  # a one-point hull is just the best entry: nothing to draw
             ax.plot([self._x(e) for e in hull], [100 * e.val_error for e in hull], "k--", lw=1,
                     label="lower convex hull")
-        for e in self.entries:
-            label = f"#{e.id} base" if e.kind == "base" else f"#{e.id} {describe_plan(e.plan, limit=2)}"
-            ax.annotate(label, (self._x(e), 100 * e.val_error), fontsize=7, xytext=(4, 4), textcoords="offset points")
+        for i, e in enumerate(self.entries):
+            # Ids only on the points (staggered so neighbours do not overprint); what was grown is
+            # listed beside the plot, where long point names have room.
+            ax.annotate(f"#{e.id}", (self._x(e), 100 * e.val_error), fontsize=7,
+                        xytext=(4, 4 + 8 * (i % 3)), textcoords="offset points")
         ys = [100 * e.val_error for e in self.entries]
         if self.val_size and ys:
             # Keep the axis at least +-3 s.e. around the data, so that a 1- or 2-example difference
@@ -292,7 +294,18 @@ class Gallery:
             ax.set_ylim(max(lo, 0.0), min(hi, 100.0))
         xs = [self._x(e) for e in self.entries]
         span = (max(xs) - min(xs)) or max(xs) * 0.1 or 1.0
-        ax.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.45 * span)  # room for the labels on the right
+        ax.set_xlim(min(xs) - 0.08 * span, max(xs) + 0.12 * span)
+        base = self.base_entry()
+        shown = 14
+        rows = []
+        for e in self.entries[:shown]:
+            what = "base" if e.kind == "base" else f"{e.kind}: {describe_plan(e.plan, limit=2)}"
+            rows.append(f"#{e.id}  {100 * (1 - e.val_error):.2f} %  {self._rel(e, base)}  {what}")
+        if len(self.entries) > shown:
+            rows.append(f"... {len(self.entries) - shown} more: see Gallery.report()")
+        side.axis("off")
+        side.text(0.0, 1.0, f"id  val acc  {self.cost_axis} vs base  grown\n" + "\n".join(rows), va="top",
+                  ha="left", family="monospace", fontsize=7, transform=side.transAxes, wrap=True)
         ax.set_xlabel({"params": "parameters", "flops": "FLOPs", "latency_ms": "latency (ms)"}[self.cost_axis])
         ylabel = "validation error (%)"
         if self.val_size:
