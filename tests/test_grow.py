@@ -71,6 +71,7 @@ def test_grow_reproducible_with_seed(trained):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow  # five seeded grow() runs; random selection within budget stays in the default run through the Grower (test_stream)
 def test_random_selection_grows_the_costed_edges_within_budget(digits, trained):
     # The random ablation once costed one random draw and grew another, so its children could
     # break the budget (and were then silently dropped for the base).
@@ -160,6 +161,7 @@ def test_nan_loss_stops_round_and_keeps_last_good(digits, trained, caplog):
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow  # CLI end to end: base training + grow + report
 def test_cli_grow_and_report(tmp_path, capsys):
     from growkit.cli import main
 

@@ -364,6 +364,7 @@ def test_resume_between_rounds_matches_uninterrupted_run(method, tmp_path, train
         [{k: v for k, v in h.items() if k not in strip} for h in ref.history[:-1]]
 
 
+@pytest.mark.slow  # CLI end to end with a search pass
 def test_cli_grow_with_a_search_pass(tmp_path, capsys):
     from growkit.cli import main
 
