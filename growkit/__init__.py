@@ -45,9 +45,11 @@ from .errors import (
     ExportError,
     GrowkitError,
     InputError,
+    NonFiniteLoss,
     OpError,
     PlanError,
     PointError,
+    LockError,
     ResourceError,
     TraceError,
 )
@@ -87,5 +89,5 @@ __all__ = [
     "class_incremental", "domain_incremental", "AccuracyMatrix",
     # errors
     "GrowkitError", "InputError", "BudgetError", "ExportError", "OpError", "PlanError", "PointError", "ResourceError",
-    "TraceError",
+    "TraceError", "NonFiniteLoss", "LockError",
 ]

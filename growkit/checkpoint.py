@@ -8,15 +8,24 @@ any instant leaves either the previous or the new checkpoint, never a torn one. 
 weights are immutable and live once in ``entries/<id>.safetensors``.
 
 Everything is data (JSON + safetensors): reading a checkpoint never unpickles or evaluates code.
+``LATEST`` also records the SHA-256 of every file of the checkpoint and of the gallery entries it
+refers to; :meth:`CheckpointDir.read` and :meth:`CheckpointDir.read_entry` check them, so a
+flipped bit or an edited ``state.json`` is a :class:`~growkit.PlanError`, not a silently
+different run (this detects corruption and careless edits; it is not a signature). A run holds
+an exclusive lock on the directory (:meth:`CheckpointDir.lock`) while it writes.
 """
 from __future__ import annotations
 
 import base64
+import contextlib
+import hashlib
 import json
 import logging
 import os
 import random
 import shutil
+import socket
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -24,7 +33,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import InputError, PlanError
+from .errors import InputError, LockError, PlanError
 from .io import atomic_write, write_json_atomic
 
 __all__ = [
@@ -38,6 +47,8 @@ __all__ = [
     "optimizer_to_flat",
     "optimizer_from_flat",
     "CheckpointDir",
+    "data_fingerprint",
+    "file_sha256",
 ]
 
 logger = logging.getLogger(__name__)
@@ -46,6 +57,7 @@ LATEST = "LATEST"
 STATE = "state.json"
 TENSORS = "tensors.safetensors"
 ENTRIES = "entries"
+LOCK = ".lock"
 
 
 def _b64(t: torch.Tensor) -> str:
@@ -84,7 +96,15 @@ def capture_rng(rng: random.Random, loaders: Iterable[Any] = ()) -> dict[str, An
 
 
 def restore_rng(state: dict[str, Any], rng: random.Random, loaders: Iterable[Any] = ()) -> None:
-    """Inverse of :func:`capture_rng`."""
+    """Inverse of :func:`capture_rng`; a malformed state is a :class:`PlanError`."""
+    try:
+        _restore_rng(state, rng, loaders)
+    except (KeyError, IndexError, TypeError, ValueError, RuntimeError, OverflowError) as exc:
+        raise PlanError(f"the checkpoint's random states are corrupt ({type(exc).__name__}: {str(exc)[:200]}); "
+                        "delete the checkpoint directory to start over") from exc
+
+
+def _restore_rng(state: dict[str, Any], rng: random.Random, loaders: Iterable[Any]) -> None:
     g = state["growkit"]
     rng.setstate((g[0], tuple(g[1]), g[2]))
     p = state["python"]
@@ -184,11 +204,124 @@ def optimizer_from_flat(opt: torch.optim.Optimizer, meta: dict[str, Any], tensor
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
 
 
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _feed(h: Any, obj: Any, depth: int = 0) -> None:
+    """Hash tensors, arrays, numbers and strings inside ``obj`` (other objects by type name only)."""
+    if depth > 4:
+        return
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f"{tuple(t.shape)}{t.dtype}".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    elif isinstance(obj, np.ndarray):
+        h.update(f"{obj.shape}{obj.dtype}".encode() + np.ascontiguousarray(obj).tobytes())
+    elif isinstance(obj, (bool, int, float, str, bytes)):
+        h.update(repr(obj).encode())
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            h.update(str(k).encode())
+            _feed(h, obj[k], depth + 1)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj[:16]:
+            _feed(h, v, depth + 1)
+    else:
+        h.update(type(obj).__name__.encode())
+
+
+def data_fingerprint(loader: Any, batch_fn: Any = None, first: Any = None) -> dict[str, Any]:
+    """Sizes plus a hash of a few examples of ``loader``: tells one data set from another.
+
+    With a map-style ``loader.dataset`` it hashes the first, middle and last examples (whatever
+    the shuffling); otherwise ``first`` (the first batch, which the caller has read anyway) or,
+    without it, the first batch read here. Every random state (torch, Python, numpy, the
+    loader's generators) is seeded for the read and restored after it, so taking a fingerprint
+    changes nothing in the run.
+    """
+    from .train import default_batch_fn
+
+    out: dict[str, Any] = {"batches": None, "examples": None}
+    with contextlib.suppress(TypeError):
+        out["batches"] = len(loader)
+    ds = getattr(loader, "dataset", None)
+    with contextlib.suppress(TypeError):
+        out["examples"] = len(ds) if ds is not None else None
+    h = hashlib.sha256()
+    gens = [g for g in loader_generators([loader]) if g is not None]
+    saved = [g.get_state() for g in gens]
+    py, nps = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            random.seed(0)
+            np.random.seed(0)
+            n = out["examples"]
+            if n and hasattr(ds, "__getitem__"):
+                for i in sorted({0, n // 2, n - 1}):
+                    _feed(h, ds[i])
+            elif first is not None:
+                _feed(h, first)
+            else:
+                for batch in loader:
+                    _feed(h, (batch_fn or default_batch_fn)(batch))
+                    break
+    finally:
+        for g, st in zip(gens, saved):
+            g.set_state(st)
+        random.setstate(py)
+        np.random.set_state(nps)
+    out["sha256"] = h.hexdigest()[:32]
+    return out
+
+
 class CheckpointDir:
     """The on-disk layout described in the module docstring."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        self.entry_hashes: dict[str, str] = {}
+
+    @contextlib.contextmanager
+    def lock(self) -> Any:
+        """Hold the directory exclusively (``fcntl.flock``: released when the process dies).
+
+        A second run on the same directory gets a :class:`LockError` naming the holder.
+        """
+        try:
+            import fcntl
+        except ImportError:  # no flock on this platform: run unlocked
+            logger.warning("file locking is not available here; do not run two jobs on %s", self.root)
+            yield
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / LOCK
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.pread(fd, 4096, 0).decode("utf-8", "replace").strip() or "unknown"
+                raise LockError(
+                    f"checkpoint directory {self.root} is in use by another run ({holder}); wait for it to "
+                    "finish or stop it, or choose another checkpoint_dir"
+                ) from None
+            info = json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                               "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, info.encode(), 0)
+            try:
+                yield
+            finally:
+                os.ftruncate(fd, 0)
+                fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def entry_path(self, entry_id: int) -> Path:
         return self.root / ENTRIES / f"{entry_id}.safetensors"
@@ -200,9 +333,26 @@ class CheckpointDir:
         path = self.entry_path(entry_id)
         tensors = {k: v.contiguous() for k, v in state.items()}
         atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        self.entry_hashes[str(entry_id)] = file_sha256(path)
 
     def read_entry(self, entry_id: int) -> dict[str, torch.Tensor]:
-        return self._read_tensors(self.entry_path(entry_id))
+        """Gallery entry weights, checked against the hash the latest checkpoint recorded."""
+        path = self.entry_path(entry_id)
+        self._verify(path, self.entry_hashes.get(str(entry_id)))
+        return self._read_tensors(path)
+
+    @staticmethod
+    def _verify(path: Path, want: Any) -> None:
+        if not isinstance(want, str):
+            raise PlanError(f"checkpoint file {path} has no recorded hash (written by an older growkit, or LATEST "
+                            "was edited); delete the checkpoint directory to start over")
+        try:
+            got = file_sha256(path)
+        except OSError as exc:
+            raise PlanError(f"checkpoint file {path} is unreadable ({exc})") from exc
+        if got != want:
+            raise PlanError(f"checkpoint file {path} was changed after it was written (SHA-256 mismatch); it is "
+                            "corrupt or edited: delete the checkpoint directory to start over")
 
     @staticmethod
     def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
@@ -231,9 +381,10 @@ class CheckpointDir:
             json.dump(state, f, default=str)
             f.flush()
             os.fsync(f.fileno())
+        hashes = {TENSORS: file_sha256(tmp / TENSORS), STATE: file_sha256(tmp / STATE)}
         final = self.root / name
         os.replace(tmp, final)
-        write_json_atomic(self.root / LATEST, {"checkpoint": name})
+        write_json_atomic(self.root / LATEST, {"checkpoint": name, "sha256": hashes, "entries": self.entry_hashes})
         for old in self.root.glob("ckpt-*"):
             if old.name != name:
                 shutil.rmtree(old, ignore_errors=True)
@@ -247,8 +398,9 @@ class CheckpointDir:
             name = json.loads(p.read_text())["checkpoint"]
         except (ValueError, KeyError, TypeError) as exc:
             raise PlanError(f"{p} is corrupt ({exc}); delete the checkpoint directory to start over") from exc
-        if not isinstance(name, str) or not name.startswith("ckpt-") or "/" in name or not (self.root / name).is_dir():
-            raise PlanError(f"{p} names a checkpoint {name!r} that does not exist")
+        if (not isinstance(name, str) or not name.startswith("ckpt-") or "/" in name or "\\" in name or ".." in name
+                or not (self.root / name).is_dir()):
+            raise PlanError(f"{p} names a checkpoint {str(name)[:80]!r} that does not exist")
         return name
 
     def read(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]] | None:
@@ -258,7 +410,21 @@ class CheckpointDir:
             return None
         d = self.root / name
         try:
-            state = json.loads((d / STATE).read_text())
+            latest = json.loads((self.root / LATEST).read_text())
         except (OSError, ValueError) as exc:
+            raise PlanError(f"{self.root / LATEST} is unreadable ({exc})") from exc
+        hashes = latest.get("sha256") if isinstance(latest, dict) else None
+        entries = latest.get("entries") if isinstance(latest, dict) else None
+        if not isinstance(hashes, dict) or not isinstance(entries, dict):
+            raise PlanError(f"{self.root / LATEST} records no file hashes (written by an older growkit, or edited); "
+                            "delete the checkpoint directory to start over")
+        for f in (STATE, TENSORS):
+            self._verify(d / f, hashes.get(f))
+        self.entry_hashes = {str(k): v for k, v in entries.items()}
+        try:
+            state = json.loads((d / STATE).read_text())
+        except (OSError, ValueError, RecursionError) as exc:
             raise PlanError(f"checkpoint {d} is unreadable ({exc})") from exc
+        if not isinstance(state, dict):
+            raise PlanError(f"checkpoint {d} is malformed: {STATE} is not an object")
         return state, self._read_tensors(d / TENSORS)

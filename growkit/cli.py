@@ -95,6 +95,15 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 
     options = _method_options(args.method_options)
     get_method(args.method, **options)  # an unknown pass or option fails now, not after base training
+    out = Path(args.out)
+    if not args.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        # The run writes checkpoints, the model and reports there: never over someone's files.
+        from .checkpoint import LATEST
+
+        if (out / LATEST).is_file():
+            raise InputError(f"--out {out} holds the checkpoints of an earlier run: add --resume to continue it, "
+                             "or choose a new directory")
+        raise InputError(f"--out {out} exists and is not an empty directory; choose a new directory")
     ds, val_ds = _load_data(args.data, args.image_size)
     x0 = ds[0][0]
     model = create_model(args.model, num_classes=args.num_classes, in_chans=int(x0.shape[0]))
@@ -121,8 +130,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
-    out = Path(args.out)
-    save(res, out)
+    save(res, out, overwrite=True)  # the directory was empty: only this run's files are there
     res.plot(out / "gallery.png")
     (out / "report.md").write_text(res.report() + "\n")
     print(res.report())

@@ -16,6 +16,8 @@ __all__ = [
     "BudgetError",
     "ExportError",
     "ResourceError",
+    "LockError",
+    "NonFiniteLoss",
 ]
 
 
@@ -65,3 +67,13 @@ class ExportError(GrowkitError, RuntimeError):
 
 class ResourceError(GrowkitError, RuntimeError):
     """The device ran out of memory (the message says what was being trained and what to reduce)."""
+
+
+class LockError(GrowkitError, RuntimeError):
+    """Another live process holds the checkpoint directory (the message names it)."""
+
+
+class NonFiniteLoss(GrowkitError, RuntimeError):
+    """Training diverged: the loss, a model output or a grown gate ``eta`` became NaN / Inf (or
+    ``|eta|`` passed ``max_eta``). Growth rolls back on its own; this reaches the caller when the
+    run diverges without growth (lower the learning rate)."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from .core.graph import as_args
 from .errors import InputError
-from .train import BatchFn, LossFn, first_input
+from .train import BatchFn, LossFn, first_batch, first_input
 
 __all__ = ["RunSetup", "set_up_run", "check_example"]
 
@@ -37,6 +37,8 @@ class RunSetup:
     loss_fn: LossFn | None = None
     batch_fn: BatchFn | None = None
     progress: bool = False
+    first_batch: tuple[Any, torch.Tensor] | None = None
+    """The training loader's first batch as read for the example (``None`` if it was not read)."""
 
     def example_on_device(self) -> tuple[torch.Tensor, ...]:
         return tuple(a.to(self.device) for a in self.example)
@@ -56,7 +58,7 @@ def check_example(example: tuple[torch.Tensor, ...], loader_x: Any) -> None:
 def set_up_run(model: nn.Module, loader: Iterable, val_loader: Iterable | None = None, *, example_input: Any = None,
                loss_fn: LossFn | None = None, batch_fn: BatchFn | None = None, device: str | torch.device | None = None,
                seed: int | None = None, progress: bool = False, selects: str | None = "models",
-               check: bool = True) -> RunSetup:
+               check: bool = True, per_example: bool = False) -> RunSetup:
     """Seed torch, pick the device (default: the model's), default the validation loader and take
     the example input.
 
@@ -64,6 +66,7 @@ def set_up_run(model: nn.Module, loader: Iterable, val_loader: Iterable | None =
     ``None`` (then the training loader is used); ``selects=None`` leaves ``val_loader`` as given.
     ``check=False`` takes a given ``example_input`` without reading a batch to check it against
     (streams: reading a shuffled loader once more would draw from torch's generator).
+    ``per_example=True`` cuts a given example input to batch 1 (grow: costs and plans are per example).
     """
     if seed is not None:
         torch.manual_seed(seed)
@@ -71,10 +74,14 @@ def set_up_run(model: nn.Module, loader: Iterable, val_loader: Iterable | None =
     if val_loader is None and selects is not None:
         logger.warning("no val_loader given: %s are selected on the training data", selects)
         val_loader = loader
+    batch = None
     if example_input is not None and not check:
         example = as_args(example_input)
     else:
-        loader_x = first_input(loader, batch_fn)
+        batch = first_batch(loader, batch_fn)  # one read of the loader
+        loader_x = first_input(loader, batch_fn, batch)
         example = as_args(example_input if example_input is not None else loader_x)
         check_example(example, loader_x)
-    return RunSetup(loader, val_loader, example, dev, loss_fn, batch_fn, progress)
+    if per_example:
+        example = tuple(a[:1] if a.dim() else a for a in example)
+    return RunSetup(loader, val_loader, example, dev, loss_fn, batch_fn, progress, batch)

@@ -14,11 +14,12 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from .errors import InputError
+from .errors import InputError, NonFiniteLoss
+from .outputs import check_logits_targets
 
 __all__ = ["BatchFn", "LossFn", "default_batch_fn", "default_loss", "iter_batches", "train_steps", "train_batches",
            "evaluate", "NonFiniteLoss", "PhaseStats", "loader_length", "num_batches", "cosine_schedule",
-           "growth_optimizer", "forward", "logits_of", "first_input"]
+           "forward", "forward_checked", "logits_of", "first_batch", "first_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,10 +76,6 @@ def iter_batches(loader: Iterable, batch_fn: BatchFn | None, device: torch.devic
         raise InputError("the data loader yielded no batches; check the dataset is not empty")
 
 
-class NonFiniteLoss(RuntimeError):
-    """Raised inside a phase when the loss becomes NaN or Inf (grow() catches it)."""
-
-
 @dataclass
 class PhaseStats:
     """Running totals of a training phase (continued across epochs and resumes)."""
@@ -102,8 +99,12 @@ def forward(model: nn.Module, x: Any) -> Any:
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
-def logits_of(out: Any) -> torch.Tensor:
-    """The logits tensor of a model output (a tensor, or the first of a dict / tuple)."""
+def logits_of(out: Any, loss_fn: Any = None) -> torch.Tensor:
+    """The logits tensor of a model output: what ``loss_fn.select`` picks (``grow(output=...)``,
+    :class:`growkit.outputs.OutputLoss`), else the tensor, or the first of a dict / tuple."""
+    select = getattr(loss_fn, "select", None)
+    if select is not None:
+        return select(out)
     if isinstance(out, torch.Tensor):
         return out
     if isinstance(out, dict):
@@ -114,8 +115,36 @@ def logits_of(out: Any) -> torch.Tensor:
 
 
 def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
-    """Cross entropy on the output's logits."""
-    return F.cross_entropy(logits_of(out), y)
+    """Cross entropy on the model's only output; several outputs need ``output=`` (no guessing)."""
+    many = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else None
+    if many is not None and len(many) > 1:
+        shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in many]
+        raise InputError(
+            f"the model returns {len(many)} outputs {shapes}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}; "
+            "growkit does not guess which are the logits: pass output=KEY / INDEX / callable to grow(), or loss_fn="
+        )
+    logits = logits_of(out)
+    check_logits_targets(logits, y)
+    return F.cross_entropy(logits, y)
+
+
+def _shapes(x: Any) -> list[tuple[int, ...]]:
+    xs = x if isinstance(x, (tuple, list)) else [x]
+    return [tuple(t.shape[1:]) for t in xs if isinstance(t, torch.Tensor)]
+
+
+def forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
+    """Forward, after checking the batch has the first batch's shape beyond the batch axis.
+
+    A traced and grown model is built for one input shape (growth points, resampling ops); a
+    stray batch would fail deep inside a conv or, worse, silently run at another resolution.
+    """
+    if first is not None and _shapes(x) != first:
+        raise InputError(
+            f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
+            f"{first}; every batch needs the same shape (check the dataset's transforms or collate_fn)"
+        )
+    return forward(model, x)
 
 
 def train_steps(
@@ -179,16 +208,19 @@ def train_batches(
 ) -> PhaseStats:
     """The training loop: one optimizer step per device-placed ``(x, y)`` of ``batches``.
 
-    Raises :class:`NonFiniteLoss` on a NaN / Inf loss (before the step). :func:`train_steps`
+    Raises :class:`NonFiniteLoss` on a NaN / Inf loss (before the step), :class:`InputError` on a
+    batch whose shape differs from the first one's (beyond the batch axis). :func:`train_steps`
     runs it per epoch over a loader; search passes run it over a fixed number of batches.
     """
     loss_fn = loss_fn or default_loss
     optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     st = stats if stats is not None else PhaseStats()
-    for x, y in batches:
+    first = None
+    for i, (x, y) in enumerate(batches):
         for opt in optimizers:
             opt.zero_grad(set_to_none=True)
-        out = forward(model, x)
+        out = forward_checked(model, x, first, i)
+        first = first or _shapes(x)
         loss = loss_fn(out, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
@@ -202,7 +234,7 @@ def train_batches(
             after_step()
         st.loss_sum += float(loss.detach())
         st.steps += 1
-        logits = logits_of(out)
+        logits = logits_of(out, loss_fn)
         if logits.dim() == 2 and y.dim() == 1:
             st.correct += int((logits.detach().argmax(1) == y).sum())
             st.seen += int(y.numel())
@@ -220,16 +252,6 @@ def num_batches(loader: Iterable) -> int:
     """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
     n = loader_length(loader)
     return 1000 if n is None else n
-
-
-def growth_optimizer(model: nn.Module, new: Sequence[nn.Parameter], *, lr: float, new_lr_mult: float,
-                     momentum: float, weight_decay: float, exclude: Sequence[nn.Parameter] = ()) -> torch.optim.SGD:
-    """SGD over ``model``: the newly grown parameters ``new`` at ``lr * new_lr_mult``, the rest but
-    ``exclude`` at ``lr`` (empty groups left out). How every growth path fine-tunes a grown model."""
-    ids = {id(p) for p in new} | {id(p) for p in exclude}
-    groups = [{"params": [p for p in model.parameters() if id(p) not in ids]},
-              {"params": list(new), "lr": lr * new_lr_mult}]
-    return torch.optim.SGD([g for g in groups if g["params"]], lr=lr, momentum=momentum, weight_decay=weight_decay)
 
 
 def loader_length(loader: Iterable) -> int | None:
@@ -256,12 +278,14 @@ def evaluate(
     model.eval()
     total, n, correct = 0.0, 0, 0
     try:
-        for x, y in iter_batches(loader, batch_fn, device):
-            out = forward(model, x)
+        first = None
+        for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
+            out = forward_checked(model, x, first, i)
+            first = first or _shapes(x)
             b = int(y.shape[0]) if y.dim() else 1
             total += float(loss_fn(out, y)) * b
             n += b
-            logits = logits_of(out)
+            logits = logits_of(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 correct += int((logits.argmax(1) == y).sum())
     finally:
@@ -270,11 +294,16 @@ def evaluate(
     return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
 
 
-def first_input(loader: Iterable, batch_fn: BatchFn | None) -> Any:
-    """The first batch's inputs, sliced to batch 1 (used as ``example_input``)."""
+def first_batch(loader: Iterable, batch_fn: BatchFn | None) -> tuple[Any, torch.Tensor]:
+    """The first batch as ``(inputs, targets)`` (one read of the loader)."""
     for batch in loader:
-        x, _ = (batch_fn or default_batch_fn)(batch)
-        if isinstance(x, torch.Tensor):
-            return x[:1].detach().cpu()
-        return tuple(t[:1].detach().cpu() for t in x)
+        return (batch_fn or default_batch_fn)(batch)
     raise InputError("the data loader yielded no batches; check the dataset is not empty")
+
+
+def first_input(loader: Iterable, batch_fn: BatchFn | None, batch: tuple[Any, torch.Tensor] | None = None) -> Any:
+    """The first batch's inputs (or ``batch``'s), sliced to batch 1 (used as ``example_input``)."""
+    x, _ = batch if batch is not None else first_batch(loader, batch_fn)
+    if isinstance(x, torch.Tensor):
+        return x[:1].detach().cpu()
+    return tuple(t[:1].detach().cpu() for t in x)

@@ -132,6 +132,10 @@ class GrowPlugin(SupervisedPlugin):
     def before_training_exp(self, strategy: Any, **kwargs: Any) -> None:
         assert self.grower is not None
         opt = strategy.optimizer
+        try:  # sets the new parameters' warm-up (a fraction of an epoch)
+            self.grower.steps_per_epoch = max(1, len(strategy.dataloader))
+        except (AttributeError, TypeError):
+            pass
         # (Re-)attaching runs the grower's clean-up (candidates out) on what make_optimizer built.
         self._attach(strategy)
         have = {id(p) for g in opt.param_groups for p in g["params"]}
@@ -148,7 +152,9 @@ class GrowPlugin(SupervisedPlugin):
     def after_update(self, strategy: Any, **kwargs: Any) -> None:
         if self.grower is None:
             return
-        ev = self.grower.after_step()
+        loss = getattr(strategy, "loss", None)
+        # A non-finite loss right after a growth rolls the growth back (the grower's rule).
+        ev = self.grower.after_step(loss if isinstance(loss, torch.Tensor) else None)
         if ev is not None:
             self._publish(strategy, ev)
 

@@ -195,6 +195,9 @@ class GrowCallback(Callback):
             raise PlanError("the checkpoint holds a grown model but no GrowCallback state to rebuild it from; resume "
                             f"with the GrowCallback(attr={self.attr!r}) the checkpoint was saved with")
         self.grower.to(pl_module.device)
+        steps = trainer.num_training_batches
+        if isinstance(steps, int) and steps > 0:  # sets the new parameters' warm-up (a fraction of an epoch)
+            self.grower.steps_per_epoch = max(1, steps // max(1, trainer.accumulate_grad_batches))
         self.grower.detach()
         self._attached = list(trainer.optimizers)
         for opt in self._attached:
@@ -216,7 +219,9 @@ class GrowCallback(Callback):
         if self.grower is None or trainer.global_step == self._last_step:
             return  # no optimizer step in this batch (gradient accumulation)
         self._last_step = trainer.global_step
-        ev = self.grower.after_step()
+        loss = outputs.get("loss") if isinstance(outputs, dict) else outputs
+        # A non-finite loss right after a growth rolls the growth back (the grower's rule).
+        ev = self.grower.after_step(loss if isinstance(loss, torch.Tensor) else None)
         if ev is not None:
             _log_event(ev, trainer.current_epoch)
 

@@ -48,17 +48,27 @@ class _StopForwardNormalized(torch.autograd.Function):
     the element count are those of the global batch (one all-reduce over ``group``), and the
     result is scaled by the group size so that DDP's gradient average reproduces the
     single-process gradient of the same global batch.
+
+    The forward is zeros of ``dtype`` (the point's dtype) whatever ``x`` holds, so a weak learner
+    that overflows can never reach the model's output; the backward works in ``x``'s dtype (fp32
+    for candidates: in fp16 the element count alone overflows) and gives non-finite entries of the
+    incoming gradient no weight. ``normalize=False`` is plain :func:`sf` with those two guards.
     """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group: Any = None) -> torch.Tensor:  # type: ignore[override]
-        ctx.group = group
-        return x - x
+    def forward(ctx, x: torch.Tensor, group: Any = None, dtype: torch.dtype | None = None,  # type: ignore[override]
+                normalize: bool = True) -> torch.Tensor:
+        ctx.group, ctx.dtype, ctx.normalize = group, x.dtype, normalize
+        return torch.zeros_like(x, dtype=dtype or x.dtype)
 
     @staticmethod
-    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor, None]:  # type: ignore[override]
+    def backward(ctx, g: torch.Tensor) -> tuple[torch.Tensor | None, ...]:  # type: ignore[override]
+        g = g.to(ctx.dtype)
+        g = torch.where(torch.isfinite(g), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        if not ctx.normalize:
+            return g, None, None, None
         if ctx.group is None:
-            return g / (g.pow(2).mean().sqrt().clamp_min(1e-30) * g.numel()), None
+            return g / (g.pow(2).mean().sqrt().clamp_min(1e-30) * g.numel()), None, None, None
         # Rank r holds g_r = dL_r/dx on its samples; DDP trains on (1/W) sum_r L_r. Global
         # sum of squares S and count N: the single-process value g / (rms * N) on the effective
         # gradient is g_r * W / (sqrt(S / N) * N) once DDP divides the parameter gradients by W.
@@ -66,7 +76,7 @@ class _StopForwardNormalized(torch.autograd.Function):
         s = torch.stack([g.to(acc).pow(2).sum(), torch.tensor(float(g.numel()), dtype=acc, device=g.device)])
         dist.all_reduce(s, group=ctx.group)
         rms = (s[0] / s[1]).sqrt().clamp_min(1e-30)
-        return g * (dist.get_world_size(ctx.group) / (rms * s[1])).to(g.dtype), None
+        return g * (dist.get_world_size(ctx.group) / (rms * s[1])).to(g.dtype), None, None, None
 
 
 def sf_normalized(x: torch.Tensor, group: Any = None) -> torch.Tensor:
@@ -75,7 +85,7 @@ def sf_normalized(x: torch.Tensor, group: Any = None) -> torch.Tensor:
     ``group``: a process group whose ranks hold the other parts of the batch (``None``: this
     process holds the whole batch).
     """
-    return _StopForwardNormalized.apply(x, group)
+    return _StopForwardNormalized.apply(x, group, x.dtype, True)
 
 
 class Candidate(nn.Module):
@@ -115,6 +125,13 @@ class Candidate(nn.Module):
         self.register_buffer("score_count", torch.zeros(()), persistent=False)
         self.register_buffer("fit_sum", torch.zeros(()), persistent=False)
 
+    def _apply(self, fn: Any, recurse: bool = True) -> "Candidate":
+        # .half() / .to(bfloat16) on the model leave candidates in fp32 (see forward).
+        super()._apply(fn, recurse)
+        if self.alpha.dtype in (torch.float16, torch.bfloat16):
+            super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
+        return self
+
     def edges(self) -> list[tuple[str, str]]:
         """(input name, op name) for every entry of ``alpha``, row-major."""
         return [(z, op) for z in self.input_names for op in self.op_names]
@@ -133,8 +150,13 @@ class Candidate(nn.Module):
         return decanonical(xc, self.layout)
 
     def forward(self, x: torch.Tensor, *zs: torch.Tensor) -> torch.Tensor:
-        xc = self.weak_learner(*(sg(z) for z in zs))
-        out = add_keep_strides(x, sf_normalized(xc, self.stats_group) if self.normalize_grad else sf(xc))
+        # The weak learner runs in fp32 whatever autocast or the model's dtype say (its
+        # parameters are fp32, see inject): its gradient normalisation overflows in fp16.
+        with torch.autocast(x.device.type, enabled=False):
+            dt = self.alpha.dtype
+            xc = self.weak_learner(*(sg(z).to(dt) if z.is_floating_point() else sg(z) for z in zs))
+            zero = _StopForwardNormalized.apply(xc, self.stats_group, x.dtype, self.normalize_grad)
+        out = add_keep_strides(x, zero)
         if out.requires_grad and self.training:
             target = xc.detach()
             out.register_hook(lambda g: self._record(target, g))
@@ -157,9 +179,11 @@ class Candidate(nn.Module):
             dist.all_reduce(s, group=group)
             cos = s[0] / (s[1].sqrt() * s[2].sqrt()).clamp_min(1e-30)
             fit = s[0] / (dist.get_world_size(group) * s[3].clamp_min(1))
-        self.score_sum += cos
-        self.score_count += 1
-        self.fit_sum += fit
+        # A non-finite gradient (an fp16 overflow upstream) says nothing about the fit: skip it.
+        ok = torch.isfinite(cos) & torch.isfinite(fit)
+        self.score_sum += torch.where(ok, cos, 0.0).to(self.score_sum.dtype)
+        self.score_count += ok.to(self.score_count.dtype)
+        self.fit_sum += torch.where(ok, fit, 0.0).to(self.fit_sum.dtype)
 
     @property
     def score(self) -> float:

@@ -1,6 +1,7 @@
 """Cost of a model: parameter count, FLOPs (torch.utils.flop_counter), measured latency."""
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -105,6 +106,8 @@ class Budget:
             v = getattr(self, k)
             if v is None:
                 continue
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isfinite(v):
+                raise BudgetError(f"Budget.{k} must be finite, got {v!r}; leave it None for no limit on {k}")
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 raise BudgetError(f"Budget.{k} must be a positive number or None, got {v!r}")
             if self.relative and v < 1.0:

@@ -65,6 +65,10 @@ def selected_edges(
     return out
 
 
+def _finite(tensors: Iterable[torch.Tensor]) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in tensors if t.is_floating_point())
+
+
 def finalize(
     candidate_model: CandidateModel,
     max_ops: int = 3,
@@ -117,9 +121,13 @@ def finalize(
             logger.info("point %s: every alpha is zero, nothing to grow", point)
             continue
         cand = cands[point]
+        src = dict(zip(cand.edges(), zip(cand.ops, cand.norms)))
+        if not _finite([cand.alpha, *(t for z, op, _ in edges for m in src[(z, op)] for t in m.state_dict().values())]):
+            # Copying them would put NaN / inf into the grown model (eta * NaN is NaN).
+            logger.warning("point %s: its candidate's weights are not finite; nothing grown there", point)
+            continue
         edit = Edit(point, tuple(Edge(z, op) for z, op, _ in edges), f"g{len(st.plan.edits)}")
         branch = apply_edit(gm, edit, registry or DEFAULT_REGISTRY)
-        src = dict(zip(cand.edges(), zip(cand.ops, cand.norms)))
         with torch.no_grad():
             for e, (z, op, _) in enumerate(edges):
                 op_mod, norm = src[(z, op)]

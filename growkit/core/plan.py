@@ -17,6 +17,7 @@ import torch
 import torch.fx
 
 from ..errors import PlanError
+from ..validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
 
 __all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
 
@@ -81,38 +82,40 @@ class GrowthPlan:
         if d.get("version") != VERSION:
             raise PlanError(f"plan version {d.get('version')!r} is not supported (this growkit reads {VERSION})")
 
-        def ident(v: Any, what: str) -> str:
-            if not isinstance(v, str) or not v.replace("_", "a").isalnum():
-                raise PlanError(f"plan {what} {v!r} is not a node/op identifier")
-            return v
-
-        edits = []
-        for i, e in enumerate(d.get("edits", [])):
+        raw_edits = d.get("edits", [])
+        if not isinstance(raw_edits, list) or len(raw_edits) > MAX_EDITS:
+            raise PlanError(f"plan edits must be a list of at most {MAX_EDITS} edits")
+        edits, keys = [], set()
+        for i, e in enumerate(raw_edits):
             if not isinstance(e, dict) or not isinstance(e.get("edges"), list) or not e["edges"]:
-                raise PlanError(f"plan edit {i} is malformed: {e!r}")
+                raise PlanError(f"plan edit {i} is malformed: {str(e)[:200]}")
+            if len(e["edges"]) > MAX_EDGES:
+                raise PlanError(f"plan edit {i} has {len(e['edges'])} edges (at most {MAX_EDGES})")
             edges = tuple(
-                Edge(ident(x.get("input") if isinstance(x, dict) else None, "input"),
-                     ident(x.get("op") if isinstance(x, dict) else None, "op"))
+                Edge(check_plan_name(x.get("input") if isinstance(x, dict) else None, "input"),
+                     check_plan_name(x.get("op") if isinstance(x, dict) else None, "op"))
                 for x in e["edges"]
             )
-            edits.append(Edit(ident(e.get("point"), "point"), edges, ident(e.get("key"), "key")))
-        shapes = d.get("input_shapes", [])
-        if not (isinstance(shapes, list) and all(isinstance(s, list) and all(isinstance(v, int) and v > 0 for v in s) for s in shapes)):
-            raise PlanError(f"plan input_shapes {shapes!r} must be lists of positive ints")
-        dtypes = d.get("input_dtypes", [])
-        for dt in dtypes:
-            if not isinstance(dt, str) or not isinstance(getattr(torch, dt, None), torch.dtype):
-                raise PlanError(f"plan input dtype {dt!r} is not a torch dtype")
+            key = check_edit_key(e.get("key"))
+            if key in keys:
+                raise PlanError(f"plan edit key {key!r} occurs twice; every edit needs its own key")
+            keys.add(key)
+            edits.append(Edit(check_plan_name(e.get("point"), "point"), edges, key))
+        shapes, dtypes = check_plan_inputs(d.get("input_shapes", []), d.get("input_dtypes", []))
         base = d.get("base", {})
         if not isinstance(base, dict):
             raise PlanError("plan 'base' must be an object")
-        return cls(base, shapes, list(dtypes), str(d.get("fingerprint", "")), edits)
+        fp = d.get("fingerprint", "")
+        if not isinstance(fp, str) or len(fp) > 128:
+            raise PlanError("plan fingerprint must be a short string")
+        return cls(base, shapes, dtypes, fp, edits)
 
     @classmethod
     def from_json(cls, text: str) -> "GrowthPlan":
+        check_plan_size(len(text), "plan text")
         try:
             d = json.loads(text)
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, RecursionError) as exc:
             raise PlanError(f"plan is not valid JSON: {exc}") from exc
         return cls.from_dict(d)
 
@@ -121,7 +124,13 @@ class GrowthPlan:
 
     @classmethod
     def load(cls, path: str | Path) -> "GrowthPlan":
-        return cls.from_json(Path(path).read_text())
+        p = Path(path)
+        try:
+            check_plan_size(p.stat().st_size, str(p))
+            text = p.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as exc:
+            raise PlanError(f"cannot read plan {p} ({exc})") from exc
+        return cls.from_json(text)
 
     def example_input(self) -> tuple[torch.Tensor, ...]:
         """Zero tensors of the recorded input shapes (enough to re-trace the base model)."""

@@ -17,7 +17,7 @@ import torch
 import torch.fx
 
 from .candidates import CandidateModel
-from .cost import Budget, Cost, count_params, flop_counter
+from .cost import Budget, Cost, count_params, flop_counter, measure
 from .finalize import finalize, selected_edges
 from .plan import BRANCHES
 from .surgery import state_of
@@ -104,4 +104,24 @@ def choose_points(
         add_p += cost[0]
         add_f += cost[1]
     why = "" if chosen else ("no candidate fits the budget" if ranked else "no candidate fits the negative gradient")
+    if chosen and budget is not None and budget.needs_latency:
+        chosen = _within_latency(cm, example, chosen, budget, base)
+        why = "" if chosen else "no candidate fits the latency budget"
     return Choice(list(chosen), why, chosen)
+
+
+def _within_latency(cm: CandidateModel, example: tuple[torch.Tensor, ...],
+                    chosen: dict[str, list[tuple[str, str, float]]], budget: Budget,
+                    base: Cost) -> dict[str, list[tuple[str, str, float]]]:
+    """Drop the lowest-ranked points until the grown model's measured latency fits the budget.
+
+    Latency is not additive over branches, so it is measured on the grown model itself, here,
+    rather than after weak learning has been paid for.
+    """
+    order = list(chosen)
+    while order:
+        keep = {p: chosen[p] for p in order}
+        if budget.allows(measure(finalize(cm, edges=keep), example, latency=True), base):
+            return keep
+        order.pop()
+    return {}

@@ -69,7 +69,7 @@ def from_layer_graph(lg: LayerGraph, example_input: Any, base: dict[str, Any] | 
     args = as_args(example_input)
     plan = GrowthPlan(
         base=dict(base or ({"source": lg.model_name} if lg.model_name else {})),
-        input_shapes=[list(a.shape) for a in args],
+        input_shapes=[[1, *a.shape[1:]] if a.dim() else [] for a in args],  # per example: batch 1
         input_dtypes=[str(a.dtype).replace("torch.", "") for a in args],
         fingerprint=graph_fingerprint(gm),
     )

@@ -27,8 +27,11 @@ from torch import nn
 from ..core.candidates import CandidateModel
 from ..core.cost import Budget
 from ..errors import InputError
+from ..newparams import DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP
+from ..outputs import OutputLoss
 from ..runsetup import set_up_run
 from ..train import BatchFn
+from ..validate import check_int, check_loader
 from .config import GrowConfig
 from .executor import Executor, LocalExecutor, get_executor
 from .methods import get_method
@@ -55,6 +58,9 @@ def grow(
     finetune_epochs: int = 1,
     lr: float = 0.01,
     new_lr_mult: float = 10.0,
+    new_lr_max: float = DEFAULT_MAX_LR,
+    new_lr_warmup: float = DEFAULT_WARMUP,
+    new_grad_clip: float | None = DEFAULT_CLIP,
     candidate_lr: float = 3e-3,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
@@ -74,7 +80,9 @@ def grow(
     seed: int | None = None,
     cost_axis: str = "params",
     eps: float = 0.025,
-    max_eta: float = 100.0,
+    output: str | int | Callable[[Any], torch.Tensor] | None = None,
+    allow_new_data: bool = False,
+    max_eta: float = DEFAULT_MAX_ETA,
 ) -> GrowResult:
     """Grow ``model`` (not modified) with Petridish on ``loader``; see the module docstring.
 
@@ -96,7 +104,11 @@ def grow(
             ``num_gpus``, ``threads``, ``max_retries``, ``runtime_env``.
         search_epochs / finetune_epochs: epochs of each phase per round.
         lr: base learning rate (SGD, cosine schedule restarted each phase).
-        new_lr_mult: learning-rate multiplier for newly grown parameters while fine-tuning.
+        new_lr_mult / new_lr_max / new_lr_warmup / new_grad_clip: newly grown parameters (branches,
+            projections, eta) fine-tune at ``new_lr_mult`` x the base rate, never above
+            ``new_lr_max``, ramped from 0 over ``new_lr_warmup`` of an epoch, gradient norm clipped
+            at ``new_grad_clip`` (see :mod:`growkit.newparams`). A child whose fine-tuning diverges
+            is rolled back and retried once with that rate halved, then dropped.
         candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). ``ops``
             defaults to the paper's full op set: with inject's cheap default (two ops) top-|alpha|
@@ -113,32 +125,45 @@ def grow(
         resume: continue from the last complete checkpoint in ``checkpoint_dir`` (if any).
         seed: makes the run reproducible on CPU.
         cost_axis: gallery / hull cost axis: ``"params"``, ``"flops"`` or ``"latency_ms"``.
-        max_eta: a grown gate with ``|eta|`` above this (or non-finite) stops the round and
-            rolls back to the last good model, like a NaN loss.
+        output: which model output holds the logits when the model returns several: a dict key,
+            a tuple index, or a callable ``output(model_output) -> logits``.
+        allow_new_data: resume on data whose fingerprint (sizes, hash of a few examples) differs
+            from the checkpointed run's; by default that is refused.
+        max_eta: a grown gate with ``|eta|`` above this (or non-finite) counts as a divergence,
+            like a NaN loss.
+
+    Raises:
+        NonFiniteLoss: the model's outputs are already non-finite (it is not grown).
     """
     growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
     if isinstance(model, CandidateModel):
         raise InputError("model carries un-finalized candidates; call growkit.finalize first")
-    if not isinstance(rounds, int) or rounds < 0:
-        raise InputError(f"rounds must be an int >= 0, got {rounds!r}")
+    check_int("rounds", rounds, lo=0)
+    check_int("children", children, lo=1)
+    check_loader(loader, "loader")
+    if val_loader is not None:
+        check_loader(val_loader, "val_loader")
     cfg = GrowConfig(
         method=method, method_options=method_options or {}, budget=budget, search_epochs=search_epochs,
-        finetune_epochs=finetune_epochs, lr=lr, new_lr_mult=new_lr_mult, candidate_lr=candidate_lr,
+        finetune_epochs=finetune_epochs, lr=lr, new_lr_mult=new_lr_mult, new_lr_max=new_lr_max,
+        new_lr_warmup=new_lr_warmup, new_grad_clip=new_grad_clip, candidate_lr=candidate_lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, ops=ops, max_inputs=max_inputs, max_ops=max_ops,
         points=points, points_per_round=points_per_round, selection=selection, seed=seed, cost_axis=cost_axis,
-        eps=eps, max_eta=max_eta, children=children,
+        eps=eps, max_eta=max_eta, children=children, output=output,
     )
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir= (the directory of the interrupted run)")
+    if output is not None:
+        loss_fn = OutputLoss(output, loss_fn)
     ex = get_executor(executor, executor_options)
     if method != "petridish" and (children != 1 or not isinstance(ex, LocalExecutor)):
         raise InputError(f"method {method!r} runs one child per round in this process; children= and "
                          "executor= apply to method='petridish'")
     setup = set_up_run(model, loader, val_loader, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
-                       device=device, seed=seed, progress=progress)
-    run = GrowRun(model, setup, cfg, growth_method, ex, checkpoint_dir)
+                       device=device, seed=seed, progress=progress, per_example=True)
+    run = GrowRun(model, setup, cfg, growth_method, ex, checkpoint_dir, allow_new_data=allow_new_data)
     try:
         return run.run(rounds, resume)
     finally:

@@ -12,7 +12,7 @@ seeded at job start and restored afterwards.
 from __future__ import annotations
 
 import contextlib
-import math
+import logging
 import random
 import time
 from dataclasses import dataclass, field
@@ -28,17 +28,22 @@ from ..core.finalize import finalize
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.selection import choose_points
 from ..core.surgery import apply_plan, state_of
-from ..errors import ResourceError
+from ..errors import NonFiniteLoss, ResourceError
+from ..newparams import growth_optimizer
 from ..runsetup import RunSetup
-from ..train import NonFiniteLoss, PhaseStats, cosine_schedule, evaluate, growth_optimizer, num_batches, train_steps
+from ..train import PhaseStats, cosine_schedule, evaluate, num_batches, train_steps
 from .config import GrowConfig
 
 __all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
-           "job_seed_scope", "STOPPED"]
+           "job_seed_scope", "STOPPED", "RETRIED"]
+
+logger = logging.getLogger(__name__)
 
 State = dict[str, torch.Tensor]
 STOPPED = "stopped and rolled back to the last good model: "
 """How a job's note starts when a non-finite loss or an exploding eta stopped it."""
+RETRIED = "rolled back to before the growth and retried with the new parameters' learning rate halved: "
+"""How a child's note starts when its first fine-tuning diverged and the retry succeeded."""
 SaveHook = Callable[..., None]
 
 
@@ -142,6 +147,28 @@ def job_seed_scope(seed: int, loaders: Iterable[Any], device: torch.device) -> I
         np.random.set_state(np_state)
 
 
+@contextlib.contextmanager
+def _rng_restore_point(loaders: Iterable[Any], device: torch.device) -> Iterator[Callable[[], None]]:
+    """Yields a function that puts torch's (CPU and ``device``), Python's, numpy's and the loaders'
+    generators back to their state at entry (the RNG part of a rollback)."""
+    import numpy as np
+
+    gens = [g for g in loader_generators(loaders) if g is not None]
+    saved = ([g.get_state() for g in gens], torch.get_rng_state(), random.getstate(), np.random.get_state(),
+             torch.cuda.get_rng_state(device) if device.type == "cuda" else None)
+
+    def restore() -> None:
+        for g, st in zip(gens, saved[0]):
+            g.set_state(st)
+        torch.set_rng_state(saved[1])
+        random.setstate(saved[2])
+        np.random.set_state(saved[3])
+        if saved[4] is not None:
+            torch.cuda.set_rng_state(saved[4], device)
+
+    yield restore
+
+
 class ChildTrainer:
     """Runs weak-learning and fine-tuning jobs against one base model, data and grow() config.
 
@@ -190,8 +217,8 @@ class ChildTrainer:
         t = time.perf_counter()
         cm = inject(self.model_from(job.plan, unpack_state(job.state)), points=cfg.points, ops=cfg.ops,
                     max_inputs=cfg.max_inputs, l1=cfg.l1, normalize_grad=True).to(self.dev)
-        opt = growth_optimizer(cm, [], exclude=list(cm.candidate_parameters()), lr=cfg.lr,
-                               new_lr_mult=cfg.new_lr_mult, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt, _ = growth_optimizer(cm, [], exclude=list(cm.candidate_parameters()), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
         # Candidates get their own Adam: their (normalised) boosting gradient has another scale
         # than the loss gradient of the base weights.
         cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=cfg.candidate_lr)
@@ -251,11 +278,7 @@ class ChildTrainer:
         if not chosen:
             rec["note"] = why
             return WeakResult(job.round, job.index, job.parent, None, None, rec)
-        grown = finalize(cm, edges=edges)
-        if self.budget is not None and self.budget.needs_latency:
-            if not self.budget.allows(measure(grown, self.example, latency=True), self.base_cost):
-                rec["note"] = "latency over budget"
-                return WeakResult(job.round, job.index, job.parent, None, None, rec)
+        grown = finalize(cm, edges=edges)  # within a latency budget too: choose_points measured it
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
         state = snapshot(grown)
         return WeakResult(job.round, job.index, job.parent, plan, state, rec)
@@ -264,55 +287,86 @@ class ChildTrainer:
     def finetune(self, job: TuneJob, *, save: SaveHook | None = None,
                  resume: tuple[dict[str, Any], State] | None = None,
                  before_train: Callable[[torch.fx.GraphModule], None] | None = None) -> TuneResult:
-        """Fine-tune the child (fresh cosine schedule, new parameters at ``lr * new_lr_mult``),
-        then evaluate it and measure its cost. A non-finite loss or an exploding eta gives a
-        result without weights and with a note (the round keeps its last good model).
+        """Fine-tune the child (fresh cosine schedule, new parameters under the new-parameter rule),
+        then evaluate it and measure its cost; see :meth:`tune_with_rollback` for a divergence.
         ``before_train(model)`` sees the built child first (the driver checkpoints it there)."""
         with self.scope(job.seed):
             grown = self.model_from(job.plan, None if resume is not None else unpack_state(job.state))
             if before_train is not None:
                 before_train(grown)
+            return self.tune_with_rollback(job, grown, save=save, resume=resume)
+
+    def tune_with_rollback(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
+                           resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+        """:meth:`train_child`, rolled back when it diverges (a non-finite loss or an exploding eta):
+        the model's weights and every RNG go back to their state before the fine-tuning (the
+        optimizer and schedule are fresh anyway) and the training runs once more with the new
+        parameters' learning rate halved. If that diverges too, the result has no weights and a note
+        (the round keeps its last good model). A job resumed from a checkpoint mid fine-tuning no
+        longer has the state before it and is not retried."""
+        state0 = None if resume is not None else {k: v.detach().clone() for k, v in grown.state_dict().items()}
+        with _rng_restore_point((self.loader, self.val_loader), self.dev) as restore_rng:
             try:
                 return self.train_child(job, grown, save=save, resume=resume)
             except NonFiniteLoss as exc:
+                first = str(exc)
+                retried = resume is not None and resume[0]["progress"].get("retry", False)
+            if state0 is None or retried:
                 return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None,
-                                  {"note": STOPPED + str(exc)})
+                                  {"note": STOPPED + first + ("" if retried else " (resumed: not retried)")})
+            logger.warning("round %d child %d: %s; rolling back to before the growth and retrying with the new "
+                           "parameters' learning rate halved", job.round, job.index, first)
+            restore_rng()
+            grown.load_state_dict(state0)
+            if save is not None:  # a resume from here retries too
+                save({"phase": "finetune", "epoch": 0, "stats": {}, "retry": True}, work=grown)
+            try:
+                res = self.train_child(job, grown, save=save, retry=True)
+            except NonFiniteLoss as exc:
+                return TuneResult(job.round, job.index, job.parent, job.plan, None, None, None,
+                                  {"note": f"{STOPPED}{first}; the retry with the new parameters' learning rate "
+                                           f"halved diverged too ({exc}): continued without this growth"})
+        res.rec["note"] = RETRIED + first
+        return res
 
     def train_child(self, job: TuneJob, grown: torch.fx.GraphModule, *, save: SaveHook | None = None,
-                    resume: tuple[dict[str, Any], State] | None = None) -> TuneResult:
+                    resume: tuple[dict[str, Any], State] | None = None, retry: bool = False) -> TuneResult:
         """The training of :meth:`finetune` on a built model (in place, in the caller's RNG scope);
-        raises :class:`growkit.train.NonFiniteLoss` when the loss or an eta blows up."""
+        raises :class:`growkit.NonFiniteLoss` when the loss or an eta blows up. ``retry``: the
+        new parameters train at :data:`growkit.newparams.RETRY_LR_SCALE` x their rate."""
         cfg = self.cfg
         rec: dict[str, Any] = {}
         t = time.perf_counter()
         branches = getattr(grown, BRANCHES)
         new = state_of(grown).plan.edits[job.new_edits:]  # type: ignore[union-attr]
         new_params = [p for e in new for p in branches[e.key].parameters()]
-        opt = growth_optimizer(grown, new_params, lr=cfg.lr, new_lr_mult=cfg.new_lr_mult, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
         epochs = cfg.finetune_epochs
-        sched = cosine_schedule(opt, epochs * num_batches(self.loader))
+        steps_per_epoch = num_batches(self.loader)
+        rule = cfg.new_param_rule()
+        if resume is not None:
+            retry = bool(resume[0]["progress"].get("retry", retry))
+        if retry:
+            rule = rule.retry()
+        opt, mgr = growth_optimizer(grown, new_params, rule=rule, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, steps_per_epoch=steps_per_epoch)
+        sched = cosine_schedule(opt, epochs * steps_per_epoch)
         stats, start = PhaseStats(), 0
         if resume is not None:
             prog = resume[0]["progress"]
             self.restore(resume, grown, {"finetune": opt}, sched)
             stats, start = PhaseStats(**prog["stats"]), prog["epoch"]
-        etas = {e.key: branches[e.key].eta for e in new}
-
-        def after_step() -> None:
-            for k, eta in etas.items():
-                v = float(eta.detach())
-                if not math.isfinite(v) or abs(v) > cfg.max_eta:
-                    raise NonFiniteLoss(f"eta of the branch grown at {k} exploded to {v:.3g} (max_eta {cfg.max_eta})")
+            if mgr is not None and prog.get("newparams"):
+                mgr.load_state_dict(prog["newparams"])
 
         def on_epoch_end(ep: int, st: PhaseStats) -> None:
             if save is not None:
-                save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st)}, work=grown, opts={"finetune": opt},
-                     sched=sched)
+                save({"phase": "finetune", "epoch": ep + 1, "stats": vars(st), "retry": retry,
+                      "newparams": mgr.state_dict() if mgr is not None else []},
+                     work=grown, opts={"finetune": opt}, sched=sched)
 
         st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
                          batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
-                         desc=f"round {job.round} fine-tune", after_step=after_step, start_epoch=start,
+                         desc=f"round {job.round} fine-tune", start_epoch=start,
                          stats=stats, on_epoch_end=on_epoch_end)
         rec["finetune_s"] = time.perf_counter() - t
         rec["finetune_train_acc"] = st.train_accuracy

@@ -7,6 +7,7 @@ the gallery and the resumable progress; what one child needs travels as jobs
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -16,19 +17,21 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
-from ..checkpoint import CheckpointDir, capture_rng, check_same_settings, full_state, optimizer_to_flat, restore_rng, snapshot
+from ..checkpoint import (CheckpointDir, capture_rng, check_same_settings, data_fingerprint, full_state, optimizer_to_flat,
+                          restore_rng, snapshot)
 from ..core.cost import Cost, measure
 from ..core.plan import GrowthPlan
 from ..core.surgery import growable, state_of
 from ..errors import InputError
 from ..io import save as save_model
 from ..io import write_json_atomic
+from ..newparams import check_finite_outputs
 from ..runsetup import RunSetup
 from ..train import evaluate
 from .config import GrowConfig
 from .executor import Executor, LocalExecutor
 from .gallery import Entry, Gallery
-from .jobs import ChildTrainer, TuneJob, TuneResult
+from .jobs import STOPPED, ChildTrainer, TuneJob, TuneResult
 from .result import GrowResult
 
 __all__ = ["GrowRun", "Saved", "RoundMethod"]
@@ -63,7 +66,8 @@ class GrowRun:
     """
 
     def __init__(self, model: nn.Module, setup: RunSetup, cfg: GrowConfig, method: RoundMethod,
-                 executor: Executor | None = None, checkpoint_dir: str | Path | None = None) -> None:
+                 executor: Executor | None = None, checkpoint_dir: str | Path | None = None, *,
+                 allow_new_data: bool = False) -> None:
         self.cfg = cfg
         self.setup = setup
         self.method = method
@@ -72,12 +76,21 @@ class GrowRun:
         self.budget = cfg.budget
         self.rng = random.Random(cfg.seed)
         self.dev = setup.device
+        mdev = next(model.parameters()).device
+        check_finite_outputs(model, tuple(a.to(mdev) for a in setup.example), "the model passed to grow()")
         self.base_gm = growable(model, setup.example).to(self.dev)
         self.example = setup.example_on_device()
         self.gallery = Gallery(cost_axis=cfg.cost_axis, eps=cfg.eps)
         self.history: list[dict[str, Any]] = []
         self.out = Path(checkpoint_dir) if checkpoint_dir is not None else None
         self.ckpt = CheckpointDir(self.out) if self.out is not None else None
+        self.allow_new_data = allow_new_data
+        # The training loader is not read again for it: a wrapper may count or log its reads.
+        first = setup.first_batch
+        self.data = ({"train": data_fingerprint(setup.loader, setup.batch_fn, first=first),
+                      "val": data_fingerprint(setup.val_loader, setup.batch_fn,
+                                              first=first if setup.val_loader is setup.loader else None)}
+                     if self.ckpt is not None else None)
         self.base_cost: Cost | None = None
         self.trainer = ChildTrainer(self.base_gm, setup, cfg, base_cost=Cost(0, 0), run_rng=self.rng)
 
@@ -135,7 +148,7 @@ class GrowRun:
             "gallery": self.gallery.to_dict(), "history": self.history, "optimizers": opt_meta,
             "scheduler": sched.state_dict() if sched is not None else None,
             "rng": capture_rng(self.rng, self.loaders),
-            "method_state": self.method.state_dict(),
+            "method_state": self.method.state_dict(), "data": self.data,
         }
         self.ckpt.write(state, tensors)
 
@@ -151,6 +164,13 @@ class GrowRun:
         check_same_settings(state["config"], self.cfg.to_json(),
                             api="pass the original settings or use a new checkpoint_dir",
                             cli="pass the original options or use a new --out directory")
+        if state.get("data") != self.data:
+            if not self.allow_new_data:
+                raise InputError(
+                    f"resume=True on other data than the checkpointed run's (its data: {state.get('data')}; "
+                    f"now: {self.data}); pass the same loaders, or allow_new_data=True to continue on these"
+                )
+            logger.warning("resuming %s on other data than it was checkpointed with (allow_new_data=True)", self.out)
         for d in state["gallery"]["entries"]:
             self.gallery.add(Entry.from_dict(d, self.ckpt.read_entry(int(d["id"]))))
         self.history[:] = state["history"]
@@ -163,6 +183,11 @@ class GrowRun:
 
     # ---------------------------------------------------------------- the loop
     def run(self, rounds: int, resume: bool) -> GrowResult:
+        """The loop, holding ``checkpoint_dir``'s lock (a second run on it gets a LockError)."""
+        with self.ckpt.lock() if self.ckpt is not None else contextlib.nullcontext():
+            return self._run(rounds, resume)
+
+    def _run(self, rounds: int, resume: bool) -> GrowResult:
         t0 = time.perf_counter()
         if not resume and self.ckpt is not None and self.ckpt.latest_name() is not None:
             raise InputError(
@@ -195,8 +220,8 @@ class GrowRun:
             if self.out is not None:
                 self.write_summary()
         best = self.gallery.best(self.budget, self.base_cost)
-        if self.budget is not None and best.kind == "base" and rounds > 0:
-            logger.warning("no grown model beat the base within the budget; returning the base model")
+        if best.kind == "base" and rounds > 0:
+            self.warn_base_returned(base_entry)
         tail: dict[str, Any] = {"total_s": time.perf_counter() - t0, "executor": self.executor.name}
         tail.update(getattr(self.executor, "stats", {}))
         history = [dict(h) for h in self.history] + [tail]
@@ -206,12 +231,35 @@ class GrowRun:
             self.write_summary()
         return result
 
+    def warn_base_returned(self, base: Entry) -> None:
+        """Say why the base comes back: every child scored below it, or every child collapsed
+        (diverged, or fell below half the base's accuracy), which points at the learning rate."""
+        grown = [e for e in self.gallery if e.kind == "grown"]
+        stopped = [h for h in self.history if str(h.get("note", "")).startswith(STOPPED[:7])]
+        base_acc = 1 - base.val_error
+        collapsed = [e for e in grown if 1 - e.val_error < 0.5 * base_acc]
+        tried = len(grown) + len(stopped)
+        cfg = self.cfg
+        if tried and len(collapsed) + len(stopped) == tried:
+            logger.warning(
+                "every grown child collapsed (%d of %d diverged, the others fell below half the base's validation "
+                "accuracy %.4f): the likely cause is the learning rate (lr=%g; new parameters at most %g); try a "
+                "lower lr, or lower new_lr_max / new_lr_mult; returning the base model",
+                len(stopped), tried, base_acc, cfg.lr, min(cfg.lr * cfg.new_lr_mult, cfg.new_lr_max))
+        elif grown:
+            best = max(grown, key=lambda e: 1 - e.val_error)
+            within = "" if self.budget is None else " within the budget"
+            logger.warning("no grown model beat the base%s (best child: val acc %.4f, base %.4f); returning the "
+                           "base model", within, 1 - best.val_error, base_acc)
+        elif self.budget is not None:
+            logger.warning("no grown model beat the base within the budget; returning the base model")
+
     def finetune(self, rnd: int, grown: torch.fx.GraphModule, parent: Entry, rec: dict[str, Any],
                  saved: Saved | None) -> None:
         """Fine-tune a grown model in place (checkpointed every epoch), add its entry, end the round.
 
         For growth methods that search in this process; ``rec`` is the round's history record.
-        A non-finite loss or an exploding eta raises :class:`growkit.train.NonFiniteLoss`.
+        A divergence is rolled back and retried once (:meth:`ChildTrainer.tune_with_rollback`).
         """
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
         job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan["edits"]), 0)
@@ -219,9 +267,12 @@ class GrowRun:
         def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
             self.save({"round": rnd, "parent": parent.id, "plan": plan, **p}, work=work, opts=opts, sched=sched)
 
-        res = self.trainer.train_child(job, grown, save=save, resume=saved)
+        res = self.trainer.tune_with_rollback(job, grown, save=save, resume=saved)
         rec.update(res.rec)
-        self.add_trained(res, rec)
+        if res.state is not None:
+            self.add_trained(res, rec)
+        else:
+            logger.warning("round %d: %s; nothing grown", rnd, rec["note"])
         self.save({"round": rnd, "phase": "round_end"})
 
     def write_summary(self) -> None:

@@ -20,23 +20,26 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import random
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Iterable, Iterator
 
 import torch
 import torch.fx
 from torch import nn
 
-from ..core.candidates import CANDIDATES, CandidateModel, inject
 from ..checkpoint import full_state, load_full_state, optimizer_from_flat, optimizer_to_flat
+from ..core.candidates import CANDIDATES, CandidateModel, inject
 from ..core.cost import Budget, Cost, measure
-from ..errors import InputError
 from ..core.finalize import finalize
 from ..core.graph import as_args
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.selection import choose_points
 from ..core.surgery import growable, remove_inserted, state_of
+from ..errors import InputError, NonFiniteLoss
+from ..newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
+                         check_finite_outputs)
 
 __all__ = ["Grower", "GrowthEvent", "adopt_parameters"]
 
@@ -96,8 +99,17 @@ class Grower:
             how points and edges are fitted into it).
         ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`).
         candidate_lr: Adam learning rate of the candidates (stepped in :meth:`after_step`).
-        new_lr_mult: attached optimizers train grown parameters at this multiple of the lr of
-            their first param group.
+        new_lr_mult, new_lr_max, new_lr_warmup, new_grad_clip, max_eta: the new-parameter rule
+            (:mod:`growkit.newparams`): attached optimizers train grown parameters at
+            ``new_lr_mult`` x the rate of their first param group, never above ``new_lr_max``,
+            ramped from 0 over ``new_lr_warmup`` of an epoch after each growth, gradient norm
+            clipped at ``new_grad_clip``; a grown gate above ``max_eta`` counts as a divergence.
+        steps_per_epoch: optimizer steps per epoch (sets the warm-up length; default ``min_steps``).
+        on_divergence: what :meth:`after_step` does when a grown gate explodes (or a reported loss
+            is non-finite) after a growth: ``"rollback"`` restores the state from before the growth
+            and retries it once with the new parameters' rate halved, then continues without it
+            (see :meth:`rollback`); ``"raise"`` raises :class:`growkit.NonFiniteLoss` (the caller
+            calls :meth:`rollback`, as ``grow_stream`` does). Without a growth to undo it raises.
         warmup_steps: candidate steps after (re)injection before scoring starts (early fits are
             from a random start); growth needs at least ``min_steps`` candidate steps.
         score_threshold: grow from :meth:`after_step` once the best point score exceeds it.
@@ -121,6 +133,12 @@ class Grower:
         points: Iterable[str] | None = None,
         candidate_lr: float = 3e-3,
         new_lr_mult: float = 2.0,
+        new_lr_max: float = DEFAULT_MAX_LR,
+        new_lr_warmup: float = DEFAULT_WARMUP,
+        new_grad_clip: float | None = DEFAULT_CLIP,
+        max_eta: float = DEFAULT_MAX_ETA,
+        steps_per_epoch: int | None = None,
+        on_divergence: str = "rollback",
         warmup_steps: int = 20,
         min_steps: int = 40,
         score_threshold: float | None = None,
@@ -141,12 +159,26 @@ class Grower:
         self.points = None if points is None else list(points)
         self.candidate_lr = candidate_lr
         self.new_lr_mult = new_lr_mult
+        self.rule = NewParamRule(mult=new_lr_mult, max_lr=new_lr_max, warmup=new_lr_warmup, clip=new_grad_clip,
+                                 max_eta=max_eta)
+        if on_divergence not in ("rollback", "raise"):
+            raise InputError(f"on_divergence must be 'rollback' or 'raise', got {on_divergence!r}")
+        if steps_per_epoch is not None and (not isinstance(steps_per_epoch, int) or steps_per_epoch < 1):
+            raise InputError(f"steps_per_epoch must be an int >= 1 or None, got {steps_per_epoch!r}")
+        self.on_divergence = on_divergence
+        self.steps_per_epoch = steps_per_epoch
+        self._newparams: dict[int, NewParamGroups] = {}
+        self._snap: _Snapshot | None = None
+        self._pending: tuple[NewParamRule, dict[str, nn.Parameter]] | None = None
         self.warmup_steps, self.min_steps = warmup_steps, min_steps
         self.score_threshold = score_threshold
         self.plateau_patience = plateau_patience
         self.points_per_growth = points_per_growth
         self.selection = selection
         self.rng = random.Random(seed)
+        if example_input is not None:
+            mdev = next(model.parameters()).device
+            check_finite_outputs(model, tuple(a.to(mdev) for a in as_args(example_input)), "the model passed to Grower")
         gm = growable(model, example_input)
         st = state_of(gm)
         assert st is not None
@@ -212,7 +244,7 @@ class Grower:
         Candidate parameters are removed from it (the grower trains them); parameters that are not
         the grower's (e.g. a head outside the grown module) are left alone. At every growth the new
         branch parameters are added as a param group at ``new_lr_mult`` x the first group's lr, and
-        the schedulers learn the new group.
+        the schedulers learn the new group; the new-parameter rule then sets that group's rate.
         """
         self._optimizers.append((optimizer, list(schedulers)))
         self._sync(optimizer, list(schedulers), [])
@@ -225,14 +257,17 @@ class Grower:
                         schedulers: Iterable[Any] = ()) -> None:
         """Add ``params`` to ``optimizer`` as one new group, exactly as growth adds grown parameters.
 
-        The group trains at ``new_lr_mult`` x the first group's lr and every scheduler gets an entry
-        for it (e.g. to rebuild an optimizer's layout before loading a checkpointed state).
+        The group trains under the new-parameter rule (at most ``new_lr_mult`` x the first group's
+        lr and ``new_lr_max``, warmed up from 0) and every scheduler gets an entry for it (e.g. to
+        rebuild an optimizer's layout before loading a checkpointed state).
         """
         g0 = optimizer.param_groups[0]
         group: dict[str, Any] = {"params": list(params), "lr": g0["lr"] * self.new_lr_mult}
         if "initial_lr" in g0:
             group["initial_lr"] = g0["initial_lr"] * self.new_lr_mult
         optimizer.add_param_group(group)
+        rule, etas = self._pending if self._pending is not None else (self.rule, {})
+        self._manage(optimizer, optimizer.param_groups[-1], rule, etas)
         for s in schedulers:
             # LR schedulers keep one entry per param group; extend them for the new group so it
             # follows the same schedule at new_lr_mult x the first group's rate.
@@ -242,6 +277,38 @@ class Grower:
                 s.lr_lambdas.append(s.lr_lambdas[0])
             if isinstance(getattr(s, "_last_lr", None), list):
                 s._last_lr.append(group["lr"])
+
+    def _manage(self, optimizer: torch.optim.Optimizer, group: dict[str, Any], rule: NewParamRule,
+                etas: dict[str, nn.Parameter]) -> dict[str, Any]:
+        """Put ``group`` under ``rule`` (one :class:`NewParamGroups` per optimizer); returns its entry."""
+        mgr = self._newparams.get(id(optimizer))
+        if mgr is None or mgr.optimizer is not optimizer:
+            mgr = self._newparams[id(optimizer)] = NewParamGroups(optimizer, self.rule,
+                                                                  self.steps_per_epoch or self.min_steps)
+        mgr.warmup_steps = self.rule.warmup_steps(self.steps_per_epoch or self.min_steps)
+        ids = {id(p) for p in group["params"]}
+        mgr.add(group, {k: e for k, e in etas.items() if id(e) in ids}, rule)
+        return mgr.entries[-1]
+
+    def new_group_state(self, optimizer: torch.optim.Optimizer) -> list[dict[str, Any]]:
+        """JSON-able state of ``optimizer``'s new-parameter groups (index, warm-up progress, rate
+        scale), for checkpoints; :meth:`load_new_group_state` re-applies it."""
+        mgr = self._newparams.get(id(optimizer))
+        if mgr is None:
+            return []
+        index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+        return [{"group": index[id(e["group"])], "step": e["step"], "peak": e["peak"], "scale": e["rule"].scale}
+                for e in mgr.entries if id(e["group"]) in index]
+
+    def load_new_group_state(self, optimizer: torch.optim.Optimizer, state: list[dict[str, Any]]) -> None:
+        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule (an
+        optimizer rebuilt from a checkpoint)."""
+        branches = getattr(self.model.module, BRANCHES, {})
+        etas = {e.point: branches[e.key].eta for e in self.plan.edits if e.key in branches}
+        for st in state:
+            entry = self._manage(optimizer, optimizer.param_groups[int(st["group"])],
+                                 replace(self.rule, scale=float(st["scale"])), etas)
+            entry["step"], entry["peak"] = int(st["step"]), float(st["peak"])
 
     def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
               retired: Iterable[nn.Parameter] = ()) -> None:
@@ -262,8 +329,13 @@ class Grower:
         self._l1_in_loss = True
         return self.model.extra_loss()
 
-    def after_step(self) -> GrowthEvent | None:
-        """Call after each optimizer step: trains the candidates, tracks scores, checks triggers."""
+    def after_step(self, loss: torch.Tensor | float | None = None) -> GrowthEvent | None:
+        """Call after each optimizer step: trains the candidates, tracks scores, checks triggers.
+
+        Also the eta guard (and, given ``loss``, a non-finite loss check): a divergence after a
+        growth is rolled back (see ``on_divergence``; the returned event says so); one without a
+        growth to undo raises :class:`growkit.NonFiniteLoss`.
+        """
         cands = self.model.candidates
         if not self._l1_in_loss:
             l1 = self.l1
@@ -271,6 +343,16 @@ class Grower:
                 if c.alpha.grad is not None:
                     c.alpha.grad.add_(l1 * torch.sign(c.alpha.detach()))
         self._l1_in_loss = False
+        try:
+            value = float(loss.detach()) if isinstance(loss, torch.Tensor) else loss
+            if value is not None and not math.isfinite(value):
+                raise NonFiniteLoss(f"loss became {value} at step {self.steps}")
+            for mgr in self._newparams.values():
+                mgr.check()
+        except NonFiniteLoss as exc:
+            if self.on_divergence == "raise" or not self.rollback(str(exc)):
+                raise
+            return self.events[-1]
         self._cand_opt.step()
         self._cand_opt.zero_grad(set_to_none=True)
         self.steps += 1
@@ -306,18 +388,35 @@ class Grower:
 
     # ------------------------------------------------------------------ growth
     def grow_now(self, trigger: str = "manual") -> GrowthEvent:
-        """Finalize the best candidates within budget and inject fresh ones (exactly)."""
+        """Finalize the best candidates within budget and inject fresh ones (exactly).
+
+        The state before the growth is kept (model, attached optimizers and schedulers, the
+        grower, torch's RNG) until the next growth, for :meth:`rollback`. A model whose outputs
+        are already non-finite is not grown (the event says so).
+        """
         if trigger not in TRIGGERS:
             raise InputError(f"trigger must be one of {TRIGGERS}, got {trigger!r}")
+        return self._grow(trigger, self.rule, "")
+
+    def _grow(self, trigger: str, rule: NewParamRule, note: str) -> GrowthEvent:
         cm = self.model
         scores = cm.scores()
         ev = GrowthEvent(self.steps, trigger, self.experience, [], scores, self.cost.params, self.cost.params,
                          self.cost.flops, self.cost.flops)
+        self._snap = None  # a rollback undoes the latest growth attempt only
         if self._since_inject < self.min_steps:
             ev.note = f"candidates trained {self._since_inject} steps (< min_steps {self.min_steps}); not grown"
             logger.info("growth at step %d skipped: %s", self.steps, ev.note)
             self.events.append(ev)
             return ev
+        try:
+            check_finite_outputs(cm, self.example)
+        except NonFiniteLoss as exc:
+            ev.note = f"not grown: {exc}"
+            logger.warning("growth at step %d skipped: %s", self.steps, exc)
+            self.events.append(ev)
+            return ev
+        rng_before = self.rng.getstate()
         gen = torch.Generator().manual_seed(self.rng.getrandbits(63))
         chosen, why, edges = choose_points(cm, self.example, current=self.cost, base=self.base_cost,
                                            budget=self.budget, max_ops=self.max_ops, selection=self.selection,
@@ -327,6 +426,8 @@ class Grower:
             logger.info("growth at step %d (%s): %s", self.steps, trigger, why)
             self.events.append(ev)
             return ev
+        snap = self._snapshot(trigger)
+        snap.rng = rng_before
         was = cm.training
         check = self._outputs(cm)
         retired = list(cm.candidate_parameters())
@@ -343,17 +444,108 @@ class Grower:
         ev.chosen = chosen
         ev.params_after, ev.flops_after = after_cost.params, after_cost.flops
         ev.new_params = new_names
+        ev.note = note
         self.cost = after_cost
         named = dict(cm.module.named_parameters())
         new_params = [named[n] for n in new_names if n in named and n.startswith(BRANCHES)]
-        for opt, scheds in self._optimizers:
-            self._sync(opt, scheds, new_params, retired)
+        branches = getattr(cm.module, BRANCHES)
+        etas = {e.point: branches[e.key].eta for e in self.plan.edits if e.key in branches and
+                any(p is branches[e.key].eta for p in new_params)}
+        self._pending = (rule, etas)
+        try:
+            for opt, scheds in self._optimizers:
+                self._sync(opt, scheds, new_params, retired)
+        finally:
+            self._pending = None
+        self._snap = snap
         self._cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=self.candidate_lr)
         self._since_inject = 0
         self.events.append(ev)
         logger.info("grew %s at step %d (%s): params %d -> %d", chosen, self.steps, trigger, ev.params_before,
                     ev.params_after)
         return ev
+
+    # ------------------------------------------------------------------ rollback
+    def _snapshot(self, trigger: str) -> "_Snapshot":
+        cm = self.model
+        opts = []
+        for opt, scheds in self._optimizers:
+            groups = [(g, {**g, "params": list(g["params"])}) for g in opt.param_groups]
+            state = {p: {k: v.detach().clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                         for k, v in st.items()} for p, st in opt.state.items()}
+            sch = [(s, {k: copy.copy(v) for k, v in vars(s).items() if k != "optimizer"}) for s in scheds]
+            mgr = self._newparams.get(id(opt))
+            mgrs = None if mgr is None else (mgr, list(mgr.entries), [dict(e) for e in mgr.entries])
+            opts.append((opt, groups, state, sch, mgrs))
+        return _Snapshot(
+            trigger=trigger, module=cm.module,
+            values={k: v.detach().clone() for k, v in cm.module.state_dict().items()},
+            cand_opt=self._cand_opt, cand_state=copy.deepcopy(self._cand_opt.state_dict()), optimizers=opts,
+            scalars={k: copy.copy(getattr(self, k)) for k in ("steps", "_since_inject", "cost", "_best_val",
+                                                             "_bad_vals", "experience", "_l1_in_loss")},
+            n_events=len(self.events), rng=self.rng.getstate(), torch_rng=torch.get_rng_state(),
+        )
+
+    def _restore(self, snap: "_Snapshot") -> None:
+        cm = self.model
+        was = cm.training
+        cm.module = snap.module
+        cm.module.load_state_dict(snap.values)
+        cm.train(was)
+        for p in cm.parameters():
+            p.grad = None  # the diverged step's gradients
+        self._cand_opt = snap.cand_opt
+        self._cand_opt.load_state_dict(copy.deepcopy(snap.cand_state))
+        for opt, groups, state, sch, mgrs in snap.optimizers:
+            for g, content in groups:
+                g.clear()
+                g.update({**content, "params": list(content["params"])})
+            opt.param_groups[:] = [g for g, _ in groups]
+            opt.state.clear()
+            for p, st in state.items():
+                opt.state[p] = {k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                                for k, v in st.items()}
+            for sc, attrs in sch:
+                vars(sc).update({k: copy.copy(v) for k, v in attrs.items()})
+            if mgrs is not None:
+                mgr, entries, values = mgrs
+                mgr.entries[:] = entries
+                for e, v in zip(entries, values):
+                    e.update(v)
+        for mgr in self._newparams.values():  # groups added by the undone growth are gone
+            mgr.entries[:] = [e for e in mgr.entries if any(g is e["group"] for g in mgr.optimizer.param_groups)]
+        for k, v in snap.scalars.items():
+            setattr(self, k, copy.copy(v))
+        del self.events[snap.n_events:]
+        self.rng.setstate(snap.rng)
+        torch.set_rng_state(snap.torch_rng)
+
+    def rollback(self, reason: str) -> bool:
+        """Undo the last growth after training diverged (``reason``): restore the state from before
+        it (model, candidates, attached optimizers and schedulers, the grower, torch's RNG), then
+        grow again with the new parameters' learning rate halved; after a second divergence,
+        restore and continue without that growth. Returns ``False`` when there is no growth to undo
+        (the divergence is not growth's doing). The growth's event records what happened."""
+        snap = self._snap
+        if snap is None:
+            return False
+        self._restore(snap)
+        if not snap.retried:
+            note = (f"rolled back after training diverged ({reason}); grown again with the new parameters' "
+                    "learning rate halved")
+            logger.warning("step %d: %s", self.steps, note)
+            self._grow(snap.trigger, self.rule.retry(), note)
+            if self._snap is not None:
+                self._snap.retried = True
+            return True
+        self._snap = None
+        cost = self.cost
+        ev = GrowthEvent(self.steps, snap.trigger, self.experience, [], {}, cost.params, cost.params, cost.flops,
+                         cost.flops, note=f"rolled back twice: training diverged after this growth with the new "
+                                          f"parameters' learning rate halved too ({reason}); continued without it")
+        logger.warning("step %d: %s", self.steps, ev.note)
+        self.events.append(ev)
+        return True
 
     # ------------------------------------------------------------------ checkpoints
     def state_dict(self) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
@@ -397,3 +589,20 @@ class Grower:
             m.train(was)
         leaves = torch.utils._pytree.tree_leaves(out)
         return torch.cat([t.detach().flatten() for t in leaves if isinstance(t, torch.Tensor)])
+
+
+@dataclass
+class _Snapshot:
+    """What :meth:`Grower.rollback` restores: the state just before a growth."""
+
+    trigger: str
+    module: torch.fx.GraphModule
+    values: dict[str, torch.Tensor]
+    cand_opt: torch.optim.Optimizer
+    cand_state: dict[str, Any]
+    optimizers: list[Any]
+    scalars: dict[str, Any]
+    n_events: int
+    rng: Any
+    torch_rng: torch.Tensor
+    retried: bool = False

@@ -20,9 +20,9 @@ from torch import nn
 
 from ..checkpoint import (CheckpointDir, capture_rng, check_same_settings, full_state, load_full_state,
                           optimizer_from_flat, optimizer_to_flat, restore_rng)
-from .metrics import AccuracyMatrix
 from ..core.cost import Budget, measure
-from ..errors import InputError
+from ..errors import InputError, NonFiniteLoss
+from .metrics import AccuracyMatrix
 from .grower import Grower, GrowthEvent
 from ..core.plan import GrowthPlan
 from .streams import Stream
@@ -165,6 +165,12 @@ def grow_stream(
         budget: growth limits relative to ``model``.
         grower_options: passed to :class:`growkit.Grower` (ops, max_ops, l1, ...).
         checkpoint_dir / resume: write the run state after every experience / continue from it.
+
+    When training diverges (a non-finite loss, an exploding grown gate) in the experience after a
+    growth, the experience is rolled back to before that growth (model, optimizer, grower, replay
+    buffer, RNG) and rerun with the growth retried at half the new parameters' learning rate, then
+    without it; the event and the history say so. A divergence without growth to undo (or after
+    a resume from a checkpoint) raises :class:`growkit.NonFiniteLoss`.
         eval_split: ``"test"`` or ``"val"`` loaders fill the accuracy matrix.
     """
     if not isinstance(stream, Stream):
@@ -181,7 +187,9 @@ def grow_stream(
                        device=device, seed=seed, progress=progress, selects=None, check=False)
     rng = random.Random(seed)
     example, dev = setup.example, setup.device
-    gopts = {"budget": budget, "seed": seed, **(grower_options or {})}
+    # The grower raises on a divergence after a growth; the loop below rolls the experience back.
+    gopts = {"budget": budget, "seed": seed, "on_divergence": "raise", "steps_per_epoch": _len(stream[0].train),
+             **(grower_options or {})}
     ckpt = CheckpointDir(checkpoint_dir) if checkpoint_dir is not None else None
     config = {"grow": grow, "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
               "replay": replay, "budget": repr(budget), "grower_options": repr(sorted((grower_options or {}).items())),
@@ -220,6 +228,8 @@ def grow_stream(
         opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
     if grower is not None:
         grower.attach(opt)
+        if saved is not None:
+            grower.load_new_group_state(opt, saved[0].get("new_groups", []))
     buffer = ReplayBuffer(replay, seed=seed or 0) if replay > 0 else None
 
     n = len(stream)
@@ -238,20 +248,38 @@ def grow_stream(
     else:
         matrix.initial = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
 
+    grew = False  # whether the last boundary grew: only then can a divergence be rolled back
     for i in range(start, n):
         exp = stream[i]
         t0 = time.perf_counter()
-        for ep in range(epochs):
-            mixed = _Mixed(exp.train, fn, buffer, fill=ep == 0)
-            train_steps(net, mixed, opt, epochs=1, loss_fn=loss_fn,
-                        extra_loss=grower.extra_loss if grower is not None else None, device=dev,
-                        progress=progress, desc=f"experience {exp.id} ({i + 1}/{n})",
-                        after_step=grower.after_step if grower is not None else None)
+        # The stream's own state at the start of the experience, for a rollback of the growth before it.
+        start_state = _stream_state(rng, stream, buffer) if grower is not None and grew else None
+        while True:
+            try:
+                for ep in range(epochs):
+                    mixed = _Mixed(exp.train, fn, buffer, fill=ep == 0)
+                    train_steps(net, mixed, opt, epochs=1, loss_fn=loss_fn,
+                                extra_loss=grower.extra_loss if grower is not None else None, device=dev,
+                                progress=progress, desc=f"experience {exp.id} ({i + 1}/{n})",
+                                after_step=grower.after_step if grower is not None else None)
+                break
+            except NonFiniteLoss as exc:
+                # Growth's doing only if the grower can undo its last growth: retried once at half
+                # the new parameters' rate, then skipped; a divergence without growth stops the run.
+                if start_state is None or grower is None or not grower.rollback(str(exc)):
+                    raise
+                _restore_stream(start_state, rng, stream, buffer)
+                net = grower.model
+                ev = grower.events[-1]
+                history[-1].update(grown=ev.chosen, note=ev.note)
+                matrix.costs[-1] = {"params": grower.cost.params, "flops": grower.cost.flops}
+                logger.warning("experience %s: %s", exp.id, ev.note)
         accs = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
         ev = None
         if grower is not None and i < n - 1:
             ev = grower.end_experience(exp.id)
             net = grower.model
+            grew = bool(ev.chosen)
         cost = grower.cost if grower is not None else measure(net, tuple(a.to(dev) for a in example))
         matrix.add_row(accs, {"params": cost.params, "flops": cost.flops})
         history.append({"experience": exp.id, "train_s": time.perf_counter() - t0, "accuracies": accs,
@@ -266,6 +294,27 @@ def grow_stream(
     return StreamResult(final, matrix, list(grower.events) if grower is not None else [], plan, history)
 
 
+def _len(loader: Iterable) -> int | None:
+    try:
+        return max(1, len(loader))  # type: ignore[arg-type]
+    except TypeError:
+        return None
+
+
+def _stream_state(rng: random.Random, stream: Stream, buffer: ReplayBuffer | None) -> tuple[Any, ...]:
+    buf = None
+    if buffer is not None:
+        meta, t = buffer.state()
+        buf = (meta, {k: v.clone() for k, v in t.items()})
+    return capture_rng(rng, [e.train for e in stream]), buf
+
+
+def _restore_stream(state: tuple[Any, ...], rng: random.Random, stream: Stream, buffer: ReplayBuffer | None) -> None:
+    restore_rng(state[0], rng, [e.train for e in stream])
+    if buffer is not None and state[1] is not None:
+        buffer.load(state[1][0], {k: v.clone() for k, v in state[1][1].items()})
+
+
 def _save(ckpt: CheckpointDir, config: dict[str, Any], i: int, matrix: AccuracyMatrix, history: list,
           grower: Grower | None, net: nn.Module, opt: torch.optim.Optimizer, buffer: ReplayBuffer | None,
           rng: random.Random, stream: Stream) -> None:
@@ -278,6 +327,7 @@ def _save(ckpt: CheckpointDir, config: dict[str, Any], i: int, matrix: AccuracyM
     if grower is not None:
         gmeta, gt = grower.state_dict()
         state["grower"] = gmeta
+        state["new_groups"] = grower.new_group_state(opt)
         tensors.update(gt)
     else:
         tensors.update(full_state(net, "net."))

@@ -6,7 +6,8 @@ A pass subclasses :class:`SearchMethod` and implements :meth:`SearchMethod.searc
 step budget, helpers that build / train / evaluate children) and returns the :class:`Child` to
 keep. The driver does the rest the same way for every pass: parent sampling from the gallery,
 the budget check, rebuilding the child from its plan, fine-tuning with ``run.finetune`` (a fresh
-schedule, new parameters at ``lr * new_lr_mult``), the gallery entry and checkpoints. So passes
+schedule, new parameters under the rule of :mod:`growkit.newparams`, rolled back and retried once
+when it diverges), the gallery entry and checkpoints. So passes
 differ only in how they search, and compare on equal terms::
 
     @register_method
@@ -42,12 +43,12 @@ from ..core.branch import GrownBranch
 from ..core.cost import measure
 from ..core.plan import BRANCHES
 from ..core.surgery import apply_edit, growable, state_of
-from ..errors import InputError, ResourceError
+from ..errors import InputError, NonFiniteLoss, ResourceError
 from ..growth.gallery import Entry
 from ..growth.methods import GrowthMethod
 from ..growth.run import GrowRun, Saved
-from ..train import (NonFiniteLoss, PhaseStats, cosine_schedule, default_loss, evaluate, forward, growth_optimizer,
-                     iter_batches, num_batches, train_batches)
+from ..newparams import growth_optimizer
+from ..train import PhaseStats, cosine_schedule, default_loss, evaluate, forward, iter_batches, num_batches, train_batches
 from .cells import proj_block, set_proj_block
 from .space import Atom, SearchSpace, plan_to_list
 
@@ -176,12 +177,15 @@ class SearchContext:
 
     def optimizer(self, model: torch.fx.GraphModule, extra_new: Sequence[nn.Parameter] = (),
                   exclude: Sequence[nn.Parameter] = ()) -> torch.optim.SGD:
-        """SGD as grow() fine-tunes: this round's branches (and ``extra_new``) at ``lr * new_lr_mult``,
-        the rest of ``model`` but ``exclude`` at ``lr``."""
+        """SGD as grow() fine-tunes: this round's branches (and ``extra_new``) under the new-parameter
+        rule (:mod:`growkit.newparams`: capped, warmed-up rate, eta guard raising
+        ``NonFiniteLoss`` from ``step()``), the rest of ``model`` but ``exclude`` at ``lr``."""
         cfg = self.run.cfg
         new = [p for k in self.new_keys(model) for p in getattr(model, BRANCHES)[k].parameters()] + list(extra_new)
-        return growth_optimizer(model, new, exclude=exclude, lr=cfg.lr, new_lr_mult=cfg.new_lr_mult,
-                                momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        opt, _ = growth_optimizer(model, new, exclude=exclude, rule=cfg.new_param_rule(), lr=cfg.lr,
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  steps_per_epoch=num_batches(self.run.setup.loader))
+        return opt
 
     def train(self, model: torch.fx.GraphModule, steps: int) -> PhaseStats:
         """Train ``model`` for ``steps`` batches (cosine schedule over them), counted against the
