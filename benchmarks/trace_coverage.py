@@ -177,13 +177,15 @@ def _outputs_equal(a: Any, b: Any) -> bool:
     return True
 
 
-def timm_fx_reference(model: Any, x: Any) -> tuple[str, str]:
-    """Trace ``model`` (eval mode) the way timm's fx helpers do; ``("ok"|"fail", reason)``."""
+def timm_fx_reference(model: Any, x: Any, source: str = "timm") -> tuple[str, str]:
+    """Trace ``model`` (eval mode) the way timm's fx helpers do (plain ``torch.fx`` for other
+    sources); ``("ok"|"fail", reason)``."""
     import torch
     import torch.fx
     from timm.layers._fx import get_notrace_functions, get_notrace_modules
 
-    leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type))
+    x = x if isinstance(x, tuple) else (x,)
+    leaves = tuple(m for m in get_notrace_modules() if isinstance(m, type)) if source == "timm" else ()
 
     class TimmTracer(torch.fx.Tracer):
         def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
@@ -193,13 +195,13 @@ def timm_fx_reference(model: Any, x: Any) -> tuple[str, str]:
 
     model.eval()
     try:
-        tracer = TimmTracer(autowrap_functions=tuple(get_notrace_functions()))
+        tracer = TimmTracer(autowrap_functions=tuple(get_notrace_functions()) if source == "timm" else ())
         graph = tracer.trace(model)
         gm = torch.fx.GraphModule(tracer.root, graph, type(model).__name__)
         gm.eval()
         with torch.no_grad():
-            eager = model(x)
-            traced = gm(x)
+            eager = model(*x)
+            traced = gm(*x)
     except Exception as exc:  # noqa: BLE001
         return "fail", _short(_exc_text(exc))
     if not _outputs_equal(traced, eager):
@@ -207,8 +209,10 @@ def timm_fx_reference(model: Any, x: Any) -> tuple[str, str]:
     return "ok", ""
 
 
-def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
+def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, exporter: str = "auto") -> None:
     """inject -> exact? -> randomised alphas -> finalize -> exact? -> eta = 0.1 -> ONNX + onnxruntime.
+
+    ``x``: the model's positional inputs (a tuple).
 
     ``res["grow"]`` ends as ``ok`` or ``<stage>_error`` / ``<stage>_inexact`` with a reason.
     """
@@ -222,13 +226,13 @@ def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
     try:
         model.eval()
         with torch.no_grad():
-            eager = model(x)
+            eager = model(*x)
         t0 = time.perf_counter()
         cm = growkit.inject(model, x)
         res["candidates"] = len(cm.candidates)
         cm.eval()
         with torch.no_grad():
-            res["inject_exact"] = _outputs_equal(cm(x), eager)
+            res["inject_exact"] = _outputs_equal(cm(*x), eager)
         if not res["inject_exact"]:
             res["grow"], res["grow_reason"] = "inject_inexact", "output with candidates differs (torch.equal)"
             return
@@ -240,7 +244,7 @@ def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
         grown = growkit.finalize(cm)
         grown.eval()
         with torch.no_grad():
-            res["finalize_exact"] = _outputs_equal(grown(x), eager)
+            res["finalize_exact"] = _outputs_equal(grown(*x), eager)
         if not res["finalize_exact"]:
             res["grow"], res["grow_reason"] = "finalize_inexact", "grown output at eta=0 differs (torch.equal)"
             return
@@ -249,12 +253,12 @@ def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
         with torch.no_grad():
             for b in grown.growkit_branches.values():
                 b.eta.fill_(0.1)
-            res["eta_changes_output"] = not _outputs_equal(grown(x), eager)
+            res["eta_changes_output"] = not _outputs_equal(grown(*x), eager)
         dump()
         stage = "export"
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
-            rep = growkit.export_onnx(grown, Path(tmp) / "m.onnx", x, check=False)
+            rep = growkit.export_onnx(grown, Path(tmp) / "m.onnx", x, check=False, exporter=exporter)
         res.update(exporter=rep.exporter, onnx_max_abs=rep.max_abs_diff, onnx_max_rel=rep.max_rel_diff,
                    onnx_parity=rep.passed, export_s=round(time.perf_counter() - t0, 2))
         if rep.fallback_reason:
@@ -271,15 +275,73 @@ def grow_stages(model: Any, x: Any, res: dict[str, Any], dump: Any) -> None:
         dump()
         try:
             with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
-                rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False)
+                rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False, exporter=exporter)
             res["orig_export"] = "ok" if rep.passed else "parity_fail"
         except Exception as exc:  # noqa: BLE001
             res["orig_export"] = "error"
             res["orig_export_reason"] = _short(_exc_text(exc))
 
 
-def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -> None:
-    """Create ``name``, run growkit.trace and the timm-fx reference; write JSON to ``out_path``.
+TV_SIZES = (32, 64, 96, 128, 160, 224, 299)
+
+
+def torchvision_model(name: str) -> tuple[Any, tuple[Any, ...], str]:
+    """torchvision classifier ``name`` (``weights=None``) and the smallest input it accepts.
+
+    ViTs are built with ``image_size`` = two patches (their position embedding fixes the size);
+    the others are probed at :data:`TV_SIZES` (eval mode) and the first size that runs is used.
+    """
+    import torch
+    import torchvision
+
+    kwargs: dict[str, Any] = {"weights": None}
+    sizes: tuple[int, ...] = TV_SIZES
+    if name.startswith("vit_"):
+        patch = int(name.rsplit("_", 1)[1])
+        kwargs["image_size"] = sizes_one = 2 * patch
+        sizes = (sizes_one,)
+    model = torchvision.models.get_model(name, **kwargs)
+    model.eval()
+    why = ""
+    for s in sizes:
+        x = torch.randn(1, 3, s, s)
+        try:
+            with torch.no_grad():
+                model(x)
+        except Exception as exc:  # noqa: BLE001 - too small for this architecture: try the next size
+            why = _short(_exc_text(exc), 200)
+            continue
+        note = f"image_size={s} (position embedding for 2x2 patches)" if "image_size" in kwargs else f"{s}px probed"
+        return model, (x,), note
+    raise ValueError(f"no input size in {sizes} runs: {why}")
+
+
+def make_model(source: str, name: str) -> tuple[Any, tuple[Any, ...], str]:
+    """(model, positional inputs, how the input was chosen) for a timm / torchvision / zoo name."""
+    import torch
+
+    if source == "torchvision":
+        return torchvision_model(name)
+    if source == "zoo":
+        root = str(Path(__file__).resolve().parents[1])
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        from tests.zoo import build
+
+        model, args = build(name, in_chans=3, size=32)
+        return model, args, "3x32x32 (zoo)"
+    import timm
+
+    model = timm.create_model(name, pretrained=False)
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    input_size = tuple(int(s) for s in cfg.get("input_size", (3, 224, 224)))
+    torch.manual_seed(0)
+    return model, (torch.randn(1, *input_size, dtype=torch.float32),), "pretrained_cfg input_size"
+
+
+def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", source: str = "timm",
+               exporter: str = "auto") -> None:
+    """Create ``name``, run growkit.trace and the fx reference; write JSON to ``out_path``.
 
     The JSON is rewritten after each phase, so a timeout in a later phase keeps earlier results.
     """
@@ -287,9 +349,8 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -
     import torch
 
     torch.set_num_threads(threads)
-    import timm
-
     import growkit
+    from growkit.core.dualgraph import DualGraphModule
 
     res: dict[str, Any] = {"model": name, "status": "other_error", "timm_fx": "n/a"}
 
@@ -298,25 +359,30 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -
         tmp.write_text(json.dumps(res))
         os.replace(tmp, out_path)
 
+    res["status"] = "timeout"  # what the parent reports if creation never returns
+    res["phase"] = "model creation"
+    dump()
     try:
-        model = timm.create_model(name, pretrained=False)
+        torch.manual_seed(0)
+        model, x, input_note = make_model(source, name)
     except Exception as exc:  # noqa: BLE001
         res.update(status="create_error", reason=_short(_exc_text(exc)),
                    error_full=_exc_text(exc)[:FULL_ERROR_CHARS])
+        res.pop("phase", None)
         dump()
         return
     res["params_m"] = round(sum(p.numel() for p in model.parameters()) / 1e6, 3)
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    input_size = tuple(int(s) for s in cfg.get("input_size", (3, 224, 224)))
-    res["input_size"] = list(input_size)
-    torch.manual_seed(0)
-    x = torch.randn(1, *input_size, dtype=torch.float32)
-    res["status"] = "timeout"  # what the parent reports if the trace below never returns
+    res["input_size"] = list(x[0].shape[1:])
+    if len(x) > 1:
+        res["inputs"] = len(x)
+    res["input_note"] = input_note
+    res["phase"] = "growkit.trace"
     dump()
 
     t0 = time.perf_counter()
     try:
         lg = growkit.trace(model, x)
+        res.pop("phase", None)
     except growkit.TraceError as exc:
         res["status"] = "trace_error"
         err: BaseException | None = exc
@@ -333,16 +399,19 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -
             points=len(lg.points),
             skipped=len(lg.skipped),
             layouts=sorted({p.layout for p in lg.points}),
+            granularity=lg.granularity,
+            dual_graph=isinstance(lg.graph_module, DualGraphModule),
             skipped_reasons=dict(Counter(lg.skipped.values()).most_common(5)),
         )
     res["trace_s"] = round(time.perf_counter() - t0, 3)
+    res.pop("phase", None)
     if err is not None:
         res["reason"] = _short(_exc_text(err))
         res["error_full"] = _exc_text(err)[:FULL_ERROR_CHARS]
     if stages == "grow":
         res["grow"] = "not run"
         if res["status"] == "ok":
-            grow_stages(model, x, res, dump)
+            grow_stages(model, x, res, dump, exporter)
         dump()
 
     res["timm_fx"] = "timeout"
@@ -351,7 +420,7 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -
     if res["status"] == "input_error":
         res["timm_fx"] = "n/a"
     else:
-        res["timm_fx"], fx_reason = timm_fx_reference(model, x)
+        res["timm_fx"], fx_reason = timm_fx_reference(model, x, source)
         if fx_reason:
             res["timm_fx_reason"] = fx_reason
     dump()
@@ -361,12 +430,13 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace") -
 # driver
 
 
-def run_one(name: str, timeout: float, threads: int, stages: str = "trace") -> dict[str, Any]:
+def run_one(name: str, timeout: float, threads: int, stages: str = "trace", source: str = "timm",
+            exporter: str = "auto") -> dict[str, Any]:
     """Run :func:`run_worker` for ``name`` in a fresh interpreter; never raises."""
     with tempfile.TemporaryDirectory(prefix="trace_cov_") as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, os.path.abspath(__file__), "--worker", name, "--worker-out", str(out),
-               "--threads", str(threads), "--stages", stages]
+               "--threads", str(threads), "--stages", stages, "--source", source, "--exporter", exporter]
         t0 = time.perf_counter()
         timed_out = False
         try:
@@ -385,7 +455,7 @@ def run_one(name: str, timeout: float, threads: int, stages: str = "trace") -> d
     res["wall_s"] = wall
     if timed_out:
         if res.get("status") in (None, "timeout"):
-            phase = "growkit.trace" if res.get("status") else "model creation"
+            phase = res.pop("phase", None) or ("growkit.trace" if res.get("status") else "model creation")
             res["status"] = "timeout"
             res["reason"] = f"no result within {timeout:g} s ({phase} phase)"
         if res.get("timm_fx") == "timeout":
@@ -445,22 +515,41 @@ def _fmt(v: Any) -> str:
 def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str, Any]) -> str:
     """Markdown report: header, summary, one table row per family."""
     s = summary
+    source = meta.get("source", "timm")
+    if source == "torchvision":
+        what = (f"torchvision {meta.get('torchvision_version', '?')}: every classification model of "
+                "`torchvision.models.list_models(module=torchvision.models)`, `weights=None`, batch-1 float32 "
+                "input of the smallest size that runs (probed from 32 px up; ViTs built with `image_size` = 2 "
+                "patches; the size used is in the input column)")
+    elif source == "zoo":
+        what = "the user-style modules of tests/zoo.py, batch-1 float32 3x32x32 inputs"
+    else:
+        what = (f"smallest model per family with <= {meta['max_params_m']:g}M params, "
+                "batch-1 float32 input of `pretrained_cfg['input_size']`")
     lines = [
-        "# growkit coverage over timm" + (" (trace, grow, ONNX)" if "grow_counts" in s else " (trace)"),
+        f"# growkit coverage over {source}" + (" (trace, grow, ONNX)" if "grow_counts" in s else " (trace)"),
         "",
         f"torch {meta['torch_version']}, timm {meta['timm_version']}, growkit {meta['growkit_version']}, "
-        f"{meta['date']}; smallest model per family with <= {meta['max_params_m']:g}M params, "
-        f"batch-1 float32 input of `pretrained_cfg['input_size']`, CPU.",
+        f"{meta['date']}; {what}; CPU, {meta['threads']} torch thread(s) per model process, "
+        f"timeout {meta['timeout_s']:g} s per model.",
         "",
-        f"**Summary:** {s['families']} families, {s['representatives']} representatives "
-        f"({s['families_without_model']} families without a model <= {meta['max_params_m']:g}M); "
+        (f"**Summary:** {s['families']} families, {s['representatives']} representatives "
+         f"({s['families_without_model']} families without a model <= {meta['max_params_m']:g}M); "
+         if source == "timm" else f"**Summary:** {s['representatives']} models; ")
+        +
         f"growkit traced ok: {s['growkit_ok']}; with >= 1 growth point: {s['growkit_with_points']}; "
-        f"timm-fx reference ok: {s['timm_fx_ok']}; "
+        f"{'timm-fx' if source == 'timm' else 'plain-fx'} reference ok: {s['timm_fx_ok']}; "
         "failures by reason: "
         + (", ".join(f"{k} {v}" for k, v in s["status_counts"].items() if k != "ok") or "none")
         + ".",
         "",
     ]
+    if meta.get("resumed_from"):
+        lines += [
+            f"Resumed run: rows not re-run here are from the run of {meta['resumed_from']}"
+            + (f"; re-run with this code: {', '.join(meta['rerun'])}" if meta.get("rerun") else "") + ".",
+            "",
+        ]
     if "grow_counts" in s:
         lines += [
             f"**Growth stages** (trace -> inject -> finalize with randomised alphas -> eta = 0.1 -> "
@@ -481,7 +570,9 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
         lines += [f"**timm-fx ok but growkit fails:** {', '.join(s['timm_fx_ok_growkit_fails'])}", ""]
     grow_cols = "grow_counts" in s
     head = ["family", "model", "params (M)", "status", "points", "skipped", "layouts", "trace s",
-            "timm_fx"]
+            "timm_fx" if source == "timm" else "plain fx"]
+    if source != "timm":
+        head[5:5] = ["input", "granularity", "train/eval graphs"]
     if grow_cols:
         head += ["candidates", "inject exact", "finalize exact", "exporter", "onnx max rel", "grow"]
     head += ["reason"]
@@ -490,6 +581,8 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
     for r in sorted(rows, key=lambda r: (r["family"], r.get("model") or "")):
         if not r.get("model"):
             cells = [r["family"], "-", "", "-", "", "", "", "", ""] + [""] * (6 if grow_cols else 0) + [r.get("reason", "")]
+            if source != "timm":
+                cells[5:5] = ["", "", ""]
         else:
             reason = r.get("reason", "")
             if r.get("grow_reason"):
@@ -501,6 +594,10 @@ def markdown(rows: list[dict[str, Any]], summary: dict[str, Any], meta: dict[str
             cells = [r["family"], f"`{r['model']}`", r.get("params_m", r.get("meta_params_m")),
                      r.get("status"), r.get("points"), r.get("skipped"), r.get("layouts"),
                      r.get("trace_s"), r.get("timm_fx")]
+            if source != "timm":
+                size = r.get("input_size")
+                cells[5:5] = ["x".join(map(str, size)) if size else "", r.get("granularity"),
+                              "dual" if r.get("dual_graph") else ("one" if r.get("status") == "ok" else "")]
             if grow_cols:
                 rel = r.get("onnx_max_rel")
                 cells += [r.get("candidates"), r.get("inject_exact"), r.get("finalize_exact"), r.get("exporter"),
@@ -527,6 +624,12 @@ def _finished(path: Path, stages: str, retry_failed: bool = False) -> dict[str, 
             continue
         done[r["model"]] = {k: v for k, v in r.items() if k not in keys}
     return done
+
+
+def results_stem(args: argparse.Namespace) -> str:
+    """``coverage`` / ``trace_coverage``, suffixed ``_torchvision`` / ``_zoo`` for those sources."""
+    stem = "coverage" if args.stages == "grow" else "trace_coverage"
+    return stem if args.source == "timm" else f"{stem}_{args.source}"
 
 
 def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, Any]],
@@ -557,11 +660,19 @@ def write_results(results: dict[str, dict[str, Any]], selection: list[dict[str, 
         "threads": args.threads,
         "families_arg": args.families or None,
         "limit": args.limit or None,
+        "source": args.source,
+        "exporter": args.exporter,
+        "resumed_from": getattr(args, "resumed_from", None),
+        "rerun": [m.strip() for m in args.rerun.split(",") if m.strip()] or None,
         "complete": final,
         "models_done": len(results),
         "wall_s": round(time.perf_counter() - t_start, 1),
     }
-    stem = "coverage" if args.stages == "grow" else "trace_coverage"
+    stem = results_stem(args)
+    if args.source == "torchvision":
+        import torchvision
+
+        meta["torchvision_version"] = torchvision.__version__
     results_json, results_md = out_dir / f"{stem}.json", out_dir / f"{stem}.md"
     results_json.write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1) + "\n")
     md = markdown(rows, summary, meta)
@@ -588,6 +699,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--resume", action="store_true",
                    help="keep the finished models of an earlier (stopped) run in --out and run only the rest")
     p.add_argument("--retry-failed", action="store_true", help="with --resume: also re-run models that failed")
+    p.add_argument("--exporter", choices=("auto", "dynamo", "torchscript"), default="auto",
+                   help="ONNX exporter for the grow stages (auto: dynamo, TorchScript if it fails)")
+    p.add_argument("--report-only", action="store_true",
+                   help="with --resume: run nothing, rewrite the reports from the results file (e.g. after merging)")
+    p.add_argument("--rerun", default="", help="with --resume: comma-separated models to run again even if done")
+    p.add_argument("--source", choices=("timm", "torchvision", "zoo"), default="timm",
+                   help="timm families (default), every torchvision classification model, or tests/zoo.py")
+    p.add_argument("--models", default="", help="torchvision / zoo: comma-separated model names to restrict to")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -598,21 +717,52 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if args.worker:
-        run_worker(args.worker, Path(args.worker_out), args.threads, args.stages)
+        run_worker(args.worker, Path(args.worker_out), args.threads, args.stages, args.source, args.exporter)
         return 0
 
     warnings.filterwarnings("ignore")
-    from concurrent.futures import ThreadPoolExecutor
-
-    import timm
-    import torch
-    from tqdm import tqdm
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    import growkit
-
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if args.source != "timm":
+        selection = other_selection(args.source, args.models)
+        if selection is None:
+            return 2
+        todo = list(selection)
+        logger.info("%d %s models to run", len(todo), args.source)
+    else:
+        selection, todo = timm_selection(args, out_dir)
+        if selection is None:
+            return 2
+    return run_all(args, out_dir, selection, todo)
+
+
+def other_selection(source: str, models: str) -> list[dict[str, Any]] | None:
+    """One row per torchvision classification model / zoo entry (``family`` = the model name)."""
+    if source == "torchvision":
+        import torchvision
+
+        names = torchvision.models.list_models(module=torchvision.models)
+    else:
+        root = str(Path(__file__).resolve().parents[1])
+        if root not in sys.path:
+            sys.path.insert(0, root)
+        from tests.zoo import ZOO
+
+        names = list(ZOO)
+    if models:
+        wanted = [m.strip() for m in models.split(",") if m.strip()]
+        unknown = [m for m in wanted if m not in names]
+        if unknown:
+            logger.error("unknown %s models %s; known: %s", source, unknown, ", ".join(names))
+            return None
+        names = wanted
+    return [{"family": n, "model": n, "meta_params_m": None, "meta_errors": 0} for n in names]
+
+
+def timm_selection(args: argparse.Namespace, out_dir: Path) -> tuple[list[dict[str, Any]] | None, list[dict[str, Any]]]:
+    """The timm family representatives (selection rows, rows to run)."""
+    import timm
+
     all_families = timm.list_modules()
     families = all_families
     if args.families:
@@ -620,7 +770,7 @@ def main(argv: list[str] | None = None) -> int:
         unknown = [f for f in wanted if f not in all_families]
         if unknown:
             logger.error("unknown timm families %s; known: %s", unknown, ", ".join(all_families))
-            return 2
+            return None, []
         families = wanted
     if args.limit:
         families = families[: args.limit]
@@ -629,17 +779,37 @@ def main(argv: list[str] | None = None) -> int:
     selection = select_models(counts, args.max_params)
     todo = [r for r in selection if r["model"]]
     logger.info("%d families, %d representatives to trace", len(selection), len(todo))
+    return selection, todo
+
+
+def run_all(args: argparse.Namespace, out_dir: Path, selection: list[dict[str, Any]], todo: list[dict[str, Any]]) -> int:
+    """Run every row of ``todo`` in its own worker process; write the reports after each."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm import tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm
 
     results: dict[str, dict[str, Any]] = {}
     if args.resume:
-        results = _finished(out_dir / ("coverage.json" if args.stages == "grow" else "trace_coverage.json"), args.stages,
-                            args.retry_failed)
+        prev = out_dir / f"{results_stem(args)}.json"
+        results = _finished(prev, args.stages, args.retry_failed)
+        if prev.is_file():
+            args.resumed_from = json.loads(prev.read_text()).get("meta", {}).get("resumed_from") or json.loads(
+                prev.read_text()).get("meta", {}).get("date")
+        for name in (m.strip() for m in args.rerun.split(",") if m.strip()):
+            results.pop(name, None)
         logger.info("resuming: %d models already done", len(results))
         todo = [r for r in todo if r["model"] not in results]
     t_start = time.perf_counter()
+    if args.report_only:
+        md = write_results(results, selection, args, out_dir, t_start, final=not todo)
+        print(md)
+        return 0
     with logging_redirect_tqdm(), tqdm(total=len(todo), desc="trace", unit="model", file=sys.stderr) as bar:
         with ThreadPoolExecutor(max_workers=max(1, args.jobs)) as pool:
-            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages) for r in todo}
+            futures = {r["model"]: pool.submit(run_one, r["model"], args.timeout, args.threads, args.stages, args.source,
+                                               args.exporter)
+                       for r in todo}
             # Rows are written in submission order; with --jobs > 1 later models may finish first.
             for r in todo:
                 res = futures[r["model"]].result()

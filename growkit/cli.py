@@ -22,7 +22,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
     model = create_model(args.model, **kwargs)
     size = tuple(args.input_size) if args.input_size else default_input_size(model) or (3, 224, 224)
-    lg = trace(model, torch.randn(1, *size))
+    lg = trace(model, torch.randn(1, *size), granularity=args.granularity, points=args.points or None)
     if args.json:
         import json
 
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--input-size", type=int, nargs="+", metavar="N", help="input size without batch, e.g. 3 224 224")
     t.add_argument("--num-classes", type=int, default=None)
     t.add_argument("--json", action="store_true", help="print the graph as JSON")
+    t.add_argument("--granularity", choices=("block", "layer"), default="block",
+                   help="growth points at block outputs (falls back to layers when none fit) or every conv/linear unit")
+    t.add_argument("--points", nargs="+", metavar="NAME", help="extra growth points: module paths or fx node names")
     t.set_defaults(func=_cmd_trace)
 
     g = sub.add_parser("grow", help="grow a trained model on local data and write the result")

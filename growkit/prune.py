@@ -22,7 +22,6 @@ when there is none. ``result.model`` is the most accurate model within the budge
 from __future__ import annotations
 
 import contextlib
-import copy
 import json
 import logging
 import warnings
@@ -33,14 +32,15 @@ import torch
 import torch.fx
 from torch import nn
 
+from .checkpoint import snapshot
 from .core.cost import Budget, Cost, measure
+from .core.graph import as_args
+from .core.plan import BRANCHES, GrowthPlan
+from .core.safecopy import copy_module
+from .core.surgery import META_KEY, apply_plan, growable, remove_inserted, state_of
 from .errors import InputError
 from .growth.gallery import Entry, Gallery
-from .core.graph import as_args
 from .growth.result import GrowResult
-from .core.plan import BRANCHES, GrowthPlan
-from .core.surgery import META_KEY, apply_plan, growable, remove_inserted, state_of
-from .checkpoint import snapshot
 from .runsetup import set_up_run
 from .train import BatchFn, NonFiniteLoss, cosine_schedule, evaluate, forward, iter_batches, logits_of, num_batches, train_steps
 
@@ -86,7 +86,7 @@ def _torch_pruning():
 
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy without growkit's plan metadata (a channel-pruned model no longer fits it)."""
-    m = growable(model) if state_of(model) is not None else copy.deepcopy(model)
+    m = growable(model) if state_of(model) is not None else copy_module(model)
     meta = getattr(m, "meta", None)
     if isinstance(meta, dict):
         meta.pop(META_KEY, None)
@@ -148,7 +148,7 @@ def rebuild_pruned(source: nn.Module, entry: Entry, example_input: Any) -> nn.Mo
     elif state_of(source) is not None:
         m = apply_plan(_ungrown(source), GrowthPlan.from_dict(entry.plan), example)  # type: ignore[arg-type]
     else:
-        m = copy.deepcopy(source)
+        m = copy_module(source)
     assert entry.state is not None
     m.load_state_dict(entry.state)
     return m
@@ -263,7 +263,7 @@ def prune(
                        device=device, seed=seed, progress=progress, selects="pruned models")
     dev, val_loader, example = setup.device, setup.val_loader, setup.example_on_device()
 
-    source = growable(model).to(dev) if state_of(model) is not None else copy.deepcopy(model).to(dev)
+    source = growable(model).to(dev) if state_of(model) is not None else copy_module(model).to(dev)
     if gallery is None:
         gallery = Gallery(cost_axis=cost_axis)
     elif not isinstance(gallery, Gallery):

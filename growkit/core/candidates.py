@@ -295,6 +295,7 @@ def inject(
         model: a trained ``nn.Module`` or a model grown by growkit (not modified).
         example_input: a batch-1 input (needed unless ``model`` came from growkit).
         points: growth point names (fx node or module path); ``None`` = every point with inputs.
+            On a model not traced yet, names the heuristic did not pick become points too.
         ops: op names, ``"paper"`` for the paper's full set, or ``None`` for the cheap default.
         max_inputs: keep only the nearest this many eligible inputs per point (``None``: all).
             The defaults (2 inputs, ``DEFAULT_OPS``) keep a train step near 1.5x a plain one.
@@ -302,7 +303,7 @@ def inject(
         normalize_grad: give candidates dL/dx_k scaled to unit RMS per batch (same direction,
             scale-free; what :func:`growkit.grow` uses). ``False`` is the paper's exact identity.
         registry: op registry to build ops from (default: growkit's).
-        **trace_kwargs: forwarded to :func:`growkit.trace` (``leaf_modules=...``).
+        **trace_kwargs: forwarded to :func:`growkit.trace` (``granularity=``, ``leaf_modules=``).
     """
     if isinstance(model, CandidateModel):
         raise InputError("model already carries candidates; call growkit.finalize(model) first")
@@ -311,6 +312,9 @@ def inject(
     if not (isinstance(l1, (int, float)) and l1 >= 0):
         raise InputError(f"l1 must be a non-negative number, got {l1!r}")
     registry = registry or DEFAULT_REGISTRY
+    points = [points] if isinstance(points, str) else (None if points is None else list(points))
+    if points and state_of(model) is None:
+        trace_kwargs = {**trace_kwargs, "points": points}  # names the heuristic missed become points
     gm = growable(model, example_input, **trace_kwargs)
     st = state_of(gm)
     assert st is not None

@@ -8,7 +8,6 @@ learning made large.
 """
 from __future__ import annotations
 
-import copy
 import logging
 from typing import Iterable, Mapping, Sequence
 
@@ -19,6 +18,7 @@ from .candidates import CANDIDATES, CandidateModel
 from ..errors import InputError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
 from .plan import Edge, Edit
+from .safecopy import copy_module
 from .surgery import apply_edit, remove_inserted, state_of
 
 __all__ = ["finalize", "selected_edges"]
@@ -111,7 +111,7 @@ def finalize(
             bad = [(z, op) for z, op, _ in es if (z, op) not in known]
             if bad:
                 raise InputError(f"point {k!r} has no candidate edge(s) {bad}; its edges are {sorted(known)}")
-    gm = copy.deepcopy(candidate_model.module)
+    gm = copy_module(candidate_model.module)
     gm.meta["growkit"] = candidate_model.state.copy()
     remove_inserted(gm, CANDIDATES)
     st = state_of(gm)

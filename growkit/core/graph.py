@@ -1,7 +1,9 @@
 """Trace a model with torch.fx into a :class:`LayerGraph`: shapes, growth points, eligible inputs.
 
 The growth points are block outputs (``layer2.1``, ``stages.1.blocks.0``, ``blocks.3``), found from
-the module paths that torch.fx records in ``node.meta["nn_module_stack"]``. Everything here is a
+the module paths that torch.fx records in ``node.meta["nn_module_stack"]``, or at layer
+granularity every conv / linear unit's output after its norm and activation (plain CNNs and MLPs
+have no blocks), plus any points the user names. Everything here is a
 pure function of the model and the example input; the model passed in is never modified.
 
 Why over 450 lines: tracing (timm's fx registries, untraceable-module diagnostics), shape
@@ -11,7 +13,6 @@ work (issue 18) changes these rules; split the rules into their own module with 
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import inspect
 import logging
@@ -23,11 +24,14 @@ from typing import Any, Callable, Iterable, Sequence
 
 import torch
 import torch.fx
+import torch.nn.functional as F
 from torch import nn
 from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 from torch.utils._pytree import tree_flatten
 
 from ..errors import InputError, TraceError
+from .dualgraph import DualGraphModule, align_names, same_graph
+from .safecopy import copy_module
 
 __all__ = [
     "EligibleInput",
@@ -36,10 +40,12 @@ __all__ = [
     "trace",
     "as_args",
     "outputs_equal",
+    "GRANULARITIES",
 ]
 
 logger = logging.getLogger(__name__)
 
+GRANULARITIES = ("block", "layer")
 _CONTAINERS = (nn.Sequential, nn.ModuleList, nn.ModuleDict)
 _TORCH_DIR = os.path.dirname(torch.__file__)
 
@@ -98,6 +104,7 @@ class LayerGraph:
         points: growth points in topological order.
         skipped: block module path -> why its output is not a growth point.
         model_name: a re-creatable name for the model (``timm:resnet18``) when one is known.
+        granularity: ``"block"`` or ``"layer"``: the level the heuristic points were found at.
     """
 
     graph_module: torch.fx.GraphModule
@@ -105,6 +112,7 @@ class LayerGraph:
     points: list[GrowthPoint]
     skipped: dict[str, str] = field(default_factory=dict)
     model_name: str | None = None
+    granularity: str = "block"
 
     def point(self, name: str) -> GrowthPoint:
         """The growth point called ``name`` (fx node name or block module path)."""
@@ -122,6 +130,7 @@ class LayerGraph:
         """JSON-serialisable summary (everything but the GraphModule)."""
         return {
             "model_name": self.model_name,
+            "granularity": self.granularity,
             "points": [dataclasses.asdict(p) for p in self.points],
             "skipped": dict(self.skipped),
             "num_nodes": len(self.nodes),
@@ -441,69 +450,185 @@ def _relation(z: GrowthPoint, p: GrowthPoint) -> tuple[str, int] | None:
     return None
 
 
-def _find_points(gm: torch.fx.GraphModule, model: nn.Module) -> tuple[list[GrowthPoint], dict[str, str]]:
+# Layers whose output (after the norm and activation that follow) is a layer-level growth point.
+_WEIGHT_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, nn.Linear)
+_WEIGHT_FUNCTIONS = {F.conv1d, F.conv2d, F.conv3d, F.linear, torch.conv1d, torch.conv2d, torch.conv3d}
+_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm, nn.LayerNorm, nn.GroupNorm,
+                 nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d, nn.LocalResponseNorm, nn.Identity)
+_NOT_ACTIVATIONS = (nn.MultiheadAttention, nn.Softmax, nn.Softmin, nn.LogSoftmax, nn.Softmax2d)
+_ACT_FUNCTIONS = {
+    F.relu, F.relu_, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.leaky_relu, F.elu, F.selu,
+    F.celu, F.hardtanh, F.softplus, F.sigmoid, F.tanh, torch.relu, torch.relu_, torch.sigmoid, torch.tanh,
+    F.batch_norm, F.layer_norm, F.group_norm, F.instance_norm,
+}
+_ACT_METHODS = {"relu", "relu_", "sigmoid", "sigmoid_", "tanh", "tanh_"}
+
+
+def _is_norm_or_act(n: torch.fx.Node, mods: dict[str, nn.Module]) -> bool:
+    if n.op == "call_module":
+        m = mods.get(str(n.target))
+        if m is None or isinstance(m, _NOT_ACTIVATIONS):
+            return False
+        cls_mod = type(m).__module__
+        return (
+            isinstance(m, _NORM_MODULES)
+            or cls_mod == "torch.nn.modules.activation"
+            or cls_mod.startswith(("timm.layers.activations", "timm.layers.norm"))
+        )
+    if n.op == "call_function":
+        return n.target in _ACT_FUNCTIONS
+    if n.op == "call_method":
+        return n.target in _ACT_METHODS
+    return False
+
+
+def _layer_units(gm: torch.fx.GraphModule) -> list[tuple[torch.fx.Node, torch.fx.Node, str]]:
+    """(weight node, unit output, module path) for every conv / linear call in the graph.
+
+    The unit output follows the weight layer through the norm and activation that only it feeds
+    (conv -> bn -> relu ends at relu; a conv feeding a residual add ends at the conv).
+    """
+    mods = dict(gm.named_modules())
+    units = []
+    for n in gm.graph.nodes:
+        if n.op == "call_module" and isinstance(mods.get(str(n.target)), _WEIGHT_MODULES):
+            path = str(n.target)
+        elif n.op == "call_function" and n.target in _WEIGHT_FUNCTIONS:
+            stack = n.meta.get("nn_module_stack") or {}
+            path = next(reversed(stack.values()))[0] if stack else n.name
+        else:
+            continue
+        end = n
+        while len(end.users) == 1:
+            user = next(iter(end.users))
+            if not (user.args and user.args[0] is end and _is_norm_or_act(user, mods)):
+                break
+            end = user
+        units.append((n, end, path))
+    return units
+
+
+def _output_of(path: str, members: dict[str, list[torch.fx.Node]]) -> tuple[torch.fx.Node | None, list[torch.fx.Node], str]:
+    """The single node through which module ``path`` hands its value on, its nodes, or why not."""
+    inside = members.get(path)
+    if not inside:
+        return None, [], "module is not called in forward"
+    inset = set(inside)
+    outs = [n for n in inside if any(u not in inset for u in n.users)]
+    if len(outs) != 1:
+        return None, inside, f"module has {len(outs)} outputs; growth needs exactly one tensor"
+    return outs[0], inside, ""
+
+
+def _tensor_layout(node: torch.fx.Node, hint: int | None) -> tuple[str | None, str]:
+    """Layout of a node's value, or why it cannot be a growth point."""
+    meta = node.meta.get("tensor_meta")
+    if not isinstance(meta, TensorMetadata):
+        return None, "output is not a single tensor"
+    if not meta.dtype.is_floating_point:
+        return None, f"output has dtype {meta.dtype}"
+    return _layout(tuple(meta.shape), hint)
+
+
+def _stages(found: list[tuple[int, str, torch.fx.Node, str]]) -> list[int]:
+    """Stage numbers: a new stage starts where the grouping key (layout, container, size) changes."""
+    stages, stage, last = [], -1, None
+    for _, _, node, key in found:
+        layout = key.split("|", 1)[0]
+        shape = tuple(int(s) for s in node.meta["tensor_meta"].shape)
+        stage_key = (key, _spatial(shape, layout))
+        if stage_key != last:
+            stage += 1
+            last = stage_key
+        stages.append(stage)
+    return stages
+
+
+def _find_points(
+    gm: torch.fx.GraphModule,
+    model: nn.Module,
+    granularity: str = "block",
+    user_points: Sequence[str] = (),
+    usable: set[str] | None = None,
+) -> tuple[list[GrowthPoint], dict[str, str]]:
+    """Growth points (with eligible inputs) at ``granularity`` plus the user-named ones.
+
+    ``usable``: node names allowed as points and inputs (those the train- and eval-mode graphs
+    share); ``None`` allows all.
+    """
     nodes = [n for n in gm.graph.nodes]
     order = {n: i for i, n in enumerate(nodes)}
     members: dict[str, list[torch.fx.Node]] = {}
+    shared_paths = set()
     for n in nodes:
         stack = n.meta.get("nn_module_stack") or {}
         for key, (path, _cls) in stack.items():
             members.setdefault(path, []).append(n)
             if "@" in key:  # a second call of the same module: not a well-defined block
-                members.setdefault("@shared", []).append(n)
+                shared_paths.add(path)
 
     found: list[tuple[int, str, torch.fx.Node, str]] = []
     block_inputs: dict[str, torch.fx.Node | None] = {}
     skipped: dict[str, str] = {}
-    shared_paths = set()
-    for n in members.get("@shared", []):
-        for key, (path, _cls) in (n.meta.get("nn_module_stack") or {}).items():
-            if "@" in key:
-                shared_paths.add(path)
-    for path in _block_paths(model):
-        inside = members.get(path)
-        if not inside:
-            continue  # not called in forward
-        if path in shared_paths:
-            skipped[path] = "module is called more than once in forward"
-            continue
+    mode_note = "its value differs between the train-mode and eval-mode graphs"
+
+    def external_input(inside: list[torch.fx.Node]) -> torch.fx.Node | None:
         inset = set(inside)
-        outs = [n for n in inside if any(u not in inset for u in n.users)]
-        if len(outs) != 1:
-            skipped[path] = f"block has {len(outs)} outputs; growth needs exactly one tensor"
-            continue
-        out = outs[0]
-        meta = out.meta.get("tensor_meta")
-        if not isinstance(meta, TensorMetadata):
-            skipped[path] = "block output is not a single tensor"
-            continue
-        if not meta.dtype.is_floating_point:
-            skipped[path] = f"block output has dtype {meta.dtype}"
-            continue
-        leaf_paths = [n.target for n in inside if n.op == "call_module"]
-        layout, why = _layout(tuple(meta.shape), _channel_hint(model, leaf_paths))
-        if layout is None:
-            skipped[path] = why
-            continue
-        parent = path.rsplit(".", 1)[0] if "." in path else ""
         ext = {a for n in inside for a in n.all_input_nodes if a not in inset}
         ext_t = [a for a in ext if isinstance(a.meta.get("tensor_meta"), TensorMetadata)]
-        block_inputs[out.name] = ext_t[0] if len(ext_t) == 1 else None
-        found.append((order[out], path, out, layout + "|" + parent))
+        return ext_t[0] if len(ext_t) == 1 else None
+
+    if granularity == "block":
+        for path in _block_paths(model):
+            if path not in members:
+                continue  # not called in forward
+            if path in shared_paths:
+                skipped[path] = "module is called more than once in forward"
+                continue
+            out, inside, why = _output_of(path, members)
+            if out is None:
+                skipped[path] = why.replace("module", "block")
+                continue
+            leaf_paths = [n.target for n in inside if n.op == "call_module"]
+            layout, why = _tensor_layout(out, _channel_hint(model, leaf_paths))
+            if layout is None:
+                skipped[path] = "block " + why if why.startswith("output") else why
+                continue
+            if usable is not None and out.name not in usable:
+                skipped[path] = mode_note
+                continue
+            parent = path.rsplit(".", 1)[0] if "." in path else ""
+            block_inputs[out.name] = external_input(inside)
+            found.append((order[out], path, out, layout + "|" + parent))
+    else:
+        mods = dict(model.named_modules())
+        seen: set[str] = set()
+        for w, out, path in _layer_units(gm):
+            if out.name in seen:
+                continue
+            m = mods.get(path)
+            hint = next((getattr(m, a) for a in ("out_channels", "out_features") if isinstance(getattr(m, a, None), int)), None)
+            layout, why = _tensor_layout(out, hint)
+            if layout is None:
+                skipped[path] = why
+                continue
+            if usable is not None and out.name not in usable:
+                skipped[path] = mode_note
+                continue
+            seen.add(out.name)
+            x_in = w.args[0] if w.args and isinstance(w.args[0], torch.fx.Node) else None
+            block_inputs[out.name] = x_in if x_in is not None and isinstance(x_in.meta.get("tensor_meta"), TensorMetadata) else None
+            found.append((order[out], path, out, layout))
 
     found.sort(key=lambda t: t[0])
-    points: list[GrowthPoint] = []
-    stage = -1
-    last_key = None
-    for _, path, node, key in found:
-        layout = key.split("|", 1)[0]
-        meta = node.meta["tensor_meta"]
-        shape = tuple(int(s) for s in meta.shape)
-        stage_key = (key, _spatial(shape, layout))
-        if stage_key != last_key:
-            stage += 1
-            last_key = stage_key
-        points.append(GrowthPoint(node.name, path, shape, str(meta.dtype).replace("torch.", ""), layout, stage))
+    if user_points:
+        found = _add_user_points(found, user_points, gm, model, members, shared_paths, usable, block_inputs, external_input)
+    stages = _stages(found)
+    points = [
+        GrowthPoint(node.name, path, tuple(int(s) for s in node.meta["tensor_meta"].shape),
+                    str(node.meta["tensor_meta"].dtype).replace("torch.", ""), key.split("|", 1)[0], st)
+        for (_, path, node, key), st in zip(found, stages)
+    ]
 
     with_inputs = []
     for k, p in enumerate(points):
@@ -517,7 +642,11 @@ def _find_points(gm: torch.fx.GraphModule, model: nn.Module) -> tuple[list[Growt
         elig = []
         # The block's own input (e.g. the stem output for the first block) when it is no point.
         bin_node = block_inputs.get(p.name)
-        if bin_node is not None and all(z.name != bin_node.name for z in earlier):
+        if (
+            bin_node is not None
+            and all(z.name != bin_node.name for z in earlier)
+            and (usable is None or bin_node.name in usable)
+        ):
             meta = bin_node.meta["tensor_meta"]
             shape = tuple(int(s) for s in meta.shape)
             layout = p.layout if len(shape) == len(p.shape) else "?"
@@ -533,6 +662,104 @@ def _find_points(gm: torch.fx.GraphModule, model: nn.Module) -> tuple[list[Growt
     return with_inputs, skipped
 
 
+def _valid_point_names(gm: torch.fx.GraphModule, usable: set[str] | None, limit: int = 40) -> str:
+    """Node names that could be growth points, for error messages."""
+    names = []
+    for n in gm.graph.nodes:
+        if n.op in ("placeholder", "output") or (usable is not None and n.name not in usable):
+            continue
+        if _tensor_layout(n, None)[0] is not None:
+            names.append(n.name)
+    more = f", ... ({len(names)} in all; LayerGraph.nodes lists every node)" if len(names) > limit else ""
+    return ", ".join(names[:limit]) + more if names else "(none)"
+
+
+def _add_user_points(
+    found: list[tuple[int, str, torch.fx.Node, str]],
+    user_points: Sequence[str],
+    gm: torch.fx.GraphModule,
+    model: nn.Module,
+    members: dict[str, list[torch.fx.Node]],
+    shared_paths: set[str],
+    usable: set[str] | None,
+    block_inputs: dict[str, torch.fx.Node | None],
+    external_input: Callable[[list[torch.fx.Node]], torch.fx.Node | None],
+) -> list[tuple[int, str, torch.fx.Node, str]]:
+    """``found`` plus the points the user named (module paths or fx node names), in graph order.
+
+    A named point joins the stage of its neighbour in graph order when layout and size match
+    (so it does not split a stage), else it starts one of its own.
+    """
+    from ..errors import PointError
+
+    named = {n.name: n for n in gm.graph.nodes}
+    order = {n: i for i, n in enumerate(gm.graph.nodes)}
+    mods = dict(model.named_modules())
+    have = {node.name for _, _, node, _ in found}
+    extra: list[tuple[int, str, torch.fx.Node, str]] = []
+
+    def bad(name: str, why: str) -> PointError:
+        found_names = ", ".join(f"{node.name} ({path})" for _, path, node, _ in found) or "(none)"
+        return PointError(
+            f"no growth point named {name!r}: {name!r} {why}. Name a module path (e.g. 'layer1.0') or "
+            f"an fx node name whose value is one floating NCHW / NHWC / (B, N, C) tensor. Growth points "
+            f"found: {found_names}; valid names include: {_valid_point_names(gm, usable)}"
+        )
+
+    for name in user_points:
+        if not isinstance(name, str) or not name:
+            raise PointError(f"points must be module paths or fx node names (strings), got {name!r}")
+        if name in named and named[name].op not in ("placeholder", "output"):
+            node, path, inside = named[name], "", [named[name]]
+            stack = node.meta.get("nn_module_stack") or {}
+            path = next(reversed(stack.values()))[0] if stack else ""
+            hint = None
+        elif name in mods and name in members:
+            if name in shared_paths:
+                raise bad(name, "is a module called more than once in forward")
+            node, inside, why = _output_of(name, members)
+            if node is None:
+                raise bad(name, "is a module whose " + why.replace("module has", "forward has"))
+            path = name
+            hint = _channel_hint(model, [n.target for n in inside if n.op == "call_module"])
+        elif name in mods:
+            raise bad(name, "is a module that forward never calls (or that fx traced as part of another call)")
+        else:
+            raise bad(name, f"is neither a module path nor an fx node name of {type(model).__name__}")
+        layout, why = _tensor_layout(node, hint)
+        if layout is None:
+            raise bad(name, "is not a growth point: its " + why)
+        if usable is not None and node.name not in usable:
+            raise bad(name, "computes different values in train and eval mode")
+        if node.name in have:
+            continue
+        have.add(node.name)
+        if path == name:
+            block_inputs[node.name] = external_input(inside)
+        extra.append((order[node], path or name, node, layout + "|user:" + node.name))
+    if not extra:
+        return found
+    merged = sorted(found + extra, key=lambda t: t[0])
+
+    def group(i: int) -> tuple[str, tuple[int, ...]]:
+        _, _, node, key = merged[i]
+        layout = key.split("|", 1)[0]
+        return layout, _spatial(tuple(int(s) for s in node.meta["tensor_meta"].shape), layout)
+
+    user_keys = {t[3] for t in extra}
+    for i, (o, path, node, key) in enumerate(merged):
+        if key not in user_keys:
+            continue
+        for j in (i - 1, i + 1):  # previous neighbour first, already resolved
+            if 0 <= j < len(merged) and group(j) == group(i) and merged[j][3] not in user_keys:
+                merged[i] = (o, path, node, merged[j][3])
+                break
+        else:
+            if i > 0 and group(i - 1) == group(i):
+                merged[i] = (o, path, node, merged[i - 1][3])
+    return merged
+
+
 def model_name(model: nn.Module) -> str | None:
     """``timm:<arch>`` for timm models (from ``pretrained_cfg``), else ``None``."""
     cfg = getattr(model, "pretrained_cfg", None)
@@ -541,82 +768,7 @@ def model_name(model: nn.Module) -> str | None:
     return None
 
 
-def trace(
-    model: nn.Module,
-    example_input: Any,
-    *,
-    leaf_modules: Sequence[type | str] = (),
-    autowrap_functions: Sequence[Callable] = (),
-    check: bool = True,
-) -> LayerGraph:
-    """Trace ``model`` with torch.fx and find its growth points.
-
-    Args:
-        model: any ``nn.Module``; it is deep-copied, never modified.
-        example_input: a tensor (or tuple of tensors) the model accepts; used for shapes.
-        leaf_modules: extra module classes or module paths fx should not trace into
-            (timm's own registry is always used).
-        autowrap_functions: extra free functions fx should record as calls instead of tracing.
-        check: verify that the traced module gives exactly the eager output (eval mode).
-
-    Raises:
-        TraceError: fx cannot trace the model (the message names the module and line and the
-            remedy), or the traced module is not exact.
-        InputError: ``example_input`` is not a tensor, or the model rejects it.
-    """
-    if not isinstance(model, nn.Module):
-        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
-    args = as_args(example_input)
-    work = copy.deepcopy(model)
-    work.eval()
-    try:
-        with torch.no_grad():
-            eager = work(*args)
-    except Exception as exc:
-        shapes = ", ".join(str(tuple(a.shape)) for a in args)
-        raise InputError(
-            f"{type(model).__name__} rejected example_input of shape {shapes}: "
-            f"{type(exc).__name__}: {exc}. Pass an input the model accepts (same as a training batch, "
-            f"e.g. batch 1)."
-        ) from exc
-    # Trace in training mode: growth trains the module, and Python-level `if self.training`
-    # branches are frozen at trace time.
-    # Modules below the root that branch on self.training are traced as leaves; a branch in the
-    # root's own forward (timm's F.dropout(training=self.training) before the classifier) can
-    # only be frozen, so if the train-mode trace is not exact in eval we fall back to eval mode.
-    gm = None
-    for mode in (True, False):
-        work.train(mode)
-        gm = _symbolic_trace(work, leaf_modules, autowrap_functions, len(args))
-        gm.eval()
-        try:
-            ShapeProp(gm).propagate(*args)
-        except Exception as exc:
-            raise TraceError(
-                f"the traced graph of {type(model).__name__} fails to run on example_input: "
-                f"{type(exc).__name__}: {exc}"
-            ) from exc
-        if not check:
-            break
-        with torch.no_grad():
-            traced = gm(*args)
-        if outputs_equal(traced, eager):
-            if not mode:
-                logger.warning(
-                    "%s branches on self.training in its own forward (e.g. dropout before the "
-                    "classifier); the traced graph keeps the eval-mode branch, so that op is off "
-                    "while growing",
-                    type(model).__name__,
-                )
-            break
-    else:
-        raise TraceError(
-            f"the fx trace of {type(model).__name__} does not reproduce the eager output "
-            "exactly (a Python branch on input values was frozen at trace time); register the "
-            "module with that branch as a leaf via leaf_modules=[...]"
-        )
-    assert gm is not None
-    points, skipped = _find_points(gm, work)
+def _infos(gm: torch.fx.GraphModule) -> dict[str, dict[str, Any]]:
     infos: dict[str, dict[str, Any]] = OrderedDict()
     for n in gm.graph.nodes:
         meta = n.meta.get("tensor_meta")
@@ -628,5 +780,121 @@ def trace(
             "shape": tuple(int(s) for s in meta.shape) if isinstance(meta, TensorMetadata) else None,
             "dtype": str(meta.dtype).replace("torch.", "") if isinstance(meta, TensorMetadata) else None,
         }
+    return infos
+
+
+def _exact(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...], eager: Any) -> bool:
+    """Whether ``gm`` run in eval mode reproduces ``eager`` exactly."""
+    gm.eval()
+    try:
+        with torch.no_grad():
+            return outputs_equal(gm(*args), eager)
+    except Exception:  # noqa: BLE001 - a graph that cannot run in eval mode is not exact
+        return False
+
+
+def trace(
+    model: nn.Module,
+    example_input: Any,
+    *,
+    granularity: str = "block",
+    points: Sequence[str] | str | None = None,
+    leaf_modules: Sequence[type | str] = (),
+    autowrap_functions: Sequence[Callable] = (),
+    check: bool = True,
+) -> LayerGraph:
+    """Trace ``model`` with torch.fx and find its growth points.
+
+    Args:
+        model: any ``nn.Module``; it is copied (:func:`growkit.safecopy.copy_module`), never
+            modified, also when it already ran forward and caches tensors.
+        example_input: a tensor (or tuple of tensors) the model accepts; used for shapes.
+        granularity: ``"block"``: growth points are block outputs (``layer1.0``); where no block
+            point has an eligible input (plain CNNs, MLPs) it falls back to ``"layer"``: every
+            conv / linear unit's output after its norm and activation.
+        points: extra growth points by module path or fx node name (kept with the heuristic ones).
+        leaf_modules: extra module classes or module paths fx should not trace into
+            (timm's own registry is always used).
+        autowrap_functions: extra free functions fx should record as calls instead of tracing.
+        check: verify that the traced module gives exactly the eager output (eval mode).
+
+    Where ``forward`` branches on ``self.training`` (``F.dropout(training=self.training)``), the
+    train-mode and eval-mode traces differ; the result is then a
+    :class:`~growkit.dualgraph.DualGraphModule` that switches graphs with ``.train()`` /
+    ``.eval()``, and growth points are the nodes both graphs share.
+
+    Raises:
+        TraceError: fx cannot trace the model (the message names the module and line and the
+            remedy), or the traced module is not exact.
+        InputError: ``example_input`` is not a tensor, or the model rejects it, or
+            ``granularity`` is unknown.
+        PointError: a name in ``points`` is not a module path or node name, or its value is not
+            one floating tensor of a supported layout (the message lists valid names).
+    """
+    if not isinstance(model, nn.Module):
+        raise InputError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+    if granularity not in GRANULARITIES:
+        raise InputError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+    user_points = [points] if isinstance(points, str) else list(points or [])
+    args = as_args(example_input)
+    work = copy_module(model)
+    work.eval()
+    try:
+        with torch.no_grad():
+            eager = work(*args)
+    except Exception as exc:
+        shapes = ", ".join(str(tuple(a.shape)) for a in args)
+        raise InputError(
+            f"{type(model).__name__} rejected example_input of shape {shapes}: "
+            f"{type(exc).__name__}: {exc}. Pass an input the model accepts (same as a training batch, "
+            f"e.g. batch 1)."
+        ) from exc
+    # Modules below the root that branch on self.training are traced as leaves (they switch
+    # themselves); the root's own branches are kept by tracing both modes (torchvision's
+    # feature-extraction train/eval graph pair).
+    graphs = {}
+    for mode in (True, False):
+        work.train(mode)
+        tracer_gm = _symbolic_trace(work, leaf_modules, autowrap_functions, len(args))
+        graphs[mode] = tracer_gm
+    work.eval()
+    train_gm, eval_gm = graphs[True], graphs[False]
+    usable: set[str] | None = None
+    if same_graph(train_gm.graph, eval_gm.graph) or (check and _exact(train_gm, args, eager)):
+        # One graph serves both modes (branches that only pick equal values, like LeViT's
+        # cached attention biases, need no second graph).
+        gm: torch.fx.GraphModule = train_gm
+    else:
+        train_graph, usable = align_names(train_gm.graph, eval_gm.graph)
+        gm = DualGraphModule(work, train_graph, eval_gm.graph, type(model).__name__)
+    gm.eval()
+    try:
+        ShapeProp(gm).propagate(*args)
+    except Exception as exc:
+        raise TraceError(
+            f"the traced graph of {type(model).__name__} fails to run on example_input: "
+            f"{type(exc).__name__}: {exc}"
+        ) from exc
+    if check:
+        with torch.no_grad():
+            traced = gm(*args)
+        if not outputs_equal(traced, eager):
+            raise TraceError(
+                f"the fx trace of {type(model).__name__} does not reproduce the eager output "
+                "exactly (a Python branch on input values was frozen at trace time); register the "
+                "module with that branch as a leaf via leaf_modules=[...]"
+            )
+    used = granularity
+    found, skipped = _find_points(gm, work, granularity, user_points, usable)
+    if granularity == "block" and not any(p.inputs for p in found):
+        layer_points, layer_skipped = _find_points(gm, work, "layer", user_points, usable)
+        if any(p.inputs for p in layer_points):
+            logger.info(
+                "%s: no block growth point has an eligible input; using layer granularity "
+                "(every conv / linear unit's output)", type(model).__name__,
+            )
+            used, found, skipped = "layer", layer_points, layer_skipped
+    infos = _infos(gm)  # of the eval graph, which ShapeProp annotated
     gm.train(model.training)
-    return LayerGraph(gm, infos, points, skipped, model_name(model))
+    return LayerGraph(gm, infos, found, skipped, model_name(model), used)
+

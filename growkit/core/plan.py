@@ -18,6 +18,7 @@ import torch.fx
 
 from ..errors import PlanError
 from ..validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
+from .dualgraph import all_nodes
 
 __all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
 
@@ -143,7 +144,7 @@ class GrowthPlan:
 def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
     """Hash of the base graph's node names, ops and targets: detects a plan replayed on another model."""
     h = hashlib.sha256()
-    for n in gm.graph.nodes:
+    for n in all_nodes(gm):
         if n.op == "call_module" and str(n.target).startswith(("growkit_", BRANCHES)):
             continue
         h.update(f"{n.name}|{n.op}|{n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)}\n".encode())

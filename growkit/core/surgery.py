@@ -19,12 +19,14 @@ from torch import nn
 
 from ..errors import InputError, OpError, PlanError, PointError
 from .branch import GrownBranch
-from .graph import GrowthPoint, LayerGraph, as_args, model_name, trace
+from .dualgraph import graphs_of
+from .graph import GRANULARITIES, GrowthPoint, LayerGraph, as_args, model_name, trace
 from .ops import DEFAULT_REGISTRY, OpRegistry
 from .plan import BRANCHES, Edit, GrowthPlan, graph_fingerprint
+from .safecopy import copy_module
 
 __all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted", "apply_edit", "apply_plan",
-           "META_KEY"]
+           "trace_options", "META_KEY"]
 
 META_KEY = "growkit"
 
@@ -82,7 +84,7 @@ def from_layer_graph(lg: LayerGraph, example_input: Any, base: dict[str, Any] | 
 def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -> torch.fx.GraphModule:
     """A deep copy of ``model`` as a growable GraphModule (traced unless it already is one)."""
     if state_of(model) is not None:
-        gm = copy.deepcopy(model)
+        gm = copy_module(model)
         gm.meta[META_KEY] = state_of(model).copy()  # type: ignore[union-attr]
         return gm
     if example_input is None:
@@ -92,7 +94,21 @@ def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -
         )
     lg = trace(model, example_input, **trace_kwargs)
     base = _base_record(model, example_input)
+    # How to find the same points on a fresh trace (growkit.load): only where not the default.
+    user_points = trace_kwargs.get("points")
+    if lg.granularity != "block" or user_points:
+        base["trace"] = {"granularity": trace_kwargs.get("granularity", "block")}
+        if user_points:
+            base["trace"]["points"] = [user_points] if isinstance(user_points, str) else list(user_points)
     return from_layer_graph(lg, example_input, base)
+
+
+def trace_options(granularity: str | None, points: Any = None) -> dict[str, Any]:
+    """The :func:`trace` keywords for a run's ``granularity`` and ``points`` settings."""
+    out: dict[str, Any] = {"granularity": granularity or "block"}
+    if points:
+        out["points"] = list(points)
+    return out
 
 
 def _base_record(model: nn.Module, example_input: Any) -> dict[str, Any]:
@@ -125,16 +141,17 @@ def insert_at_point(
     """
     st = state_of(gm)
     assert st is not None, "insert_at_point needs a growable module"
-    named = {n.name: n for n in gm.graph.nodes}
 
-    def current(name: str) -> torch.fx.Node:
+    def current(name: str, named: dict[str, torch.fx.Node]) -> torch.fx.Node:
         cur = st.node_of.get(name, name)
         if cur not in named:
             raise PointError(f"node {name!r} is not in this model's graph")
         return named[cur]
 
-    x = current(point)
-    zs = [current(z) for z in input_names]
+    sites = []
+    for graph in graphs_of(gm):
+        named = {n.name: n for n in graph.nodes}
+        sites.append((graph, current(point, named), [current(z, named) for z in input_names]))
     if not hasattr(gm, container):
         gm.add_module(container, nn.ModuleDict())
     ref = next((t for t in gm.parameters() if t.is_floating_point()), None)
@@ -142,28 +159,38 @@ def insert_at_point(
         module.to(device=ref.device, dtype=ref.dtype)
     module.train(gm.training)
     getattr(gm, container)[key] = module
-    with gm.graph.inserting_after(x):
-        new = gm.graph.call_module(f"{container}.{key}", (x, *zs))
-    x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
-    st.node_of[point] = new.name
+    # The same node, under the same name, in every graph (train and eval graphs of a dual module).
+    new_name = None
+    for graph, x, zs in sites:
+        with graph.inserting_after(x):
+            new = graph.create_node("call_module", f"{container}.{key}", (x, *zs), name=new_name)
+        if new_name is None:
+            new_name = new.name
+        elif new.name != new_name:
+            raise PointError(f"node {new_name!r} cannot be named the same in the train and eval graphs")
+        x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
+    assert new_name is not None
+    st.node_of[point] = new_name
     return new
 
 
 def remove_inserted(gm: torch.fx.GraphModule, container: str) -> None:
     """Remove every node calling ``gm.<container>.*`` (restoring its first argument) and the modules."""
     st = state_of(gm)
-    for n in list(gm.graph.nodes):
-        if n.op == "call_module" and str(n.target).startswith(container + "."):
-            x = n.args[0]
-            n.replace_all_uses_with(x)
-            gm.graph.erase_node(n)
-            if st is not None:
-                for p, cur in list(st.node_of.items()):
-                    if cur == n.name:
-                        st.node_of[p] = x.name
+    for graph in graphs_of(gm):
+        for n in list(graph.nodes):
+            if n.op == "call_module" and str(n.target).startswith(container + "."):
+                x = n.args[0]
+                n.replace_all_uses_with(x)
+                graph.erase_node(n)
+                if st is not None:
+                    for p, cur in list(st.node_of.items()):
+                        if cur == n.name:
+                            st.node_of[p] = x.name
     if hasattr(gm, container):
         delattr(gm, container)
-    gm.graph.lint()
+    for graph in graphs_of(gm):
+        graph.lint()
     gm.recompile()
 
 
@@ -194,6 +221,27 @@ def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None
     return branch
 
 
+def _trace_record(base: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``granularity`` / ``points`` a plan's base was traced with (data only)."""
+    rec = base.get("trace")
+    if rec is None:
+        return {}
+    if not isinstance(rec, dict) or set(rec) - {"granularity", "points"}:
+        raise PlanError("plan base 'trace' must be an object with 'granularity' and optional 'points'")
+    out: dict[str, Any] = {}
+    if rec.get("granularity") is not None:
+        if rec["granularity"] not in GRANULARITIES:
+            raise PlanError(f"plan base granularity {rec['granularity']!r} is not one of {GRANULARITIES}")
+        out["granularity"] = rec["granularity"]
+    pts = rec.get("points")
+    if pts is not None:
+        if not (isinstance(pts, list) and len(pts) <= 10_000 and all(
+                isinstance(v, str) and 0 < len(v) <= 500 and v.replace("_", "a").replace(".", "a").isalnum() for v in pts)):
+            raise PlanError("plan base points must be a list of module paths / node names")
+        out["points"] = list(pts)
+    return out
+
+
 def apply_plan(
     base_model: nn.Module,
     plan: GrowthPlan,
@@ -210,6 +258,8 @@ def apply_plan(
     """
     if example_input is None:
         example_input = plan.example_input()
+    if state_of(base_model) is None:
+        trace_kwargs = {**_trace_record(plan.base), **trace_kwargs}
     gm = growable(base_model, example_input, **trace_kwargs)
     st = state_of(gm)
     assert st is not None

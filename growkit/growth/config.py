@@ -47,6 +47,7 @@ class GrowConfig:
     max_inputs: int | None = 2
     max_ops: int = 3
     points: tuple[str, ...] | None = None
+    granularity: str = "block"
     points_per_round: int | None = None
     selection: str = "alpha"
     seed: int | None = None

@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from ..core.cost import Cost
-from ..core.surgery import growable
+from ..core.surgery import growable, trace_options
 from ..errors import InputError, ResourceError
 from ..runsetup import RunSetup
 from .config import GrowConfig
@@ -320,8 +320,8 @@ class _RayWorker:
 def build_trainer(spec: WorkerSpec) -> ChildTrainer:
     """A :class:`ChildTrainer` from a :class:`WorkerSpec` (in a worker process)."""
     setup = spec.setup
-    base_gm = growable(spec.module, setup.example).to(setup.device)
-    return ChildTrainer(base_gm, setup, spec.cfg, base_cost=spec.base_cost)
+    base_gm = growable(spec.module, setup.example, **trace_options(spec.cfg.granularity, spec.cfg.points))
+    return ChildTrainer(base_gm.to(setup.device), setup, spec.cfg, base_cost=spec.base_cost)
 
 
 def get_executor(executor: "str | Executor", options: dict[str, Any] | None = None) -> Executor:

@@ -69,6 +69,7 @@ def grow(
     max_inputs: int | None = 2,
     max_ops: int = 3,
     points: Iterable[str] | None = None,
+    granularity: str = "block",
     points_per_round: int | None = None,
     selection: str = "alpha",
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
@@ -115,7 +116,8 @@ def grow(
             keeps 3 of 4 edges, so there is little left to select; the richer set costs more per
             weak-learning step. (On the small benchmarks in benchmarks/results/grow_vs_finetune*.md
             top-|alpha| edges were no better than random edges at the same points with either set.)
-        points: growth points to consider (fx node names; default: all of them).
+        points: growth points to consider (fx node names or module paths; default: all of them).
+        granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
         loss_fn: ``loss_fn(output, target)``; default cross entropy.
@@ -150,7 +152,7 @@ def grow(
         finetune_epochs=finetune_epochs, lr=lr, new_lr_mult=new_lr_mult, new_lr_max=new_lr_max,
         new_lr_warmup=new_lr_warmup, new_grad_clip=new_grad_clip, candidate_lr=candidate_lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, ops=ops, max_inputs=max_inputs, max_ops=max_ops,
-        points=points, points_per_round=points_per_round, selection=selection, seed=seed, cost_axis=cost_axis,
+        points=points, granularity=granularity, points_per_round=points_per_round, selection=selection, seed=seed, cost_axis=cost_axis,
         eps=eps, max_eta=max_eta, children=children, output=output,
     )
     if resume and checkpoint_dir is None:

@@ -9,7 +9,6 @@ epoch, and records finished children in the run's history and gallery.
 """
 from __future__ import annotations
 
-import copy
 import dataclasses
 import logging
 from typing import Any
@@ -17,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.safecopy import copy_module
 from ..errors import InputError
 from .executor import WorkerSpec
 from .jobs import TuneJob, TuneResult, WeakJob, WeakResult
@@ -90,7 +90,7 @@ class PetridishRound:
         run = self.grow_run
         model = run.user_model
         if any(t.device.type != "cpu" for t in model.state_dict().values()):
-            model = copy.deepcopy(model).cpu()
+            model = copy_module(model).cpu()
         setup = dataclasses.replace(run.setup, example=tuple(a.cpu() for a in run.setup.example),
                                     device=torch.device(device), progress=False)
         assert run.base_cost is not None

@@ -21,7 +21,7 @@ from ..checkpoint import (CheckpointDir, capture_rng, check_same_settings, data_
                           restore_rng, snapshot)
 from ..core.cost import Cost, measure
 from ..core.plan import GrowthPlan
-from ..core.surgery import growable, state_of
+from ..core.surgery import growable, state_of, trace_options
 from ..errors import InputError
 from ..io import save as save_model
 from ..io import write_json_atomic
@@ -78,7 +78,7 @@ class GrowRun:
         self.dev = setup.device
         mdev = next(model.parameters()).device
         check_finite_outputs(model, tuple(a.to(mdev) for a in setup.example), "the model passed to grow()")
-        self.base_gm = growable(model, setup.example).to(self.dev)
+        self.base_gm = growable(model, setup.example, **trace_options(cfg.granularity, cfg.points)).to(self.dev)
         self.example = setup.example_on_device()
         self.gallery = Gallery(cost_axis=cfg.cost_axis, eps=cfg.eps)
         self.history: list[dict[str, Any]] = []

@@ -35,6 +35,7 @@ from ..core.cost import Budget, Cost, measure
 from ..core.finalize import finalize
 from ..core.graph import as_args
 from ..core.plan import BRANCHES, GrowthPlan
+from ..core.safecopy import copy_module
 from ..core.selection import choose_points
 from ..core.surgery import growable, remove_inserted, state_of
 from ..errors import InputError, NonFiniteLoss
@@ -218,7 +219,7 @@ class Grower:
 
     def grown_model(self) -> torch.fx.GraphModule:
         """A copy of the current model without candidates (same function): for save / export."""
-        gm = copy.deepcopy(self.model.module)
+        gm = copy_module(self.model.module)
         remove_inserted(gm, CANDIDATES)
         return gm
 
