@@ -15,6 +15,11 @@ parameters are added to them as new param groups. Growth is recorded in the plan
         opt.zero_grad(); loss.backward(); opt.step()
         grower.after_step()
     grower.end_experience()          # grow at the boundary
+
+Why over 450 lines (about 600): the Grower is one stateful object a user's loop talks to;
+issue 19 added its rollback (snapshot / restore / retry of a growth) and the new-parameter groups
+it keeps on the user's optimizers, which read and write the same private state as growth itself.
+Splitting them out would mean a second object sharing that state; left as one class.
 """
 from __future__ import annotations
 
