@@ -59,6 +59,7 @@ def test_grow_end_to_end(digits, trained):
     assert [h["round"] for h in res.history if "round" in h] == [1, 2]
 
 
+@pytest.mark.slow  # two full grow() runs; same-seed reproducibility stays in the default run (test_resume.py)
 def test_grow_reproducible_with_seed(trained):
     ds = digits_dataset(16)
     tr, va = split(ds, [320, 160], seed=0)
