@@ -50,10 +50,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
-from growkit.adapters import data as D
-from growkit.cost import count_flops, count_params
+from growkit import data as D
+from growkit.core.cost import count_flops, count_params
 from growkit.train import evaluate, train_steps
-from growkit.ops import ops_from_text
+from growkit.core.ops import ops_from_text
 
 logger = logging.getLogger("grow_vs_finetune")
 

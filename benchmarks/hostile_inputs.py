@@ -96,7 +96,7 @@ class TwoHeads(Net):
 
 
 def digits():
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
 
     tr, va = split(digits_dataset(16), [320, 160], seed=0)
     return make_loaders([tr, va], batch_size=32, seed=0)
@@ -521,7 +521,7 @@ def _(c):
     def go():
         x = torch.cat([c.w.batches[0][0], c.w.batches[1][0]])
         res = c.w.grow(None, model=c.watch(c.w.model), example_input=x)
-        want = growkit.cost.count_flops(c.w.model, x[:1])
+        want = growkit.core.cost.count_flops(c.w.model, x[:1])
         if res.gallery[0].cost.flops != want or res.plan.input_shapes[0][0] != 1:
             raise SilentWrong(f"flops {res.gallery[0].cost.flops:,} (batch-1: {want:,}), plan shape {res.plan.input_shapes}")
     return go

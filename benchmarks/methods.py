@@ -48,9 +48,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grow_vs_finetune as gvf  # noqa: E402  (the same bases, data splits and training recipe)
 
 import growkit  # noqa: E402
-from growkit.cost import count_flops, count_params  # noqa: E402
+from growkit.core.cost import count_flops, count_params  # noqa: E402
 from growkit.train import evaluate, train_steps  # noqa: E402
-from growkit.ops import ops_from_text  # noqa: E402
+from growkit.core.ops import ops_from_text  # noqa: E402
+from growkit.growth.methods import method_names  # noqa: E402
 
 logger = logging.getLogger("methods")
 
@@ -378,9 +379,9 @@ def main(argv: list[str] | None = None) -> int:
         if "--datasets" not in argv_s:
             args.datasets = "digits"
     args.methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in args.methods if m not in growkit.methods.METHOD_REGISTRY]
+    unknown = [m for m in args.methods if m not in method_names()]
     if unknown:
-        p.error(f"unknown methods {unknown}; registered: {sorted(growkit.methods.METHOD_REGISTRY)}")
+        p.error(f"unknown methods {unknown}; available: {method_names()}")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("growkit").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)

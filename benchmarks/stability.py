@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, Subset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import growkit  # noqa: E402
-from growkit.adapters import data as D  # noqa: E402
+from growkit import data as D  # noqa: E402
 from growkit.train import evaluate, train_steps  # noqa: E402
 
 logger = logging.getLogger("stability")

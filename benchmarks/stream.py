@@ -43,7 +43,7 @@ from torch.utils.data import Subset, TensorDataset
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import growkit  # noqa: E402
-from growkit.adapters import data as D  # noqa: E402
+from growkit import data as D  # noqa: E402
 from growkit.train import train_steps  # noqa: E402
 
 logger = logging.getLogger("stream")

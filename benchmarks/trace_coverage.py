@@ -350,7 +350,7 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", s
 
     torch.set_num_threads(threads)
     import growkit
-    from growkit.dualgraph import DualGraphModule
+    from growkit.core.dualgraph import DualGraphModule
 
     res: dict[str, Any] = {"model": name, "status": "other_error", "timm_fx": "n/a"}
 

@@ -33,12 +33,15 @@ import numpy as np
 import torch
 from torch import nn
 
-from .errors import LockError, PlanError
-from .io import _atomic_write, write_json_atomic
+from .errors import InputError, LockError, PlanError
+from .io import atomic_write, write_json_atomic
 
 __all__ = [
     "capture_rng",
     "restore_rng",
+    "snapshot",
+    "restore_training",
+    "check_same_settings",
     "full_state",
     "load_full_state",
     "optimizer_to_flat",
@@ -114,6 +117,42 @@ def _restore_rng(state: dict[str, Any], rng: random.Random, loaders: Iterable[An
     for gen, s in zip(loader_generators(loaders), state.get("loaders", [])):
         if gen is not None and s is not None:
             gen.set_state(_unb64(s))
+
+
+def snapshot(model: nn.Module) -> dict[str, torch.Tensor]:
+    """A detached CPU copy of ``model.state_dict()`` (what gallery entries and job results keep)."""
+    return {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+
+
+def restore_training(state: dict[str, Any], tensors: dict[str, torch.Tensor], work: nn.Module | None,
+                     opts: dict[str, torch.optim.Optimizer], sched: Any, rng: random.Random,
+                     loaders: Iterable[Any] = ()) -> None:
+    """Continue a training phase from a checkpoint: the working model, the optimizers saved under
+    the names in ``opts`` (absent at a phase's start: a fresh optimizer stays fresh), the
+    scheduler and every RNG state (``rng`` is the run's own generator)."""
+    if work is not None:
+        load_full_state(work, tensors, "work.")
+    for name, opt in opts.items():
+        if name in state["optimizers"]:
+            optimizer_from_flat(opt, state["optimizers"][name], tensors)
+    if sched is not None and state.get("scheduler") is not None:
+        sched.load_state_dict(state["scheduler"])
+    restore_rng(state["rng"], rng, loaders)
+
+
+def check_same_settings(old: dict[str, Any], new: dict[str, Any], *, api: str, cli: str | None = None) -> None:
+    """Raise :class:`InputError` naming every setting that differs between a checkpointed run
+    (``old``) and the call that resumes it (``new``); ``api`` / ``cli`` say what to do instead."""
+    old = json.loads(json.dumps(old, default=str))
+    new = json.loads(json.dumps(new, default=str))
+    diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
+    if not diff:
+        return
+    changes = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+    raise InputError(
+        f"resume=True with settings that differ from the checkpointed run: {changes}; {api}",
+        cli=None if cli is None else f"--resume with settings that differ from the interrupted run: {changes}; {cli}",
+    )
 
 
 def full_state(model: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -293,7 +332,7 @@ class CheckpointDir:
 
         path = self.entry_path(entry_id)
         tensors = {k: v.contiguous() for k, v in state.items()}
-        _atomic_write(path, lambda tmp: save_file(tensors, tmp))
+        atomic_write(path, lambda tmp: save_file(tensors, tmp))
         self.entry_hashes[str(entry_id)] = file_sha256(path)
 
     def read_entry(self, entry_id: int) -> dict[str, torch.Tensor]:

@@ -10,13 +10,13 @@ from typing import Sequence
 import torch
 
 from .errors import GrowkitError, InputError
-from .ops import ops_from_text
+from .core.ops import ops_from_text
 
 __all__ = ["main"]
 
 
 def _cmd_trace(args: argparse.Namespace) -> int:
-    from .graph import trace
+    from .core.graph import trace
     from .modelspec import create_model, default_input_size
 
     kwargs = {"num_classes": args.num_classes} if args.num_classes else {}
@@ -86,11 +86,11 @@ def _method_options(text: str | None) -> dict:
 def _cmd_grow(args: argparse.Namespace) -> int:
     from growkit.adapters import data as gdata
 
-    from .cost import Budget
-    from .grow import grow
+    from .core.cost import Budget
+    from .growth.grow import grow
     from .io import save
     from .modelspec import create_model
-    from .methods import get_method
+    from .growth.methods import get_method
     from .train import train_steps
 
     options = _method_options(args.method_options)
@@ -141,7 +141,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     import json
 
-    from .gallery import Gallery
+    from .growth.gallery import Gallery
 
     path = Path(args.dir) / "gallery.json"
     if not path.is_file():

@@ -39,9 +39,9 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from .candidates import Candidate
+from .core.candidates import Candidate
 from .errors import InputError
-from .ops import OpBatchNorm2d, _TokenBN
+from .core.ops import OpBatchNorm2d, TokenBN
 
 __all__ = [
     "prepare_ddp",
@@ -141,7 +141,7 @@ _TRAIN_FORWARDS: dict[type, TrainForward] = {
     _BatchNorm: _plain,
     nn.SyncBatchNorm: _plain,
     OpBatchNorm2d: _plain,  # its own forward differs only in eval mode
-    _TokenBN: _tokens,
+    TokenBN: _tokens,
 }
 
 try:  # timm's BatchNorm + activation, leaf modules in timm models

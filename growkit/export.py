@@ -19,8 +19,8 @@ from torch import nn
 from torch.utils._pytree import tree_flatten
 
 from .errors import ExportError
-from .graph import as_args
-from .safecopy import copy_module
+from .core.graph import as_args
+from .core.safecopy import copy_module
 
 __all__ = ["ExportReport", "export_onnx"]
 
@@ -58,8 +58,8 @@ class ExportReport:
 
 
 def _prepare(model: nn.Module, remove_candidates: bool) -> nn.Module:
-    from .candidates import CANDIDATES, CandidateModel
-    from .surgery import remove_inserted
+    from .core.candidates import CANDIDATES, CandidateModel
+    from .core.surgery import remove_inserted
 
     if isinstance(model, CandidateModel):
         if not remove_candidates:

@@ -19,8 +19,8 @@ import torch
 from torch import nn
 
 from .errors import InputError, PlanError
-from .plan import GrowthPlan, apply_plan
-from .surgery import state_of
+from .core.plan import GrowthPlan
+from .core.surgery import apply_plan, state_of
 
 __all__ = ["save", "load", "write_json_atomic", "PLAN_FILE", "WEIGHTS_FILE", "SAVE_MARKER"]
 
@@ -38,7 +38,7 @@ def _umask() -> int:
     return mask
 
 
-def _atomic_write(path: Path, write) -> None:
+def atomic_write(path: Path, write) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     os.close(fd)
@@ -60,7 +60,7 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
         with open(tmp, "w") as f:
             json.dump(obj, f, indent=2, default=str)
 
-    _atomic_write(Path(path), w)
+    atomic_write(Path(path), w)
 
 
 def _prepare_dir(out: Path, overwrite: bool) -> set[str]:
@@ -108,8 +108,8 @@ def save(model_or_result: Any, path: str | Path, *, overwrite: bool = False) -> 
     out.mkdir(parents=True, exist_ok=True)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
     written = [WEIGHTS_FILE, PLAN_FILE]
-    _atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "growkit": "1"}))
-    _atomic_write(out / PLAN_FILE, lambda tmp: Path(tmp).write_text(st.plan.to_json()))
+    atomic_write(out / WEIGHTS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": "pt", "growkit": "1"}))
+    atomic_write(out / PLAN_FILE, lambda tmp: Path(tmp).write_text(st.plan.to_json()))
     gallery = getattr(model_or_result, "gallery", None)
     if gallery is not None:
         write_json_atomic(out / GALLERY_FILE, {"gallery": gallery.to_dict(), "history": getattr(model_or_result, "history", [])})

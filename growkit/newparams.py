@@ -32,7 +32,7 @@ from torch import nn
 from .errors import InputError, NonFiniteLoss
 
 __all__ = ["NewParamRule", "NewParamGroups", "RETRY_LR_SCALE", "check_finite_outputs", "DEFAULT_MAX_LR",
-           "DEFAULT_WARMUP", "DEFAULT_CLIP", "DEFAULT_MAX_ETA"]
+           "DEFAULT_WARMUP", "DEFAULT_CLIP", "DEFAULT_MAX_ETA", "watch_new_params", "growth_optimizer"]
 
 RETRY_LR_SCALE = 0.5
 """After a rollback, the growth is retried once with the new parameters' rate times this."""
@@ -187,3 +187,35 @@ def check_finite_outputs(model: nn.Module, example: tuple[torch.Tensor, ...], wh
                             "lower learning rate (or from its last good checkpoint) first")
     raise NonFiniteLoss(f"{what} has non-finite weights ({', '.join(bad[:3])}{' ...' if len(bad) > 3 else ''}): it "
                         "has diverged, so it is not grown; train it at a lower learning rate first")
+
+
+def watch_new_params(opt: torch.optim.Optimizer, group: dict[str, Any], model: nn.Module, rule: NewParamRule,
+                     steps_per_epoch: int) -> NewParamGroups:
+    """Put ``group`` of ``opt`` under ``rule`` with the eta guard raising from ``opt.step()``: every
+    module of ``model`` whose gate ``eta`` trains in ``group`` is watched (grown branches, search cells)."""
+    mgr = NewParamGroups(opt, rule, steps_per_epoch)
+    ids = {id(p) for p in group["params"]}
+    etas = {name or "model": m.eta for name, m in model.named_modules()
+            if isinstance(getattr(m, "eta", None), nn.Parameter) and id(m.eta) in ids}
+    mgr.add(group, etas)
+    opt.register_step_post_hook(lambda *_: mgr.check())
+    return mgr
+
+
+def growth_optimizer(model: nn.Module, new: Iterable[nn.Parameter], *, lr: float, momentum: float, weight_decay: float,
+                     rule: NewParamRule | None = None, steps_per_epoch: int = 1, exclude: Iterable[nn.Parameter] = (),
+                     ) -> tuple[torch.optim.SGD, NewParamGroups | None]:
+    """SGD over ``model`` as every growth path trains a grown model: the parameters but ``new`` and
+    ``exclude`` at ``lr``; ``new`` (the newly grown ones) in a last group under ``rule`` with the
+    eta guard (:func:`watch_new_params`). Returns the optimizer and the rule's manager (``None``
+    without new parameters). The one place optimizer groups for growth are built."""
+    new = list(new)
+    ids = {id(p) for p in new} | {id(p) for p in exclude}
+    old = [p for p in model.parameters() if id(p) not in ids]
+    groups = [g for g in ({"params": old}, {"params": new}) if g["params"]]
+    opt = torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if not new:
+        return opt, None
+    if rule is None:
+        raise InputError("growth_optimizer: new parameters need a NewParamRule (rule=)")
+    return opt, watch_new_params(opt, opt.param_groups[-1], model, rule, steps_per_epoch)

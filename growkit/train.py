@@ -1,4 +1,5 @@
-"""Training and evaluation helpers shared by grow(), streams and benchmarks."""
+"""Training and evaluation: the one training loop, its schedule and optimizer, shared by grow(),
+the search passes, pruning, streams and benchmarks."""
 from __future__ import annotations
 
 import logging
@@ -14,9 +15,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import InputError, NonFiniteLoss
+from .outputs import check_logits_targets
 
-__all__ = ["BatchFn", "default_batch_fn", "iter_batches", "train_steps", "evaluate", "NonFiniteLoss", "PhaseStats",
-           "loader_length", "first_batch", "first_input"]
+__all__ = ["BatchFn", "LossFn", "default_batch_fn", "default_loss", "iter_batches", "train_steps", "train_batches",
+           "evaluate", "NonFiniteLoss", "PhaseStats", "loader_length", "num_batches", "cosine_schedule",
+           "forward", "forward_checked", "logits_of", "first_batch", "first_input"]
 
 logger = logging.getLogger(__name__)
 
@@ -91,12 +94,15 @@ class PhaseStats:
         return self.correct / self.seen if self.seen else None
 
 
-def _forward(model: nn.Module, x: Any) -> Any:
+def forward(model: nn.Module, x: Any) -> Any:
+    """``model(x)``, or ``model(*x)`` for a tuple / list of inputs."""
     return model(*x) if isinstance(x, (tuple, list)) else model(x)
 
 
-def _logits(out: Any, loss_fn: Any = None) -> torch.Tensor:
-    select = getattr(loss_fn, "select", None)  # growkit.outputs.OutputLoss: grow(output=...)
+def logits_of(out: Any, loss_fn: Any = None) -> torch.Tensor:
+    """The logits tensor of a model output: what ``loss_fn.select`` picks (``grow(output=...)``,
+    :class:`growkit.outputs.OutputLoss`), else the tensor, or the first of a dict / tuple."""
+    select = getattr(loss_fn, "select", None)
     if select is not None:
         return select(out)
     if isinstance(out, torch.Tensor):
@@ -110,8 +116,6 @@ def _logits(out: Any, loss_fn: Any = None) -> torch.Tensor:
 
 def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
     """Cross entropy on the model's only output; several outputs need ``output=`` (no guessing)."""
-    from .outputs import check_logits_targets
-
     many = list(out.values()) if isinstance(out, dict) else out if isinstance(out, (tuple, list)) else None
     if many is not None and len(many) > 1:
         shapes = [tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__ for t in many]
@@ -119,7 +123,7 @@ def default_loss(out: Any, y: torch.Tensor) -> torch.Tensor:
             f"the model returns {len(many)} outputs {shapes}{' with keys ' + str(list(out)) if isinstance(out, dict) else ''}; "
             "growkit does not guess which are the logits: pass output=KEY / INDEX / callable to grow(), or loss_fn="
         )
-    logits = _logits(out)
+    logits = logits_of(out)
     check_logits_targets(logits, y)
     return F.cross_entropy(logits, y)
 
@@ -129,7 +133,7 @@ def _shapes(x: Any) -> list[tuple[int, ...]]:
     return [tuple(t.shape[1:]) for t in xs if isinstance(t, torch.Tensor)]
 
 
-def _forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
+def forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | None, n: int) -> Any:
     """Forward, after checking the batch has the first batch's shape beyond the batch axis.
 
     A traced and grown model is built for one input shape (growth points, resampling ops); a
@@ -140,7 +144,7 @@ def _forward_checked(model: nn.Module, x: Any, first: list[tuple[int, ...]] | No
             f"batch {n + 1} has inputs of shape {_shapes(x)} (beyond the batch axis) where the first batch had "
             f"{first}; every batch needs the same shape (check the dataset's transforms or collate_fn)"
         )
-    return _forward(model, x)
+    return forward(model, x)
 
 
 def train_steps(
@@ -167,8 +171,6 @@ def train_steps(
     ``on_epoch_end(epoch, stats)`` runs after each epoch (checkpointing hooks in there).
     """
     device = device or next(model.parameters()).device
-    loss_fn = loss_fn or default_loss
-    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
     model.train()
     st = stats if stats is not None else PhaseStats()
     # A bar redrawn in place turns into one long line in a log file: there, print a line per epoch.
@@ -178,31 +180,9 @@ def train_steps(
         bar = tqdm(it, desc=f"{desc} {ep + 1}/{epochs}", total=loader_length(loader), unit="batch", leave=False,
                    disable=not interactive, dynamic_ncols=True)
         t0, steps0, loss0, correct0, seen0 = time.perf_counter(), st.steps, st.loss_sum, st.correct, st.seen
-        first = None
-        for i, (x, y) in enumerate(bar):
-            for opt in optimizers:
-                opt.zero_grad(set_to_none=True)
-            out = _forward_checked(model, x, first, i)
-            first = first or _shapes(x)
-            loss = loss_fn(out, y)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
-            full = loss + extra_loss() if extra_loss is not None else loss
-            full.backward()
-            for opt in optimizers:
-                opt.step()
-            if scheduler is not None:
-                scheduler.step()
-            if after_step is not None:
-                after_step()
-            st.loss_sum += float(loss.detach())
-            st.steps += 1
-            logits = _logits(out, loss_fn)
-            if logits.dim() == 2 and y.dim() == 1:
-                st.correct += int((logits.detach().argmax(1) == y).sum())
-                st.seen += int(y.numel())
-            if interactive:
-                bar.set_postfix(loss=f"{st.mean_loss:.4f}")
+        train_batches(model, bar, optimizer, scheduler=scheduler, loss_fn=loss_fn, extra_loss=extra_loss,
+                      after_step=after_step, stats=st, desc=desc,
+                      on_step=(lambda s: bar.set_postfix(loss=f"{s.mean_loss:.4f}")) if interactive else None)
         if progress and not interactive:
             n = st.steps - steps0
             acc = f", train acc {100 * (st.correct - correct0) / (st.seen - seen0):.2f} %" if st.seen > seen0 else ""
@@ -211,6 +191,67 @@ def train_steps(
         if on_epoch_end is not None:
             on_epoch_end(ep, st)
     return st
+
+
+def train_batches(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, torch.Tensor]],
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    *,
+    scheduler: Any = None,
+    loss_fn: LossFn | None = None,
+    extra_loss: Callable[[], torch.Tensor] | None = None,
+    after_step: Callable[[], None] | None = None,
+    stats: PhaseStats | None = None,
+    desc: str = "train",
+    on_step: Callable[[PhaseStats], None] | None = None,
+) -> PhaseStats:
+    """The training loop: one optimizer step per device-placed ``(x, y)`` of ``batches``.
+
+    Raises :class:`NonFiniteLoss` on a NaN / Inf loss (before the step), :class:`InputError` on a
+    batch whose shape differs from the first one's (beyond the batch axis). :func:`train_steps`
+    runs it per epoch over a loader; search passes run it over a fixed number of batches.
+    """
+    loss_fn = loss_fn or default_loss
+    optimizers = list(optimizer) if isinstance(optimizer, (list, tuple)) else [optimizer]
+    st = stats if stats is not None else PhaseStats()
+    first = None
+    for i, (x, y) in enumerate(batches):
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
+        out = forward_checked(model, x, first, i)
+        first = first or _shapes(x)
+        loss = loss_fn(out, y)
+        if not torch.isfinite(loss):
+            raise NonFiniteLoss(f"loss became {loss.item()} at step {st.steps} of phase '{desc}'")
+        full = loss + extra_loss() if extra_loss is not None else loss
+        full.backward()
+        for opt in optimizers:
+            opt.step()
+        if scheduler is not None:
+            scheduler.step()
+        if after_step is not None:
+            after_step()
+        st.loss_sum += float(loss.detach())
+        st.steps += 1
+        logits = logits_of(out, loss_fn)
+        if logits.dim() == 2 and y.dim() == 1:
+            st.correct += int((logits.detach().argmax(1) == y).sum())
+            st.seen += int(y.numel())
+        if on_step is not None:
+            on_step(st)
+    return st
+
+
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase)."""
+    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+
+
+def num_batches(loader: Iterable) -> int:
+    """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
+    n = loader_length(loader)
+    return 1000 if n is None else n
 
 
 def loader_length(loader: Iterable) -> int | None:
@@ -239,12 +280,12 @@ def evaluate(
     try:
         first = None
         for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
-            out = _forward_checked(model, x, first, i)
+            out = forward_checked(model, x, first, i)
             first = first or _shapes(x)
             b = int(y.shape[0]) if y.dim() else 1
             total += float(loss_fn(out, y)) * b
             n += b
-            logits = _logits(out, loss_fn)
+            logits = logits_of(out, loss_fn)
             if logits.dim() == 2 and y.dim() == 1:
                 correct += int((logits.argmax(1) == y).sum())
     finally:

@@ -22,7 +22,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader, DistributedSampler, Subset
 
 import growkit
-from growkit.adapters.data import digits_dataset, split
+from growkit.data import digits_dataset, split
 from growkit.distributed import desync, prepare_ddp
 from growkit.train import PhaseStats, evaluate, train_steps
 

@@ -18,7 +18,7 @@ import torch
 from torch.utils.data import DataLoader
 
 import growkit
-from growkit.adapters.data import image_folder, split
+from growkit.data import image_folder, split
 from growkit.train import evaluate, train_steps
 
 

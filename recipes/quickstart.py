@@ -17,7 +17,7 @@ import timm
 import torch
 
 import growkit
-from growkit.adapters.data import digits_dataset, make_loaders, split
+from growkit.data import digits_dataset, make_loaders, split
 from growkit.train import evaluate, train_steps
 
 

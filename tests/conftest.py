@@ -54,7 +54,7 @@ def tiny_resnet() -> nn.Module:
 @pytest.fixture(scope="module")
 def digits():
     """Train / val loaders over 320 / 160 real digits (16x16), seeded."""
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
 
     tr, va = split(digits_dataset(16), [320, 160], seed=0)
     return make_loaders([tr, va], batch_size=32, seed=0)

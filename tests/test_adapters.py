@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
-from growkit.adapters.data import digits_dataset
-from growkit.plan import BRANCHES
+from growkit.data import digits_dataset
+from growkit.core.plan import BRANCHES
 
 from .conftest import TinyResNet
 

@@ -12,8 +12,8 @@ import torch.nn.functional as F
 from torch import nn
 
 import growkit
-from growkit.dualgraph import DualGraphModule
-from growkit.graph import outputs_equal
+from growkit.core.dualgraph import DualGraphModule
+from growkit.core.graph import outputs_equal
 
 from .conftest import TinyResNet
 from .zoo import ZOO, PlainCNN, build

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 import growkit
-from growkit.candidates import CandidateModel
+from growkit.core.candidates import CandidateModel
 from growkit.distributed import (
     _Converted,
     convert_batchnorm,
@@ -99,7 +99,7 @@ def _norm_zoo() -> list[tuple[str, nn.Module, torch.Tensor, torch.Tensor]]:
     """BatchNorm kinds growkit models contain: (name, module, global input, loss weights)."""
     from timm.layers.norm_act import BatchNormAct2d
 
-    from growkit.ops import OpBatchNorm2d, feature_norm
+    from growkit.core.ops import OpBatchNorm2d, feature_norm
 
     torch.manual_seed(2)
     g = torch.Generator().manual_seed(3)

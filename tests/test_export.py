@@ -53,6 +53,7 @@ def test_refuses_unfinalized_and_exports_without_candidates(tmp_path):
     assert rep.passed
 
 
+@pytest.mark.slow  # save -> load -> export; parity itself stays in the default run (test_export_grown_model_parity)
 def test_saved_and_loaded_exports_the_same(tmp_path):
     import onnxruntime as ort
 
@@ -68,6 +69,7 @@ def test_saved_and_loaded_exports_the_same(tmp_path):
     assert (outs[0] == outs[1]).all()
 
 
+@pytest.mark.slow  # CLI end to end (subprocess-free but a full grow + export)
 def test_cli_export(tmp_path, capsys):
     from growkit.cli import main
 

@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import growkit
-from growkit.adapters.data import digits_dataset, split
-from growkit.cost import count_params
+from growkit.data import digits_dataset, split
+from growkit.core.cost import count_params
 from growkit.train import evaluate
 
 from .conftest import run_eval
@@ -36,15 +36,30 @@ def test_grow_end_to_end(digits, trained):
         assert e.cost.params == base.cost.params + added
         assert e.cost.params <= 1.6 * base.cost.params
         assert e.cost.flops > base.cost.flops
-    assert isinstance(res.model, torch.nn.Module)
-    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict()
     best = res.best
+    # res.model is the best entry within budget: its plan replayed on the base with its weights
+    within = [e for e in res.gallery if e.cost.params <= 1.6 * base.cost.params]
+    assert best.val_error == min(e.val_error for e in within)
+    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict() == growkit.GrowthPlan.from_dict(best.plan).to_dict()
+    sd = res.model.state_dict()
+    assert sd.keys() == best.state.keys() and all(torch.equal(sd[k].cpu(), v) for k, v in best.state.items())
+    ref = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(best.plan))
+    ref.load_state_dict(best.state)
+    x = next(iter(val_l))[0]
+    assert torch.equal(run_eval(res.model, x), run_eval(ref, x))
     assert evaluate(res.model, val_l)["accuracy"] == pytest.approx(1 - best.val_error)
     assert "base: val acc" in res.report() and "| id |" in res.report()
-    assert res.gallery.hull()[0].id == 0 or res.gallery.hull()[0].cost.params <= base.cost.params
+    # the hull: by increasing cost and strictly decreasing error, and no entry beats a hull point
+    # at the same or lower cost
+    hull = res.gallery.hull()
+    assert hull[0].cost.params == min(e.cost.params for e in res.gallery)
+    assert all(a.cost.params < b.cost.params and a.val_error > b.val_error for a, b in zip(hull, hull[1:]))
+    for h in hull:
+        assert not any(e.cost.params <= h.cost.params and e.val_error < h.val_error for e in res.gallery), h.id
     assert [h["round"] for h in res.history if "round" in h] == [1, 2]
 
 
+@pytest.mark.slow  # two full grow() runs; same-seed reproducibility stays in the default run (test_resume.py)
 def test_grow_reproducible_with_seed(trained):
     ds = digits_dataset(16)
     tr, va = split(ds, [320, 160], seed=0)
@@ -57,6 +72,7 @@ def test_grow_reproducible_with_seed(trained):
     assert all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
+@pytest.mark.slow  # five seeded grow() runs; random selection within budget stays in the default run through the Grower (test_stream)
 def test_random_selection_grows_the_costed_edges_within_budget(digits, trained):
     # The random ablation once costed one random draw and grew another, so its children could
     # break the budget (and were then silently dropped for the base).
@@ -146,6 +162,7 @@ def test_nan_loss_stops_round_and_keeps_last_good(digits, trained, caplog):
     assert all(torch.equal(v, trained.state_dict()[k]) for k, v in before.items())
 
 
+@pytest.mark.slow  # CLI end to end: base training + grow + report
 def test_cli_grow_and_report(tmp_path, capsys):
     from growkit.cli import main
 

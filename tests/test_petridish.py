@@ -12,11 +12,11 @@ import torchvision
 from torch import nn
 
 import growkit
-from growkit.cost import measure
-from growkit.finalize import selected_edges
-from growkit.graph import outputs_equal
-from growkit.ops import resolve_ops
-from growkit.selection import branch_costs, choose_points
+from growkit.core.cost import measure
+from growkit.core.finalize import selected_edges
+from growkit.core.graph import outputs_equal
+from growkit.core.ops import resolve_ops
+from growkit.core.selection import branch_costs, choose_points
 
 from .conftest import TinyResNet, run_eval
 
@@ -56,7 +56,19 @@ def test_inject_is_exact_and_trains_candidates(name):
     torch.manual_seed(1)
     F.cross_entropy(base(x), y).backward()
     torch.manual_seed(1)
+    seen: dict[str, tuple] = {}
+    grads: dict[str, torch.Tensor] = {}
+
+    def keep(k):
+        def hook(mod, args, out):
+            seen[k] = args
+            out.register_hook(lambda g: grads.__setitem__(k, g))
+        return hook
+
+    hooks = [c.register_forward_hook(keep(k)) for k, c in cm.candidates.items()]
     (F.cross_entropy(cm(x), y) + cm.extra_loss()).backward()
+    for h in hooks:
+        h.remove()
     base_grads = dict(base.named_parameters())
     cand_ids = {id(p) for p in cm.candidate_parameters()}
     checked = 0
@@ -72,9 +84,16 @@ def test_inject_is_exact_and_trains_candidates(name):
     cps = list(cm.candidate_parameters())
     nonzero = [p for p in cps if p.grad is not None and p.grad.abs().sum() > 0]
     assert len(nonzero) >= 0.8 * len(cps)
-    for c in cm.candidates.values():
+    for k, c in cm.candidates.items():
         assert c.alpha.grad is not None and (c.alpha.grad != 0).all()
-        assert c.score == c.score  # a backward pass recorded a score (not nan)
+        # The backward pass recorded exactly one score: cos(x_c, -dL/dx_k), recomputed here from
+        # the candidate's inputs (a copy, so its BatchNorm statistics stay as they were).
+        assert int(c.score_count) == 1, k
+        with torch.no_grad():
+            xc = copy.deepcopy(c).weak_learner(*(z.detach() for z in seen[k][1:])).double().flatten()
+        g = -grads[k].double().flatten()
+        want = float(xc @ g / (xc.norm() * g.norm()))
+        assert c.score == pytest.approx(want, rel=1e-4, abs=1e-6), (k, c.score, want)
 
 
 def test_gradient_identity_of_weak_learning():
@@ -258,14 +277,14 @@ def test_plan_round_trip_replays_exactly(tmp_path):
 
 
 def test_user_registered_op():
-    reg = growkit.ops.DEFAULT_REGISTRY.copy()
+    reg = growkit.core.ops.DEFAULT_REGISTRY.copy()
     reg.register("conv1x1", lambda s: nn.Conv2d(s.c_in, s.c_out, 1, stride=s.factor))
     model, x, y = _make("tiny_resnet")
     cm = growkit.inject(model, x[:1], ops=("conv1x1",), registry=reg)
     assert outputs_equal(run_eval(cm, x), run_eval(model, x))
     grown = growkit.finalize(cm, registry=reg)
     assert {e.op for ed in growkit.plan_of(grown).edits for e in ed.edges} == {"conv1x1"}
-    assert "conv1x1" not in growkit.ops.DEFAULT_REGISTRY
+    assert "conv1x1" not in growkit.core.ops.DEFAULT_REGISTRY
 
 
 def test_bad_inputs_raise_clear_errors():
@@ -276,7 +295,7 @@ def test_bad_inputs_raise_clear_errors():
         growkit.inject(model, x[:1], ops=("sep_conv_9x9",))
     with pytest.raises(growkit.OpError, match="tokens"):
         growkit.inject(model, x[:1], ops=("mlp",))
-    reg = growkit.ops.DEFAULT_REGISTRY.copy()
+    reg = growkit.core.ops.DEFAULT_REGISTRY.copy()
     reg.register("bad", lambda s: nn.Conv2d(s.c_in, s.c_out, 3))  # no padding: wrong shape
     with pytest.raises(growkit.OpError, match="op 'bad' maps input"):
         growkit.inject(model, x[:1], ops=("bad",), registry=reg)
@@ -369,7 +388,7 @@ def test_insertion_keeps_the_point_strides():
 
 
 def test_token_norm_eval_form_matches_batch_norm():
-    from growkit.ops import feature_norm
+    from growkit.core.ops import feature_norm
 
     torch.manual_seed(0)
     bn = feature_norm(6, "tokens")
@@ -382,7 +401,7 @@ def test_token_norm_eval_form_matches_batch_norm():
 
 
 def test_op_batchnorm_eval_form_matches_batch_norm():
-    from growkit.ops import OpBatchNorm2d
+    from growkit.core.ops import OpBatchNorm2d
 
     torch.manual_seed(0)
     bn = OpBatchNorm2d(5)

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import growkit
-from growkit.ops import PAPER_OPS
+from growkit.core.ops import PAPER_OPS
 
 from .conftest import TinyResNet, run_eval
 

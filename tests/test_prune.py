@@ -8,8 +8,8 @@ import torch
 import torch_pruning as tp
 
 import growkit
-from growkit.cost import count_params
-from growkit.search.pruning import branch_scores
+from growkit.core.cost import count_params
+from growkit.prune import branch_scores
 from growkit.train import evaluate
 
 from .conftest import run_eval

@@ -25,7 +25,7 @@ WORKER = textwrap.dedent(
     import torch
     torch.set_num_threads(1)
     import growkit
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
     from growkit.train import train_steps
     from tests.conftest import TinyResNet
 
@@ -58,7 +58,7 @@ WORKER = textwrap.dedent(
 
 @pytest.fixture(scope="module")
 def digits_small():
-    from growkit.adapters.data import digits_dataset, make_loaders, split
+    from growkit.data import digits_dataset, make_loaders, split
     from growkit.train import train_steps
 
     from .conftest import TinyResNet
@@ -100,6 +100,7 @@ def _result(out: Path) -> tuple[dict, dict, list]:
     return plan, weights, gallery
 
 
+@pytest.mark.slow  # four subprocess runs; in-process resume stays in the default run (test_parallel, test_stream)
 def test_sigkill_mid_phase_then_resume_is_bit_identical(tmp_path):
     # Reference: one uninterrupted run.
     _run(tmp_path, tmp_path / "ref_ckpt", tmp_path / "ref", resume=False, kill_at=None)

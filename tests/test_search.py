@@ -11,15 +11,16 @@ import torch
 import torch.nn.functional as F
 
 import growkit
-from growkit.adapters.data import digits_dataset, make_loaders, split
-from growkit.cost import count_params, measure
-from growkit.methods import METHOD_REGISTRY
+from growkit.data import digits_dataset, make_loaders, split
+from growkit.core.cost import count_params, measure
+from growkit.growth.methods import METHOD_REGISTRY, get_method, method_names
 from growkit.search import (
     Atom, Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
 )
-from growkit.search.common import SEARCH_CELLS, cells_of, derive_from_cells, grow_plan, insert_cells
+from growkit.search.cells import SEARCH_CELLS, cells_of, derive_from_cells, insert_cells
+from growkit.search.common import grow_plan
 from growkit.search.darts import derive
-from growkit.surgery import growable
+from growkit.core.surgery import growable
 
 from .conftest import TinyResNet, run_eval
 
@@ -300,7 +301,9 @@ def test_one_class_registers_a_pass(digits, trained):
             return ctx.child(plan, model, ctx.evaluate(model))
 
     try:
-        assert set(PASSES) | {"petridish"} <= set(METHOD_REGISTRY)
+        assert set(PASSES) | {"petridish", "test-first-fit"} <= set(method_names())
+        for name in PASSES:  # built-in passes are imported on first use and registered then
+            assert type(get_method(name)).name == name and name in METHOD_REGISTRY
         res = growkit.grow(trained, train_l, val_l, method="test-first-fit", method_options={"atoms": 2}, rounds=1,
                            seed=0, progress=False)
         assert [len(e.plan["edits"]) for e in res.gallery] == [0, 1]  # two atoms of the first point
@@ -361,6 +364,7 @@ def test_resume_between_rounds_matches_uninterrupted_run(method, tmp_path, train
         [{k: v for k, v in h.items() if k not in strip} for h in ref.history[:-1]]
 
 
+@pytest.mark.slow  # CLI end to end with a search pass
 def test_cli_grow_with_a_search_pass(tmp_path, capsys):
     from growkit.cli import main
 

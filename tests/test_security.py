@@ -13,7 +13,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import growkit
-from growkit.gallery import Gallery
+from growkit.growth.gallery import Gallery
 
 from .conftest import TinyResNet, run_eval
 

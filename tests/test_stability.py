@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.utils.data import Subset
 
 import growkit
-from growkit.adapters.data import digits_dataset
+from growkit.data import digits_dataset
 from growkit.newparams import NewParamGroups, NewParamRule
 
 from .conftest import TinyResNet, run_eval

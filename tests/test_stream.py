@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import growkit
-from growkit.adapters.data import digits_dataset
-from growkit.cl_metrics import AccuracyMatrix
+from growkit.data import digits_dataset
+from growkit.lifelong.metrics import AccuracyMatrix
 from growkit.train import evaluate, train_steps
 
 from .conftest import TinyResNet, run_eval

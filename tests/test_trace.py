@@ -10,7 +10,7 @@ import torchvision
 from torch import nn
 
 import growkit
-from growkit.graph import outputs_equal
+from growkit.core.graph import outputs_equal
 
 from .conftest import run_eval
 

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 import growkit
-from growkit.cost import count_flops
-from growkit.selection import choose_points
+from growkit.core.cost import count_flops
+from growkit.core.selection import choose_points
 
 from .conftest import TinyResNet
 
@@ -140,7 +140,7 @@ def test_latency_budget_is_respected_at_point_selection(digits, monkeypatch):
     loss = nn.functional.cross_entropy(cm(x), y)
     loss.backward()
     ex = (x[:1],)
-    base = growkit.cost.measure(cm, ex, latency=True)
+    base = growkit.core.cost.measure(cm, ex, latency=True)
     kw = dict(current=base, base=base, max_ops=2)
     assert choose_points(cm, ex, budget=growkit.Budget(latency_ms=1e6, relative=False), **kw).points
     tight = growkit.Budget(latency_ms=base.latency_ms / 10, relative=False)  # nothing can fit this

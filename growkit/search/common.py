@@ -1,4 +1,5 @@
-"""What the search passes share: the round driver, the search context, children, supernet cells.
+"""What the search passes share: the round driver, the search context, children (supernet cells
+are in :mod:`growkit.search.cells`).
 
 A pass subclasses :class:`SearchMethod` and implements :meth:`SearchMethod.search`, which gets a
 :class:`SearchContext` (the parent, the :class:`~growkit.search.space.SearchSpace`, the training
@@ -32,37 +33,31 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Callable, ClassVar, Iterable, Iterator, Sequence
+from typing import Any, ClassVar, Iterable, Iterator, Sequence
 
 import torch
 import torch.fx
 from torch import nn
 
-from ..cost import measure
+from ..core.branch import GrownBranch
+from ..core.cost import measure
+from ..core.plan import BRANCHES
+from ..core.surgery import apply_edit, growable, state_of
 from ..errors import InputError, NonFiniteLoss, ResourceError
-from ..gallery import Entry
-from ..graph import EligibleInput, GrowthPoint
-from ..jobs import cosine_schedule, num_batches, rule_from_config, watch_new_params
-from ..methods import GrowthMethod
-from ..ops import add_keep_strides, build_edge_op, decanonical, feature_norm
-from ..plan import BRANCHES, apply_edit
-from ..surgery import growable, insert_at_point, remove_inserted, state_of
-from ..train import PhaseStats, _forward, _logits, default_loss, evaluate, iter_batches
+from ..growth.gallery import Entry
+from ..growth.methods import GrowthMethod
+from ..growth.run import GrowRun, Saved
+from ..newparams import growth_optimizer
+from ..train import PhaseStats, cosine_schedule, default_loss, evaluate, forward, iter_batches, num_batches, train_batches
+from .cells import proj_block, set_proj_block
 from .space import Atom, SearchSpace, plan_to_list
 
-if TYPE_CHECKING:  # pragma: no cover
-    from ..branch import GrownBranch
-    from ..grow import GrowRun
-
 __all__ = [
-    "SearchMethod", "SearchContext", "Child", "BatchStream", "AtomCell", "set_proj_block", "proj_block",
-    "grow_plan", "new_branches", "inherit_branch", "insert_cells", "cells_of", "derive_from_cells", "SEARCH_CELLS",
+    "SearchMethod", "SearchContext", "Child", "BatchStream", "grow_plan", "new_branches", "inherit_branch",
+    "check_int", "check_number", "COMMON_OPTIONS",
 ]
 
 logger = logging.getLogger(__name__)
-
-SEARCH_CELLS = "growkit_search"
-"""Name of the ModuleDict holding supernet cells (DARTS / ENAS) inside a GraphModule."""
 
 COMMON_OPTIONS: dict[str, Any] = {"size": None, "steps": None, "eval_batches": None}
 """Options every search pass takes: ``size`` (most atoms a plan adds per round; ``None``: as
@@ -115,7 +110,7 @@ class SearchContext:
     """What a pass works with in one round (see the module docstring).
 
     Attributes:
-        run: the :class:`growkit.grow.GrowRun`.
+        run: the :class:`growkit.growth.run.GrowRun`.
         parent: the gallery entry grown from; ``parent_model`` its model.
         space: the :class:`SearchSpace` of the parent within the run's budget.
         steps: training batches this search may spend.
@@ -124,22 +119,23 @@ class SearchContext:
         opts: the pass's options (defaults merged).
     """
 
-    def __init__(self, run: "GrowRun", parent: Entry, rec: dict[str, Any], opts: dict[str, Any]) -> None:
+    def __init__(self, run: GrowRun, parent: Entry, rec: dict[str, Any], opts: dict[str, Any]) -> None:
         cfg = run.cfg
+        setup = run.setup
         self.run, self.parent, self.rec, self.opts = run, parent, rec, opts
         self.rng: random.Random = run.rng
         self.dev = run.dev
         self.parent_model = run.materialize(parent)
         self.first_key = len(parent.plan.get("edits", []))
         self.space = SearchSpace(
-            self.parent_model, points=cfg["points"], ops=cfg["ops"], max_inputs=cfg["max_inputs"],
-            max_ops=cfg["max_ops"], points_per_round=cfg["points_per_round"], budget=run.budget,
+            self.parent_model, points=cfg.points, ops=cfg.ops, max_inputs=cfg.max_inputs,
+            max_ops=cfg.max_ops, points_per_round=cfg.points_per_round, budget=run.budget,
             base_cost=run.base_cost, parent_cost=parent.cost,
         )
-        self.steps = int(opts["steps"]) if opts["steps"] is not None else cfg["search_epochs"] * num_batches(run.loader)
+        self.steps = int(opts["steps"]) if opts["steps"] is not None else cfg.search_epochs * num_batches(setup.loader)
         self.size: int | None = opts["size"]
-        self.train_stream = BatchStream(run.loader, run.batch_fn, run.dev)
-        self.val_stream = BatchStream(run.val_loader, run.batch_fn, run.dev)
+        self.train_stream = BatchStream(setup.loader, setup.batch_fn, run.dev)
+        self.val_stream = BatchStream(setup.val_loader, setup.batch_fn, run.dev)
         self.steps_used = 0
         self.evaluations = 0
         self.children: list[dict[str, Any]] = []
@@ -157,7 +153,7 @@ class SearchContext:
         assert st is not None
         return [e.key for e in st.plan.edits[self.first_key:]]
 
-    def branches(self, model: torch.fx.GraphModule) -> dict[str, "GrownBranch"]:
+    def branches(self, model: torch.fx.GraphModule) -> dict[str, GrownBranch]:
         """Point -> the branch this round grew there."""
         return new_branches(model, self.first_key)
 
@@ -173,8 +169,8 @@ class SearchContext:
     # ------------------------------------------------------------------ training and evaluation
     def loss(self, model: nn.Module, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
         """Loss of one batch (raises ``NonFiniteLoss`` like grow's phases)."""
-        out = _forward(model, x)
-        loss = (self.run.loss_fn or default_loss)(out, y)
+        out = forward(model, x)
+        loss = (self.run.setup.loss_fn or default_loss)(out, y)
         if not torch.isfinite(loss):
             raise NonFiniteLoss(f"loss became {loss.item()} during the {self.rec.get('method')} search")
         return loss, out
@@ -186,49 +182,32 @@ class SearchContext:
         ``NonFiniteLoss`` from ``step()``), the rest of ``model`` but ``exclude`` at ``lr``."""
         cfg = self.run.cfg
         new = [p for k in self.new_keys(model) for p in getattr(model, BRANCHES)[k].parameters()] + list(extra_new)
-        ids = {id(p) for p in new} | {id(p) for p in exclude}
-        old = [p for p in model.parameters() if id(p) not in ids]
-        opt = torch.optim.SGD([{"params": old}] if old else [{"params": new}], lr=cfg["lr"], momentum=cfg["momentum"],
-                              weight_decay=cfg["weight_decay"])
-        if new:
-            if old:
-                opt.add_param_group({"params": new})
-            # The new-parameter rule and the eta guard, as in grow()'s fine-tuning.
-            watch_new_params(opt, opt.param_groups[-1], model, rule_from_config(cfg), num_batches(self.run.loader))
+        opt, _ = growth_optimizer(model, new, exclude=exclude, rule=cfg.new_param_rule(), lr=cfg.lr,
+                                  momentum=cfg.momentum, weight_decay=cfg.weight_decay,
+                                  steps_per_epoch=num_batches(self.run.setup.loader))
         return opt
 
     def train(self, model: torch.fx.GraphModule, steps: int) -> PhaseStats:
         """Train ``model`` for ``steps`` batches (cosine schedule over them), counted against the
         search budget: never beyond it (a child asked for after the budget is spent stays untrained)."""
-        stats = PhaseStats()
         steps = min(steps, self.steps - self.steps_used)
         if steps <= 0:
-            return stats
+            return PhaseStats()
         opt = self.optimizer(model)
         sched = cosine_schedule(opt, steps)  # grow()'s phase schedule
         model.train()
-        for _ in range(steps):
-            x, y = self.train_stream.next()
-            opt.zero_grad(set_to_none=True)
-            loss, out = self.loss(model, x, y)
-            loss.backward()
-            opt.step()
-            sched.step()
-            stats.steps += 1
-            stats.loss_sum += float(loss.detach())
-            logits = _logits(out, self.run.loss_fn)
-            if logits.dim() == 2 and y.dim() == 1:
-                stats.correct += int((logits.detach().argmax(1) == y).sum())
-                stats.seen += int(y.numel())
+        stats = train_batches(model, (self.train_stream.next() for _ in range(steps)), opt, scheduler=sched,
+                              loss_fn=self.run.setup.loss_fn, desc=f"{self.rec.get('method')} search")
         self.steps_used += steps
         return stats
 
     def evaluate(self, model: nn.Module) -> float:
         """Validation accuracy (on ``eval_batches`` batches when that option is set)."""
         n = self.opts["eval_batches"]
-        loader = self.run.val_loader if n is None else _Take(self.run.val_loader, int(n))
+        setup = self.run.setup
+        loader = setup.val_loader if n is None else _Take(setup.val_loader, int(n))
         self.evaluations += 1
-        return evaluate(model, loader, loss_fn=self.run.loss_fn, batch_fn=self.run.batch_fn, device=self.dev)["accuracy"]
+        return evaluate(model, loader, loss_fn=setup.loss_fn, batch_fn=setup.batch_fn, device=self.dev)["accuracy"]
 
     def record(self, plan: Iterable[Atom], val_accuracy: float, **info: Any) -> None:
         """Note one evaluated child in the round's history."""
@@ -242,7 +221,7 @@ class SearchContext:
         return max(1, self.steps // max(1, n_children))
 
 
-def new_branches(model: torch.fx.GraphModule, first_key: int) -> dict[str, "GrownBranch"]:
+def new_branches(model: torch.fx.GraphModule, first_key: int) -> dict[str, GrownBranch]:
     """Point -> the branch grown there after the first ``first_key`` edits of the plan."""
     st = state_of(model)
     assert st is not None
@@ -285,7 +264,7 @@ def grow_plan(parent: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[A
     return gm
 
 
-def inherit_branch(dst: "GrownBranch", src: "GrownBranch") -> None:
+def inherit_branch(dst: GrownBranch, src: GrownBranch) -> None:
     """Copy into ``dst`` what it shares with ``src`` (same point): see :meth:`SearchContext.build`."""
     src_edges = list(zip(src.input_names, src.op_names))
     shared = [(e, src_edges.index(edge)) for e, edge in enumerate(zip(dst.input_names, dst.op_names)) if edge in src_edges]
@@ -301,114 +280,15 @@ def inherit_branch(dst: "GrownBranch", src: "GrownBranch") -> None:
         dst.eta.copy_(src.eta)
 
 
-def proj_block(branch: "GrownBranch", e: int) -> torch.Tensor:
-    """The (c, c) block of the branch projection that maps edge ``e``."""
-    w = branch.proj.weight
-    c = w.shape[0]
-    return (w[:, e * c:(e + 1) * c, 0, 0] if w.dim() == 4 else w[:, e * c:(e + 1) * c]).detach().clone()
-
-
-@torch.no_grad()
-def set_proj_block(branch: "GrownBranch", e: int, block: torch.Tensor | None) -> None:
-    """Set the projection block of edge ``e`` (``None``: zero)."""
-    w = branch.proj.weight
-    c = w.shape[0]
-    view = w[:, e * c:(e + 1) * c, 0, 0] if w.dim() == 4 else w[:, e * c:(e + 1) * c]
-    if block is None:
-        view.zero_()
-    else:
-        view.copy_(block)
-
-
-# ---------------------------------------------------------------------------------- supernet cells
-class AtomCell(nn.Module):
-    """Every atom of one growth point in a supernet: an op and a BatchNorm (``affine=False``) per
-    (input, op), and a scalar gate ``eta`` initialised to 0, so inserting the cell leaves the
-    model's output exactly unchanged. Subclasses decide how atoms are combined.
-
-    Atom ``e = i * len(ops) + j`` is op ``j`` on input ``i`` (the layout of :class:`Candidate`).
-    """
-
-    def __init__(self, point: GrowthPoint, inputs: Sequence[EligibleInput], ops: Sequence[str], registry) -> None:
-        super().__init__()
-        self.point = point.name
-        self.layout = point.layout
-        self.channels = point.channels
-        self.input_names = [z.name for z in inputs]
-        self.op_names = list(ops)
-        self.ops = nn.ModuleList(build_edge_op(registry, op, z, point) for z in inputs for op in ops)
-        self.norms = nn.ModuleList(feature_norm(point.channels, point.layout) for _ in self.ops)
-        self.eta = nn.Parameter(torch.zeros(()))
-
-    def atom_index(self, atom: Atom) -> int:
-        return self.input_names.index(atom.input) * len(self.op_names) + self.op_names.index(atom.op)
-
-    def atoms(self) -> list[Atom]:
-        return [Atom(self.point, z, op) for z in self.input_names for op in self.op_names]
-
-    def term(self, e: int, zc: torch.Tensor) -> torch.Tensor:
-        return self.norms[e](self.ops[e](zc))
-
-    def gated(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        # eta = 0 at insertion: x + 0 * y == x bit for bit (y is finite), with x's strides.
-        return add_keep_strides(x, self.eta * decanonical(y, self.layout))
-
-    def init_branch(self, branch: "GrownBranch", atoms: Sequence[Atom]) -> None:
-        """Warm-start a finalized branch over ``atoms`` from this cell (ops, norms, projection, eta)."""
-        with torch.no_grad():
-            for e, a in enumerate(atoms):
-                k = self.atom_index(a)
-                branch.ops[e].load_state_dict(self.ops[k].state_dict())
-                branch.norms[e].load_state_dict(self.norms[k].state_dict())
-                set_proj_block(branch, e, self.block(k))
-            branch.eta.copy_(self.eta)
-
-    def block(self, e: int) -> torch.Tensor:
-        """The (c, c) map the cell applies to atom ``e``'s normalised output."""
-        raise NotImplementedError
-
-
-def insert_cells(model: torch.fx.GraphModule, space: SearchSpace,
-                 make: Callable[[GrowthPoint, list[EligibleInput], Sequence[str]], AtomCell]) -> torch.fx.GraphModule:
-    """A copy of ``model`` with one cell per point of ``space`` (stored in ``SEARCH_CELLS``)."""
-    gm = growable(model)
-    for p in space.points:
-        eligible = {z.name: z for z in p.inputs}
-        cell = make(p, [eligible[n] for n in space.inputs[p.name]], space.ops[p.name])
-        insert_at_point(gm, p.name, cell.input_names, cell, SEARCH_CELLS, p.name)
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
-def cells_of(model: torch.fx.GraphModule) -> dict[str, AtomCell]:
-    return dict(getattr(model, SEARCH_CELLS).items())
-
-
-def derive_from_cells(supernet: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[Atom],
-                      first_key: int) -> torch.fx.GraphModule:
-    """The supernet (not modified) with its cells replaced by grown branches over ``plan``
-    (warm-started from the cells; unselected atoms are dropped), in growkit's plan format."""
-    gm = growable(supernet)
-    cells = cells_of(gm)
-    remove_inserted(gm, SEARCH_CELLS)
-    for e in space.edits(plan, first_key):
-        branch = apply_edit(gm, e, space.registry)
-        cells[e.point].init_branch(branch, [Atom(e.point, d.input, d.op) for d in e.edges])
-    gm.graph.lint()
-    gm.recompile()
-    return gm
-
-
 # ------------------------------------------------------------------------------------ the driver
-def _positive_int(name: str, v: Any, allow_none: bool = False, minimum: int = 1) -> None:
+def check_int(name: str, v: Any, allow_none: bool = False, minimum: int = 1) -> None:
     if v is None and allow_none:
         return
     if isinstance(v, bool) or not isinstance(v, int) or v < minimum:
         raise InputError(f"option {name} must be an int >= {minimum}{' or None' if allow_none else ''}, got {v!r}")
 
 
-def _positive_float(name: str, v: Any, minimum: float = 0.0, strict: bool = True) -> None:
+def check_number(name: str, v: Any, minimum: float = 0.0, strict: bool = True) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not (v > minimum if strict else v >= minimum):
         raise InputError(f"option {name} must be a number {'>' if strict else '>='} {minimum}, got {v!r}")
 
@@ -428,9 +308,9 @@ class SearchMethod(GrowthMethod):
             raise InputError(f"{self.name}: unknown method_options {unknown}; valid options: {', '.join(sorted(known))}")
         super().__init__(**options)
         self.opts: dict[str, Any] = {**known, **options}
-        _positive_int("size", self.opts["size"], allow_none=True)
-        _positive_int("steps", self.opts["steps"], allow_none=True, minimum=0)
-        _positive_int("eval_batches", self.opts["eval_batches"], allow_none=True)
+        check_int("size", self.opts["size"], allow_none=True)
+        check_int("steps", self.opts["steps"], allow_none=True, minimum=0)
+        check_int("eval_batches", self.opts["eval_batches"], allow_none=True)
         self.validate()
 
     def validate(self) -> None:
@@ -440,7 +320,7 @@ class SearchMethod(GrowthMethod):
         """Search this round's space; return the child to fine-tune, or ``None`` (nothing grown)."""
         raise NotImplementedError
 
-    def round(self, run: "GrowRun", rnd: int, saved: Any) -> None:
+    def round(self, run: GrowRun, rnd: int, saved: Saved | None) -> None:
         prog = saved[0]["progress"] if saved is not None else None
         try:
             if prog is not None and prog["phase"] == "finetune":
@@ -455,7 +335,7 @@ class SearchMethod(GrowthMethod):
             run.history[-1]["note"] = f"stopped and rolled back: {exc}"
             run.save({"round": rnd, "phase": "round_end"})
 
-    def _search_and_grow(self, run: "GrowRun", rnd: int) -> None:
+    def _search_and_grow(self, run: GrowRun, rnd: int) -> None:
         parent = run.gallery.sample_parent(run.rng, run.budget, run.base_cost)
         rec: dict[str, Any] = {"round": rnd, "parent": parent.id, "method": self.name}
         run.history.append(rec)

@@ -10,7 +10,7 @@ weights, SGD, on a training batch).
 
 Derivation keeps, per (point, input) edge, its strongest non-zero op(s) (``ops_per_edge``) and
 takes edges by softmax weight, strongest first, while they fit ``max_ops``, ``points_per_round``
-and the budget. Each grown point becomes a :class:`~growkit.branch.GrownBranch` warm-started from
+and the budget. Each grown point becomes a :class:`~growkit.core.branch.GrownBranch` warm-started from
 its cell: the kept ops and BatchNorms, projection blocks ``w_ij * I`` (so the branch computes the
 kept part of the mixture) and the cell's ``eta``. The derived model is the searched supernet with
 the unselected (input, op) terms removed.
@@ -23,13 +23,11 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from ..methods import register_method
-from ..ops import canonical
-from ..jobs import cosine_schedule
-from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
-    insert_cells,
-)
+from ..growth.methods import register_method
+from ..core.ops import canonical
+from ..train import cosine_schedule
+from .cells import AtomCell, cells_of, derive_from_cells, insert_cells
+from .common import Child, SearchContext, SearchMethod, check_int, check_number
 from .space import Atom
 
 __all__ = ["Darts", "DartsCell"]
@@ -144,6 +142,6 @@ class Darts(SearchMethod):
         return ctx.child(plan, model, acc, **info)
 
     def validate(self) -> None:
-        _positive_float("arch_lr", self.opts["arch_lr"])
-        _positive_float("arch_weight_decay", self.opts["arch_weight_decay"], strict=False)
-        _positive_int("ops_per_edge", self.opts["ops_per_edge"])
+        check_number("arch_lr", self.opts["arch_lr"])
+        check_number("arch_weight_decay", self.opts["arch_weight_decay"], strict=False)
+        check_int("ops_per_edge", self.opts["ops_per_edge"])

@@ -25,14 +25,12 @@ import torch
 from torch import nn
 
 from ..errors import InputError
-from ..methods import register_method
-from ..ops import canonical
-from ..train import _forward, _logits
-from ..jobs import cosine_schedule
-from .common import (
-    AtomCell, Child, SearchContext, SearchMethod, _positive_float, _positive_int, cells_of, derive_from_cells,
-    insert_cells,
-)
+from ..growth.methods import register_method
+from ..core.ops import canonical
+from ..train import forward, logits_of
+from ..train import cosine_schedule
+from .cells import AtomCell, cells_of, derive_from_cells, insert_cells
+from .common import Child, SearchContext, SearchMethod, check_int, check_number
 from .space import Atom, SearchSpace
 
 __all__ = ["Enas", "EnasCell", "Controller"]
@@ -153,12 +151,12 @@ class Enas(SearchMethod):
     def validate(self) -> None:
         o = self.opts
         for k in ("hidden", "controller_every", "controller_steps"):
-            _positive_int(k, o[k])
-        _positive_int("final_samples", o["final_samples"], minimum=0)
+            check_int(k, o[k])
+        check_int("final_samples", o["final_samples"], minimum=0)
         for k in ("controller_lr", "tanh_c", "temperature"):
-            _positive_float(k, o[k])
+            check_number(k, o[k])
         for k in ("entropy_weight", "cost_penalty", "infeasible_penalty"):
-            _positive_float(k, o[k], strict=False)
+            check_number(k, o[k], strict=False)
         if not 0 <= o["baseline_decay"] < 1:
             raise InputError(f"option baseline_decay must be in [0, 1), got {o['baseline_decay']!r}")
 
@@ -208,7 +206,7 @@ class Enas(SearchMethod):
 
     def reward(self, ctx: SearchContext, acc: float, plan: frozenset[Atom]) -> float:
         """Validation accuracy minus the cost penalty (relative added cost on the run's cost axis)."""
-        axis = 1 if ctx.run.cfg["cost_axis"] == "flops" else 0
+        axis = 1 if ctx.run.cfg.cost_axis == "flops" else 0
         base = (ctx.run.base_cost.params, ctx.run.base_cost.flops)[axis]
         rel = ctx.space.added_cost(plan)[axis] / max(base, 1)
         r = acc - self.opts["cost_penalty"] * rel
@@ -308,7 +306,7 @@ class Enas(SearchMethod):
         supernet.eval()
         try:
             with torch.no_grad():
-                logits = _logits(_forward(supernet, xv))
+                logits = logits_of(forward(supernet, xv))
         finally:
             supernet.train(was)
         if logits.dim() != 2 or yv.dim() != 1:

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from collections import deque
 
-from ..methods import register_method
-from .common import Child, SearchContext, SearchMethod, _positive_int
+from ..growth.methods import register_method
+from .common import Child, SearchContext, SearchMethod, check_int
 from .space import Atom, SearchSpace
 
 __all__ = ["Evolution", "mutate"]
@@ -51,9 +51,9 @@ class Evolution(SearchMethod):
 
     def validate(self) -> None:
         for k in ("population", "tournament"):
-            _positive_int(k, self.opts[k])
-        _positive_int("cycles", self.opts["cycles"], minimum=0)
-        _positive_int("child_steps", self.opts["child_steps"], allow_none=True, minimum=0)
+            check_int(k, self.opts[k])
+        check_int("cycles", self.opts["cycles"], minimum=0)
+        check_int("child_steps", self.opts["child_steps"], allow_none=True, minimum=0)
 
     def search(self, ctx: SearchContext) -> Child | None:
         o = self.opts

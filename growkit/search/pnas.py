@@ -19,8 +19,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..methods import register_method
-from .common import Child, SearchContext, SearchMethod, _positive_float, _positive_int
+from ..growth.methods import register_method
+from .common import Child, SearchContext, SearchMethod, check_number, check_int
 from .space import Atom, plan_to_list
 
 __all__ = ["Pnas", "MLPEnsemble", "spearman"]
@@ -125,9 +125,9 @@ class Pnas(SearchMethod):
     def validate(self) -> None:
         o = self.opts
         for k in ("k", "levels", "ensemble", "hidden", "surrogate_epochs"):
-            _positive_int(k, o[k])
-        _positive_int("child_steps", o["child_steps"], allow_none=True, minimum=0)
-        _positive_float("surrogate_lr", o["surrogate_lr"])
+            check_int(k, o[k])
+        check_int("child_steps", o["child_steps"], allow_none=True, minimum=0)
+        check_number("surrogate_lr", o["surrogate_lr"])
 
     def search(self, ctx: SearchContext) -> Child | None:
         o = self.opts

@@ -8,8 +8,8 @@ best.
 """
 from __future__ import annotations
 
-from ..methods import register_method
-from .common import Child, SearchContext, SearchMethod, _positive_int
+from ..growth.methods import register_method
+from .common import Child, SearchContext, SearchMethod, check_int
 
 __all__ = ["RandomSearch"]
 
@@ -26,8 +26,8 @@ class RandomSearch(SearchMethod):
     defaults = {"samples": 4, "child_steps": None}
 
     def validate(self) -> None:
-        _positive_int("samples", self.opts["samples"])
-        _positive_int("child_steps", self.opts["child_steps"], allow_none=True, minimum=0)
+        check_int("samples", self.opts["samples"])
+        check_int("child_steps", self.opts["child_steps"], allow_none=True, minimum=0)
 
     def search(self, ctx: SearchContext) -> Child | None:
         n = self.opts["samples"]

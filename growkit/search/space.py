@@ -2,13 +2,13 @@
 
 An *atom* is one shortcut ``(point, input, op)``: op ``op`` applied to eligible input ``input``
 and added at growth point ``point``. A within-round *plan* is a set of atoms; it becomes one
-:class:`~growkit.plan.Edit` per point (concat + projection, eta gate: a
-:class:`~growkit.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
+:class:`~growkit.core.plan.Edit` per point (concat + projection, eta gate: a
+:class:`~growkit.core.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
 
 The space is built the way :func:`growkit.inject` builds candidates (the same points, the nearest
 ``max_inputs`` eligible inputs, the same op set), so all passes search the same space. The added
 cost of a plan is computed from per-atom op costs plus the projection and gate of each branch;
-it equals what :func:`growkit.cost.measure` reports for the grown model (tests pin this down).
+it equals what :func:`growkit.core.cost.measure` reports for the grown model (tests pin this down).
 """
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ from typing import Iterable, Sequence
 import torch
 import torch.fx
 from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from ..cost import Budget, Cost, count_params
+from ..core.cost import Budget, Cost, count_flops, count_params
 from ..errors import PointError
-from ..graph import GrowthPoint
-from ..ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
-from ..plan import Edge, Edit
-from ..surgery import state_of
+from ..core.graph import GrowthPoint
+from ..core.ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
+from ..core.plan import Edge, Edit
+from ..core.surgery import state_of
 
 __all__ = ["Atom", "Plan", "SearchSpace", "plan_to_list", "plan_from_list"]
 
@@ -53,17 +52,6 @@ def plan_to_list(plan: Iterable[Atom]) -> list[list[str]]:
 
 def plan_from_list(items: Iterable[Sequence[str]]) -> frozenset[Atom]:
     return frozenset(Atom(*map(str, it)) for it in items)
-
-
-def _flops(module: nn.Module, x: torch.Tensor) -> int:
-    was = module.training
-    module.eval()
-    try:
-        with torch.no_grad(), FlopCounterMode(display=False) as fc:
-            module(x)
-    finally:
-        module.train(was)
-    return int(fc.get_total_flops())
 
 
 class SearchSpace:
@@ -138,7 +126,7 @@ class SearchSpace:
     def _measure_op(self, op: str, z, p: GrowthPoint) -> tuple[int, int]:
         module = build_edge_op(self.registry, op, z, p)
         x = torch.zeros(canonical(torch.empty(z.shape, device="meta"), p.layout).shape)[:1]
-        return count_params(module), _flops(module, x)
+        return count_params(module), count_flops(module, x)
 
     def _measure_proj(self, p: GrowthPoint) -> tuple[int, int]:
         """Params and FLOPs that each edge adds to a branch's projection (linear in edges)."""
@@ -146,7 +134,7 @@ class SearchSpace:
         proj: nn.Module = nn.Linear(c, c, bias=False) if p.layout == "tokens" else nn.Conv2d(c, c, 1, bias=False)
         shape = list(canonical(torch.empty(p.shape, device="meta"), p.layout).shape)
         shape[0] = 1
-        return count_params(proj), _flops(proj, torch.zeros(shape))
+        return count_params(proj), count_flops(proj, torch.zeros(shape))
 
     def added_cost(self, plan: Iterable[Atom]) -> tuple[int, int]:
         """(params, FLOPs) the plan adds: ops, projections, and one gate ``eta`` per grown point."""

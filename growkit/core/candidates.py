@@ -15,7 +15,7 @@ import torch.distributed as dist
 import torch.fx
 from torch import nn
 
-from .errors import InputError, PointError
+from ..errors import InputError, PointError
 from .graph import EligibleInput, GrowthPoint
 from .ops import DEFAULT_REGISTRY, OpRegistry, add_keep_strides, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
 from .surgery import GrowState, growable, insert_at_point, state_of

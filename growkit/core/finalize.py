@@ -1,6 +1,6 @@
 """Finalize candidates (Algorithm 2): keep the top-Imax edges, rewrite to concat + projection.
 
-Each chosen point gets a :class:`~growkit.branch.GrownBranch` whose ops and BatchNorm statistics
+Each chosen point gets a :class:`~growkit.core.branch.GrownBranch` whose ops and BatchNorm statistics
 are warm-started from weak learning, whose 1x1 projection starts as the alpha-weighted sum the
 candidate learned, and whose gate ``eta`` starts at 0: the result computes exactly the model's
 function at the moment of growth, and ``d loss / d eta = <dL/dx_k, x_c>`` is the fit that weak
@@ -15,11 +15,11 @@ import torch
 import torch.fx
 
 from .candidates import CANDIDATES, CandidateModel
-from .errors import InputError, PointError
+from ..errors import InputError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
-from .plan import Edge, Edit, apply_edit
+from .plan import Edge, Edit
 from .safecopy import copy_module
-from .surgery import remove_inserted, state_of
+from .surgery import apply_edit, remove_inserted, state_of
 
 __all__ = ["finalize", "selected_edges"]
 

@@ -11,10 +11,10 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import BudgetError
+from ..errors import BudgetError
 from .graph import as_args
 
-__all__ = ["Cost", "Budget", "count_params", "count_flops", "measure_latency_ms", "measure"]
+__all__ = ["Cost", "Budget", "count_params", "count_flops", "flop_counter", "measure_latency_ms", "measure"]
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,9 @@ def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
-def count_flops(model: nn.Module, example_input: Any) -> int:
-    """FLOPs of one forward pass on ``example_input`` (eval mode), via ``FlopCounterMode``."""
+def flop_counter(model: nn.Module, example_input: Any) -> FlopCounterMode:
+    """The ``FlopCounterMode`` of one eval forward pass of ``model`` on ``example_input`` (the
+    training flag is restored): totals and per-module counts, growkit's one FLOP count."""
     args = as_args(example_input)
     was = model.training
     model.eval()
@@ -44,7 +45,12 @@ def count_flops(model: nn.Module, example_input: Any) -> int:
             model(*args)
     finally:
         model.train(was)
-    return int(counter.get_total_flops())
+    return counter
+
+
+def count_flops(model: nn.Module, example_input: Any) -> int:
+    """FLOPs of one forward pass on ``example_input`` (eval mode), via ``FlopCounterMode``."""
+    return int(flop_counter(model, example_input).get_total_flops())
 
 
 def measure_latency_ms(model: nn.Module, example_input: Any, repeats: int = 20, warmup: int = 3) -> float:

@@ -71,7 +71,7 @@ class AccuracyMatrix:
         return cls(int(d["n"]), [list(map(float, r)) for r in d["matrix"]], d.get("initial"), list(d.get("costs", [])))
 
     def save(self, path: str | Path) -> Path:
-        from .io import write_json_atomic
+        from ..io import write_json_atomic
 
         write_json_atomic(path, self.to_dict())
         return Path(path)

@@ -17,7 +17,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .errors import OpError
+from ..errors import OpError
 
 __all__ = [
     "OpSpec",
@@ -315,11 +315,11 @@ def resolve_ops(ops: Iterable[str] | str | None, layout: str) -> tuple[str, ...]
 def feature_norm(channels: int, layout: str) -> nn.Module:
     """BatchNorm without affine parameters, so |alpha| alone carries an op's importance."""
     if layout == "tokens":
-        return _TokenBN(channels)
+        return TokenBN(channels)
     return OpBatchNorm2d(channels, affine=False)
 
 
-class _TokenBN(nn.BatchNorm1d):
+class TokenBN(nn.BatchNorm1d):
     """BatchNorm1d over the channel axis of (B, N, C) tokens."""
 
     def __init__(self, channels: int) -> None:

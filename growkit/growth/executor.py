@@ -3,8 +3,9 @@
 A round's schedule is fixed by the driver before any job starts: ``children`` parents drawn from
 the gallery's epsilon-hull (the parent queue), each with a seed. Every child is one weak-learning
 job (the candidate queue) followed by one fine-tuning job (the children queue); see
-:mod:`growkit.jobs`. Results are added to the gallery in child order as soon as every earlier
-child of the round is in, so the gallery, its hull and the next round's parents do not depend
+:mod:`growkit.growth.jobs`. An executor sees only the jobs and a :class:`ChildHost` (the round,
+:mod:`growkit.growth.petridish`), never the run. Results are handed back in child order as soon
+as every earlier child of the round is in, so the gallery, its hull and the next round's parents do not depend
 on which worker finished first, and ``executor="local"`` and ``executor="ray"`` give the same
 gallery for the same seed.
 
@@ -31,25 +32,63 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, Sequence
 
-from .errors import InputError, ResourceError
+import torch
+from torch import nn
+
+from ..core.cost import Cost
+from ..core.surgery import growable, trace_options
+from ..errors import InputError, ResourceError
+from ..runsetup import RunSetup
+from .config import GrowConfig
 from .jobs import ChildTrainer, TuneJob, TuneResult, WeakJob, WeakResult, pack_state, unpack_state
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .grow import GrowRun
-
-__all__ = ["Executor", "LocalExecutor", "RayExecutor", "get_executor"]
+__all__ = ["Executor", "LocalExecutor", "RayExecutor", "get_executor", "ChildHost", "WorkerSpec", "build_trainer"]
 
 logger = logging.getLogger(__name__)
 
 
+@dataclass
+class WorkerSpec:
+    """What a worker process needs to build its :class:`ChildTrainer`: the base architecture (the
+    user's model, pickled by Ray once per worker; its recorded timm name alone would not carry
+    constructor arguments such as ``channels``), the run's data set-up and config. Weights always
+    travel as safetensors with each job."""
+
+    module: nn.Module
+    setup: RunSetup
+    cfg: GrowConfig
+    base_cost: Cost
+    threads: int
+
+
+class ChildHost(Protocol):
+    """The round an executor runs: where its jobs come from and where finished children go.
+
+    Children are handed back with :meth:`done` in the order of the round's jobs.
+    """
+
+    def run_here(self, job: WeakJob) -> None:
+        """Run a whole child (weak learning, then fine-tuning) in this process, checkpointed."""
+
+    def tune_job(self, weak: WeakResult) -> TuneJob:
+        """The fine-tuning job of a child whose weak learning grew something."""
+
+    def done(self, weak: WeakResult | None, tune: TuneResult | None, index: int, note: str = "") -> None:
+        """Record a finished (or dropped) child."""
+
+    def worker_spec(self, device: str, threads: int) -> WorkerSpec:
+        """What a worker needs to build its trainer (see :class:`WorkerSpec`)."""
+
+
 class Executor:
-    """Runs the child jobs of one round and hands finished children to the run in child order."""
+    """Runs the child jobs of one round and hands finished children to the host in child order."""
 
     name = ""
 
-    def run_round(self, run: "GrowRun", rnd: int, prog: dict[str, Any], saved: Any) -> None:
+    def run_round(self, jobs: Sequence[WeakJob], host: ChildHost) -> None:
+        """Run ``jobs`` (the round's children not yet done, in child order)."""
         raise NotImplementedError
 
     def close(self) -> None:
@@ -61,13 +100,9 @@ class LocalExecutor(Executor):
 
     name = "local"
 
-    def run_round(self, run: "GrowRun", rnd: int, prog: dict[str, Any], saved: Any) -> None:
-        active = saved[0]["progress"] if saved is not None and "job" in saved[0]["progress"] else None
-        for spec in prog["jobs"]:
-            if spec["index"] in prog["done"]:
-                continue
-            resume = saved if active is not None and active["job"] == spec["index"] else None
-            run.run_child_here(rnd, prog, spec, resume)
+    def run_round(self, jobs: Sequence[WeakJob], host: ChildHost) -> None:
+        for job in jobs:
+            host.run_here(job)
 
 
 @dataclass
@@ -121,7 +156,7 @@ class RayExecutor(Executor):
         self.stats: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- workers
-    def _start(self, run: "GrowRun") -> None:
+    def _start(self, host: ChildHost) -> None:
         import ray
 
         if not ray.is_initialized():
@@ -135,7 +170,7 @@ class RayExecutor(Executor):
             self._owns_ray = True
         if self._spec_ref is None:  # a new grow() call
             self.stats = {"jobs": 0, "retries": 0, "dropped": 0, "workers_started": 0, "startup_s": 0.0}
-            self._spec_ref = ray.put(run.worker_spec("cuda" if self.num_gpus else "cpu", self.threads))
+            self._spec_ref = ray.put(host.worker_spec("cuda" if self.num_gpus else "cpu", self.threads))
             self._actor_cls = ray.remote(_RayWorker).options(num_cpus=self.num_cpus, num_gpus=self.num_gpus,
                                                                max_restarts=0, max_task_retries=0)
         t = time.perf_counter()
@@ -184,17 +219,14 @@ class RayExecutor(Executor):
         self._owns_ray = False
 
     # ---------------------------------------------------------------- the round
-    def run_round(self, run: "GrowRun", rnd: int, prog: dict[str, Any], saved: Any) -> None:
+    def run_round(self, jobs: Sequence[WeakJob], host: ChildHost) -> None:
         import ray
         from ray.exceptions import RayActorError, RayTaskError, WorkerCrashedError
 
-        del saved  # jobs in flight at a crash are re-run from their start
-        self._start(run)
-        order = [s["index"] for s in prog["jobs"] if s["index"] not in prog["done"]]
-        specs = {s["index"]: s for s in prog["jobs"]}
-        queue: list[tuple[str, Any, int]] = []  # (kind, job, attempt)
-        for i in order:
-            queue.append(("weak", run.weak_job(rnd, specs[i]), 0))
+        # Jobs in flight at a crash are re-run from their start (the host hands them in again).
+        self._start(host)
+        order = [j.index for j in jobs]
+        queue: list[tuple[str, Any, int]] = [("weak", j, 0) for j in jobs]  # (kind, job, attempt)
         idle = list(self._workers)
         inflight: dict[Any, tuple[str, Any, int, _Worker]] = {}
         finished: dict[int, tuple[WeakResult | None, TuneResult | None, str]] = {}
@@ -223,12 +255,12 @@ class RayExecutor(Executor):
                     why = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:200]}"
                     if attempt < self.max_retries:
                         logger.warning("round %d child %d: worker died in a %s job (%s); retrying on a new worker",
-                                       rnd, job.index, kind, why)
+                                       job.round, job.index, kind, why)
                         self.stats["retries"] += 1
                         queue.insert(0, (kind, job, attempt + 1))
                     else:
                         logger.warning("round %d child %d: %s job lost its worker %d times (%s); child dropped",
-                                       rnd, job.index, kind, attempt + 1, why)
+                                       job.round, job.index, kind, attempt + 1, why)
                         self.stats["dropped"] += 1
                         finished[job.index] = (weak_of.get(job.index), None,
                                                f"dropped: its worker died in the {kind} job "
@@ -243,7 +275,7 @@ class RayExecutor(Executor):
                         finished[res.index] = (res, None, "")
                     else:
                         # Children first: a finished child frees memory and reaches the gallery sooner.
-                        queue.insert(0, ("tune", run.tune_job(rnd, specs[res.index], res), 0))
+                        queue.insert(0, ("tune", host.tune_job(res), 0))
                         res.state = None  # the fine-tuning job holds the weights now
                 else:
                     res.state = unpack_state(res.state)
@@ -251,7 +283,7 @@ class RayExecutor(Executor):
             while nxt < len(order) and order[nxt] in finished:
                 i = order[nxt]
                 weak, tune, note = finished.pop(i)
-                run.child_done(rnd, prog, specs[i], weak, tune, note)
+                host.done(weak, tune, i, note)
                 nxt += 1
 
 
@@ -264,10 +296,8 @@ def _packed(job: WeakJob | TuneJob) -> WeakJob | TuneJob:
 class _RayWorker:
     """A Ray actor holding one :class:`ChildTrainer` (built once from the run's worker spec)."""
 
-    def __init__(self, spec: dict[str, Any]) -> None:
-        import torch
-
-        torch.set_num_threads(int(spec["threads"]))
+    def __init__(self, spec: WorkerSpec) -> None:
+        torch.set_num_threads(int(spec.threads))
         self.trainer: ChildTrainer = build_trainer(spec)
         self.pid = os.getpid()
 
@@ -287,16 +317,11 @@ class _RayWorker:
         return res
 
 
-def build_trainer(spec: dict[str, Any]) -> ChildTrainer:
-    """A :class:`ChildTrainer` from :meth:`growkit.grow.GrowRun.worker_spec` (in a worker process)."""
-    from .surgery import growable, trace_options
-
-    model = spec["module"]
-    base_gm = growable(model, spec["example"], **trace_options(spec["cfg"])).to(spec["device"])
-    example = tuple(a.to(spec["device"]) for a in spec["example"])
-    return ChildTrainer(base_gm, example, spec["loader"], spec["val_loader"], spec["cfg"], base_cost=spec["base_cost"],
-                        budget=spec["budget"], loss_fn=spec["loss_fn"], batch_fn=spec["batch_fn"],
-                        device=spec["device"], progress=False)
+def build_trainer(spec: WorkerSpec) -> ChildTrainer:
+    """A :class:`ChildTrainer` from a :class:`WorkerSpec` (in a worker process)."""
+    setup = spec.setup
+    base_gm = growable(spec.module, setup.example, **trace_options(spec.cfg.granularity, spec.cfg.points))
+    return ChildTrainer(base_gm.to(setup.device), setup, spec.cfg, base_cost=spec.base_cost)
 
 
 def get_executor(executor: "str | Executor", options: dict[str, Any] | None = None) -> Executor:
@@ -311,4 +336,4 @@ def get_executor(executor: "str | Executor", options: dict[str, Any] | None = No
         return LocalExecutor()
     if executor == "ray":
         return RayExecutor(**(options or {}))
-    raise InputError(f"unknown executor {executor!r}; use 'local', 'ray' or a growkit.executor.Executor")
+    raise InputError(f"unknown executor {executor!r}; use 'local', 'ray' or a growkit.growth.executor.Executor")

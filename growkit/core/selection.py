@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import torch
 import torch.fx
-from torch.utils.flop_counter import FlopCounterMode
 
 from .candidates import CandidateModel
-from .cost import Budget, Cost, count_params, measure
+from .cost import Budget, Cost, count_params, flop_counter, measure
 from .finalize import finalize, selected_edges
 from .plan import BRANCHES
 from .surgery import state_of
@@ -42,12 +41,7 @@ def branch_costs(grown: torch.fx.GraphModule, example: tuple[torch.Tensor, ...])
     st = state_of(grown)
     assert st is not None
     branches = dict(getattr(grown, BRANCHES).items()) if hasattr(grown, BRANCHES) else {}
-    was = grown.training
-    grown.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        grown(*example)
-    grown.train(was)
-    counts = fc.get_flop_counts()
+    counts = flop_counter(grown, example).get_flop_counts()
     out = {}
     key_of = {e.key: e.point for e in st.plan.edits}
     for key, br in branches.items():

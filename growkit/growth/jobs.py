@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -22,19 +21,21 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .candidates import inject
-from .checkpoint import loader_generators
-from .cost import Budget, Cost, measure
-from .errors import ResourceError
-from .finalize import finalize
-from .plan import BRANCHES, GrowthPlan, apply_plan
-from .newparams import NewParamGroups, NewParamRule
-from .selection import choose_points
-from .surgery import state_of
-from .train import BatchFn, NonFiniteLoss, PhaseStats, evaluate, loader_length, train_steps
+from ..checkpoint import loader_generators, restore_training, snapshot
+from ..core.candidates import inject
+from ..core.cost import Cost, measure
+from ..core.finalize import finalize
+from ..core.plan import BRANCHES, GrowthPlan
+from ..core.selection import choose_points
+from ..core.surgery import apply_plan, state_of
+from ..errors import NonFiniteLoss, ResourceError
+from ..newparams import growth_optimizer
+from ..runsetup import RunSetup
+from ..train import PhaseStats, cosine_schedule, evaluate, num_batches, train_steps
+from .config import GrowConfig
 
 __all__ = ["WeakJob", "WeakResult", "TuneJob", "TuneResult", "ChildTrainer", "pack_state", "unpack_state",
-           "job_seed_scope", "cosine_schedule", "num_batches", "rule_from_config", "watch_new_params"]
+           "job_seed_scope", "STOPPED", "RETRIED"]
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,6 @@ STOPPED = "stopped and rolled back to the last good model: "
 RETRIED = "rolled back to before the growth and retried with the new parameters' learning rate halved: "
 """How a child's note starts when its first fine-tuning diverged and the retry succeeded."""
 SaveHook = Callable[..., None]
-RestoreHook = Callable[..., None]
 
 
 def pack_state(state: State | None) -> bytes | None:
@@ -147,42 +147,6 @@ def job_seed_scope(seed: int, loaders: Iterable[Any], device: torch.device) -> I
         np.random.set_state(np_state)
 
 
-def _optimizer(groups: list[dict[str, Any]], lr: float, momentum: float, weight_decay: float) -> torch.optim.Optimizer:
-    groups = [g for g in groups if g["params"]]
-    return torch.optim.SGD(groups, lr=lr, momentum=momentum, weight_decay=weight_decay)
-
-
-def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
-
-
-def num_batches(loader: Iterable) -> int:
-    """``len(loader)``, or 1000 for loaders without a length (only sets the schedule's horizon)."""
-    n = loader_length(loader)
-    return 1000 if n is None else n
-
-
-def rule_from_config(cfg: dict[str, Any]) -> NewParamRule:
-    """The :class:`NewParamRule` of grow()'s settings (``new_lr_mult``, ``new_lr_max``,
-    ``new_lr_warmup``, ``new_grad_clip``, ``max_eta``)."""
-    return NewParamRule(mult=cfg["new_lr_mult"], max_lr=cfg["new_lr_max"], warmup=cfg["new_lr_warmup"],
-                        clip=cfg["new_grad_clip"], max_eta=cfg["max_eta"])
-
-
-def watch_new_params(opt: torch.optim.Optimizer, group: dict[str, Any], model: nn.Module, rule: NewParamRule,
-                     steps_per_epoch: int) -> NewParamGroups:
-    """Put ``group`` of ``opt`` under ``rule`` with the eta guard raising from ``opt.step()``: every
-    module of ``model`` whose gate ``eta`` trains in ``group`` is watched (grown branches, search cells)."""
-    mgr = NewParamGroups(opt, rule, steps_per_epoch)
-    ids = {id(p) for p in group["params"]}
-    etas = {name or "model": m.eta for name, m in model.named_modules()
-            if isinstance(getattr(m, "eta", None), nn.Parameter) and id(m.eta) in ids}
-    mgr.add(group, etas)
-    opt.register_step_post_hook(lambda *_: mgr.check())
-    return mgr
-
-
 @contextlib.contextmanager
 def _rng_restore_point(loaders: Iterable[Any], device: torch.device) -> Iterator[Callable[[], None]]:
     """Yields a function that puts torch's (CPU and ``device``), Python's, numpy's and the loaders'
@@ -209,25 +173,22 @@ class ChildTrainer:
     """Runs weak-learning and fine-tuning jobs against one base model, data and grow() config.
 
     The driver holds one (``executor="local"``); each Ray worker builds its own from the same
-    pieces. ``save`` / ``restore`` hooks (driver only) checkpoint a job after every epoch and
-    continue it from such a checkpoint.
+    pieces. A ``save`` hook (driver only) checkpoints a job after every epoch; ``resume`` continues
+    it from such a checkpoint, restoring ``run_rng`` (the run's generator, driver only) with it.
     """
 
-    def __init__(self, base_gm: torch.fx.GraphModule, example: tuple[torch.Tensor, ...], loader: Iterable,
-                 val_loader: Iterable, cfg: dict[str, Any], *, base_cost: Cost, budget: Budget | None,
-                 loss_fn: Callable | None = None, batch_fn: BatchFn | None = None,
-                 device: torch.device | str = "cpu", progress: bool = False,
-                 restore: RestoreHook | None = None) -> None:
-        self.restore_hook = restore
+    def __init__(self, base_gm: torch.fx.GraphModule, setup: RunSetup, cfg: GrowConfig, *, base_cost: Cost,
+                 run_rng: random.Random | None = None) -> None:
         self.base_gm = base_gm
-        self.example = example
-        self.loader, self.val_loader = loader, val_loader
+        self.setup = setup
+        self.example = setup.example_on_device()
+        self.loader, self.val_loader = setup.loader, setup.val_loader
         self.cfg = cfg
-        self.base_cost, self.budget = base_cost, budget
-        self.loss_fn, self.batch_fn = loss_fn, batch_fn
-        self.dev = torch.device(device)
-        self.progress = progress
-        self.want_latency = cfg["cost_axis"] == "latency_ms" or (budget is not None and budget.needs_latency)
+        self.base_cost, self.budget = base_cost, cfg.budget
+        self.loss_fn, self.batch_fn = setup.loss_fn, setup.batch_fn
+        self.dev = setup.device
+        self.progress = setup.progress
+        self.run_rng = run_rng
 
     def model_from(self, plan: dict[str, Any], state: State | None) -> torch.fx.GraphModule:
         """Replay ``plan`` on the base model and load ``state`` (if given)."""
@@ -254,15 +215,14 @@ class ChildTrainer:
         cfg = self.cfg
         rec: dict[str, Any] = dict(resume[0]["progress"].get("rec", {})) if resume is not None else {}
         t = time.perf_counter()
-        cm = inject(self.model_from(job.plan, unpack_state(job.state)), points=cfg["points"], ops=cfg["ops"],
-                    max_inputs=cfg["max_inputs"], l1=cfg["l1"], normalize_grad=True).to(self.dev)
-        cand_ids = {id(p) for p in cm.candidate_parameters()}
-        opt = _optimizer([{"params": [p for p in cm.parameters() if id(p) not in cand_ids]}], cfg["lr"],
-                         cfg["momentum"], cfg["weight_decay"])
+        cm = inject(self.model_from(job.plan, unpack_state(job.state)), points=cfg.points, ops=cfg.ops,
+                    max_inputs=cfg.max_inputs, l1=cfg.l1, normalize_grad=True).to(self.dev)
+        opt, _ = growth_optimizer(cm, [], exclude=list(cm.candidate_parameters()), lr=cfg.lr, momentum=cfg.momentum,
+                                  weight_decay=cfg.weight_decay)
         # Candidates get their own Adam: their (normalised) boosting gradient has another scale
         # than the loss gradient of the base weights.
-        cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=cfg["candidate_lr"])
-        epochs = cfg["search_epochs"]
+        cand_opt = torch.optim.Adam(cm.candidate_parameters(), lr=cfg.candidate_lr)
+        epochs = cfg.search_epochs
         steps = epochs * num_batches(self.loader)
         sched = cosine_schedule(opt, steps)
         opts = {"base": opt, "candidates": cand_opt}
@@ -311,16 +271,16 @@ class ChildTrainer:
 
         # Choose where to grow: fit to the negative gradient per unit of added cost.
         chosen, why, edges = choose_points(cm, self.example, current=job.parent_cost, base=self.base_cost,
-                                           budget=self.budget, max_ops=cfg["max_ops"], selection=cfg["selection"],
+                                           budget=self.budget, max_ops=cfg.max_ops, selection=cfg.selection,
                                            generator=_gen(random.Random(job.seed)),
-                                           max_points=cfg["points_per_round"])
+                                           max_points=cfg.points_per_round)
         rec["chosen"] = chosen
         if not chosen:
             rec["note"] = why
             return WeakResult(job.round, job.index, job.parent, None, None, rec)
         grown = finalize(cm, edges=edges)  # within a latency budget too: choose_points measured it
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
-        state = {k: v.detach().cpu().clone() for k, v in grown.state_dict().items()}
+        state = snapshot(grown)
         return WeakResult(job.round, job.index, job.parent, plan, state, rec)
 
     # ------------------------------------------------------------------ fine-tuning
@@ -380,23 +340,16 @@ class ChildTrainer:
         branches = getattr(grown, BRANCHES)
         new = state_of(grown).plan.edits[job.new_edits:]  # type: ignore[union-attr]
         new_params = [p for e in new for p in branches[e.key].parameters()]
-        fresh = {id(p) for p in new_params}
-        opt = _optimizer(
-            [
-                {"params": [p for p in grown.parameters() if id(p) not in fresh]},
-                {"params": new_params},
-            ],
-            cfg["lr"], cfg["momentum"], cfg["weight_decay"],
-        )
-        epochs = cfg["finetune_epochs"]
+        epochs = cfg.finetune_epochs
         steps_per_epoch = num_batches(self.loader)
-        sched = cosine_schedule(opt, epochs * steps_per_epoch)
-        rule = rule_from_config(cfg)
+        rule = cfg.new_param_rule()
         if resume is not None:
             retry = bool(resume[0]["progress"].get("retry", retry))
         if retry:
             rule = rule.retry()
-        mgr = watch_new_params(opt, opt.param_groups[-1], grown, rule, steps_per_epoch) if new_params else None
+        opt, mgr = growth_optimizer(grown, new_params, rule=rule, lr=cfg.lr, momentum=cfg.momentum,
+                                    weight_decay=cfg.weight_decay, steps_per_epoch=steps_per_epoch)
+        sched = cosine_schedule(opt, epochs * steps_per_epoch)
         stats, start = PhaseStats(), 0
         if resume is not None:
             prog = resume[0]["progress"]
@@ -419,16 +372,16 @@ class ChildTrainer:
         rec["finetune_train_acc"] = st.train_accuracy
         rec["etas"] = {e.point: float(branches[e.key].eta.detach()) for e in new}
         metrics = evaluate(grown, self.val_loader, loss_fn=self.loss_fn, batch_fn=self.batch_fn, device=self.dev)
-        cost = measure(grown, self.example, latency=self.want_latency)
-        state = {k: v.detach().cpu().clone() for k, v in grown.state_dict().items()}
+        cost = measure(grown, self.example, latency=cfg.wants_latency)
+        state = snapshot(grown)
         plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
         return TuneResult(job.round, job.index, job.parent, plan, state, metrics, cost, rec)
 
     # ------------------------------------------------------------------ checkpoint restore
     def restore(self, saved: tuple[dict[str, Any], State], work: nn.Module, opts: dict[str, Any], sched: Any) -> None:
-        if self.restore_hook is None:
-            raise RuntimeError("this ChildTrainer has no restore hook: jobs resume only in the driver process")
-        self.restore_hook(saved[0], saved[1], work, opts, sched)
+        if self.run_rng is None:
+            raise RuntimeError("this ChildTrainer has no run generator: jobs resume only in the driver process")
+        restore_training(saved[0], saved[1], work, opts, sched, self.run_rng, (self.loader, self.val_loader))
 
 
 def _gen(rng: random.Random) -> torch.Generator:

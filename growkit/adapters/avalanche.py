@@ -45,7 +45,7 @@ import torch
 from torch import nn
 
 from growkit.errors import InputError
-from growkit.grower import Grower, GrowthEvent
+from growkit.lifelong.grower import Grower, GrowthEvent
 
 try:
     from avalanche.core import SupervisedPlugin

@@ -14,7 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["Experience", "Stream", "class_incremental", "domain_incremental", "dataset_targets"]
 

@@ -1,4 +1,4 @@
-"""Graph surgery shared by inject, finalize and plan replay.
+"""Graph surgery shared by inject, finalize and plan replay (:func:`apply_plan`).
 
 A growable module is a ``torch.fx.GraphModule`` whose ``meta["growkit"]`` holds a
 :class:`GrowState`: the base model's growth points, the growth plan applied so far and, for every
@@ -17,12 +17,16 @@ import torch
 import torch.fx
 from torch import nn
 
+from ..errors import InputError, OpError, PlanError, PointError
+from .branch import GrownBranch
 from .dualgraph import graphs_of
-from .errors import InputError, PointError
-from .graph import GrowthPoint, LayerGraph, as_args, trace
+from .graph import GRANULARITIES, GrowthPoint, LayerGraph, as_args, model_name, trace
+from .ops import DEFAULT_REGISTRY, OpRegistry
+from .plan import BRANCHES, Edit, GrowthPlan, graph_fingerprint
 from .safecopy import copy_module
 
-__all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted", "trace_options"]
+__all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted", "apply_edit", "apply_plan",
+           "trace_options", "META_KEY"]
 
 META_KEY = "growkit"
 
@@ -32,7 +36,7 @@ class GrowState:
     """What growkit knows about a growable GraphModule (see module docstring)."""
 
     points: list[GrowthPoint]
-    plan: Any  # growkit.plan.GrowthPlan (typed loosely to avoid an import cycle)
+    plan: Any  # growkit.core.plan.GrowthPlan (typed loosely to avoid an import cycle)
     node_of: dict[str, str] = field(default_factory=dict)
     node_shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
 
@@ -63,8 +67,6 @@ def state_of(gm: nn.Module) -> GrowState | None:
 
 def from_layer_graph(lg: LayerGraph, example_input: Any, base: dict[str, Any] | None = None) -> torch.fx.GraphModule:
     """Turn a traced :class:`LayerGraph` into a growable module with an empty plan."""
-    from .plan import GrowthPlan, graph_fingerprint
-
     gm = lg.graph_module
     args = as_args(example_input)
     plan = GrowthPlan(
@@ -101,18 +103,16 @@ def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -
     return from_layer_graph(lg, example_input, base)
 
 
-def trace_options(config: dict[str, Any]) -> dict[str, Any]:
-    """The :func:`trace` keywords a grow() configuration asks for (``granularity``, ``points``)."""
-    out: dict[str, Any] = {"granularity": config.get("granularity") or "block"}
-    if config.get("points"):
-        out["points"] = list(config["points"])
+def trace_options(granularity: str | None, points: Any = None) -> dict[str, Any]:
+    """The :func:`trace` keywords for a run's ``granularity`` and ``points`` settings."""
+    out: dict[str, Any] = {"granularity": granularity or "block"}
+    if points:
+        out["points"] = list(points)
     return out
 
 
 def _base_record(model: nn.Module, example_input: Any) -> dict[str, Any]:
     """How to re-create the base model: timm architecture and constructor arguments when known."""
-    from .graph import model_name
-
     name = model_name(model)
     if not name:
         return {}
@@ -192,3 +192,88 @@ def remove_inserted(gm: torch.fx.GraphModule, container: str) -> None:
     for graph in graphs_of(gm):
         graph.lint()
     gm.recompile()
+
+
+def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None = None) -> nn.Module:
+    """Grow one branch onto growable ``gm`` (eta = 0: output unchanged); returns the branch."""
+    st = state_of(gm)
+    if st is None:
+        raise PlanError("apply_edit needs a growable module (from growkit.trace / inject / finalize)")
+    try:
+        p = st.point(edit.point)
+    except PointError as exc:
+        raise PlanError(f"plan names growth point {edit.point!r} that the base model does not have") from exc
+    eligible = {z.name: z for z in p.inputs}
+    specs = []
+    for e in edit.edges:
+        if e.input not in eligible:
+            raise PlanError(
+                f"plan edge input {e.input!r} is not an eligible input of point {p.name!r} "
+                f"(eligible: {', '.join(eligible) or 'none'})"
+            )
+        specs.append((eligible[e.input], e.op))
+    try:
+        branch = GrownBranch(p, specs, registry or DEFAULT_REGISTRY)
+    except OpError as exc:
+        raise PlanError(f"plan edit at {p.name!r}: {exc}") from exc
+    insert_at_point(gm, p.name, [e.input for e in edit.edges], branch, BRANCHES, edit.key)
+    st.plan.edits.append(edit)
+    return branch
+
+
+def _trace_record(base: dict[str, Any]) -> dict[str, Any]:
+    """The validated ``granularity`` / ``points`` a plan's base was traced with (data only)."""
+    rec = base.get("trace")
+    if rec is None:
+        return {}
+    if not isinstance(rec, dict) or set(rec) - {"granularity", "points"}:
+        raise PlanError("plan base 'trace' must be an object with 'granularity' and optional 'points'")
+    out: dict[str, Any] = {}
+    if rec.get("granularity") is not None:
+        if rec["granularity"] not in GRANULARITIES:
+            raise PlanError(f"plan base granularity {rec['granularity']!r} is not one of {GRANULARITIES}")
+        out["granularity"] = rec["granularity"]
+    pts = rec.get("points")
+    if pts is not None:
+        if not (isinstance(pts, list) and len(pts) <= 10_000 and all(
+                isinstance(v, str) and 0 < len(v) <= 500 and v.replace("_", "a").replace(".", "a").isalnum() for v in pts)):
+            raise PlanError("plan base points must be a list of module paths / node names")
+        out["points"] = list(pts)
+    return out
+
+
+def apply_plan(
+    base_model: nn.Module,
+    plan: GrowthPlan,
+    example_input: Any = None,
+    *,
+    registry: OpRegistry | None = None,
+    **trace_kwargs: Any,
+) -> torch.fx.GraphModule:
+    """Replay ``plan`` onto a fresh trace of ``base_model`` (which is not modified).
+
+    The result has freshly initialised branches with eta = 0 (so it computes the base function);
+    load the grown model's ``state_dict`` to get its weights. Raises :class:`PlanError` when the
+    plan does not belong to this base model.
+    """
+    if example_input is None:
+        example_input = plan.example_input()
+    if state_of(base_model) is None:
+        trace_kwargs = {**_trace_record(plan.base), **trace_kwargs}
+    gm = growable(base_model, example_input, **trace_kwargs)
+    st = state_of(gm)
+    assert st is not None
+    if st.plan.edits:
+        raise PlanError("apply_plan expects an ungrown base model; this one already carries a plan")
+    if plan.fingerprint and st.plan.fingerprint != plan.fingerprint:
+        raise PlanError(
+            f"plan was made for a different base graph (fingerprint {plan.fingerprint}, this model "
+            f"traces to {st.plan.fingerprint}); pass the base model the plan was grown from"
+        )
+    if plan.base:
+        st.plan.base = dict(plan.base)
+    for edit in plan.edits:
+        apply_edit(gm, edit, registry)
+    gm.graph.lint()
+    gm.recompile()
+    return gm

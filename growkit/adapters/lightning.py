@@ -51,9 +51,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from growkit.candidates import CandidateModel
+from growkit.core.candidates import CandidateModel
 from growkit.errors import InputError, PlanError
-from growkit.grower import Grower, GrowthEvent
+from growkit.lifelong.grower import Grower, GrowthEvent
 
 try:
     import lightning.pytorch as pl

@@ -32,16 +32,17 @@ import torch
 import torch.fx
 from torch import nn
 
-from ..cost import Budget, Cost, measure
-from ..errors import InputError
-from ..gallery import Entry, Gallery
-from ..graph import as_args
-from ..grow import GrowResult, _check_example
-from ..plan import BRANCHES, GrowthPlan, apply_plan
-from ..safecopy import copy_module
-from ..surgery import META_KEY, growable, remove_inserted, state_of
-from ..train import BatchFn, NonFiniteLoss, _forward, _logits, evaluate, first_input, iter_batches, train_steps
-from ..jobs import cosine_schedule, num_batches
+from .checkpoint import snapshot
+from .core.cost import Budget, Cost, measure
+from .core.graph import as_args
+from .core.plan import BRANCHES, GrowthPlan
+from .core.safecopy import copy_module
+from .core.surgery import META_KEY, apply_plan, growable, remove_inserted, state_of
+from .errors import InputError
+from .growth.gallery import Entry, Gallery
+from .growth.result import GrowResult
+from .runsetup import set_up_run
+from .train import BatchFn, NonFiniteLoss, cosine_schedule, evaluate, forward, iter_batches, logits_of, num_batches, train_steps
 
 __all__ = ["prune", "PruneResult", "rebuild_pruned", "PRUNE_METHODS", "IMPORTANCES"]
 
@@ -111,7 +112,7 @@ def _output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[
     model.eval()
     try:
         with torch.no_grad():
-            logits = _logits(_forward(model, example))
+            logits = logits_of(forward(model, example))
     finally:
         for h in hooks:
             h.remove()
@@ -178,7 +179,7 @@ def branch_scores(model: torch.fx.GraphModule, loader: Iterable, criterion: str,
         for i, (x, _) in enumerate(iter_batches(loader, batch_fn, device)):
             if i >= batches:
                 break
-            _forward(model, x)
+            forward(model, x)
     finally:
         for h in hooks:
             h.remove()
@@ -258,16 +259,9 @@ def prune(
         if st is None or not st.plan.edits:
             raise InputError("method='branches' prunes grown branches, and this model has none; "
                              "use method='channels' to prune channels of any model")
-    if seed is not None:
-        torch.manual_seed(seed)
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
-    if val_loader is None:
-        logger.warning("no val_loader given: pruned models are selected on the training data")
-        val_loader = loader
-    loader_x = first_input(loader, batch_fn)
-    example = as_args(example_input if example_input is not None else loader_x)
-    _check_example(example, loader_x)
-    example = tuple(a.to(dev) for a in example)
+    setup = set_up_run(model, loader, val_loader, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
+                       device=device, seed=seed, progress=progress, selects="pruned models")
+    dev, val_loader, example = setup.device, setup.val_loader, setup.example_on_device()
 
     source = growable(model).to(dev) if state_of(model) is not None else copy_module(model).to(dev)
     if gallery is None:
@@ -281,7 +275,7 @@ def prune(
         metrics = evaluate(m, val_loader, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)
         gallery.val_size = int(metrics["n"])
         e = Entry(gallery.next_id(), parent, measure(m, example), 1.0 - metrics["accuracy"], metrics["loss"], plan,
-                  rnd, kind, state={k: v.detach().cpu().clone() for k, v in m.state_dict().items()}, note=note)
+                  rnd, kind, state=snapshot(m), note=note)
         return gallery.add(e)
 
     st0 = state_of(source)

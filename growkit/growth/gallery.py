@@ -16,8 +16,8 @@ from typing import Any
 
 import torch
 
-from .cost import Budget, Cost
-from .errors import BudgetError
+from ..core.cost import Budget, Cost
+from ..errors import BudgetError
 
 __all__ = ["Entry", "Gallery", "lower_convex_hull", "describe_plan"]
 

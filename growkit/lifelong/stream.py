@@ -18,16 +18,17 @@ from typing import Any, Callable, Iterable, Iterator
 import torch
 from torch import nn
 
-from .checkpoint import CheckpointDir, capture_rng, full_state, load_full_state, optimizer_from_flat, optimizer_to_flat, restore_rng
-from .cl_metrics import AccuracyMatrix
-from .cost import Budget, measure
-from .errors import InputError, NonFiniteLoss
-from .graph import as_args
+from ..checkpoint import (CheckpointDir, capture_rng, check_same_settings, full_state, load_full_state,
+                          optimizer_from_flat, optimizer_to_flat, restore_rng)
+from ..core.cost import Budget, measure
+from ..errors import InputError, NonFiniteLoss
+from .metrics import AccuracyMatrix
 from .grower import Grower, GrowthEvent
-from .plan import GrowthPlan
+from ..core.plan import GrowthPlan
 from .streams import Stream
-from .surgery import growable, state_of
-from .train import BatchFn, default_batch_fn, evaluate, first_input, train_steps
+from ..core.surgery import growable, state_of
+from ..runsetup import set_up_run
+from ..train import BatchFn, default_batch_fn, evaluate, train_steps
 
 __all__ = ["grow_stream", "StreamResult", "ReplayBuffer"]
 
@@ -119,7 +120,7 @@ class StreamResult:
 
     def save(self, path: str | Path) -> Path:
         """``metrics.json``, ``accuracy.png`` and the final model (plan + safetensors)."""
-        from .io import save, write_json_atomic
+        from ..io import save, write_json_atomic
 
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
@@ -156,7 +157,7 @@ def grow_stream(
 
     Args:
         model: the (pretrained) model; a copy is trained.
-        stream: a :class:`growkit.streams.Stream`.
+        stream: a :class:`growkit.lifelong.streams.Stream`.
         grow: ``False`` runs the identical loop without candidates or growth (baselines).
         epochs: epochs per experience (SGD with ``lr``, ``momentum``, ``weight_decay``; one
             optimizer for the whole stream, grown parameters added by the grower).
@@ -173,7 +174,7 @@ def grow_stream(
         eval_split: ``"test"`` or ``"val"`` loaders fill the accuracy matrix.
     """
     if not isinstance(stream, Stream):
-        raise InputError(f"stream must be a growkit.streams.Stream, got {type(stream).__name__}")
+        raise InputError(f"stream must be a growkit.lifelong.streams.Stream, got {type(stream).__name__}")
     if eval_split not in ("test", "val"):
         raise InputError(f"eval_split must be 'test' or 'val', got {eval_split!r}")
     evals = [getattr(e, eval_split) for e in stream]
@@ -182,11 +183,10 @@ def grow_stream(
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir=")
     fn = batch_fn or default_batch_fn
-    if seed is not None:
-        torch.manual_seed(seed)
+    setup = set_up_run(model, stream[0].train, None, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
+                       device=device, seed=seed, progress=progress, selects=None, check=False)
     rng = random.Random(seed)
-    example = as_args(example_input if example_input is not None else first_input(stream[0].train, batch_fn))
-    dev = torch.device(device) if device is not None else next(model.parameters()).device
+    example, dev = setup.example, setup.device
     # The grower raises on a divergence after a growth; the loop below rolls the experience back.
     gopts = {"budget": budget, "seed": seed, "on_divergence": "raise", "steps_per_epoch": _len(stream[0].train),
              **(grower_options or {})}
@@ -199,8 +199,9 @@ def grow_stream(
         if ckpt.latest_name() is not None and not resume:
             raise InputError(f"{checkpoint_dir} holds an earlier run: pass resume=True or use an empty directory")
         saved = ckpt.read() if resume else None
-        if saved is not None and saved[0].get("config") != config:
-            raise InputError(f"resume=True with different settings than the checkpointed run in {checkpoint_dir}")
+        if saved is not None:
+            check_same_settings(saved[0].get("config") or {}, config,
+                                api=f"pass the settings of the run checkpointed in {checkpoint_dir} or use a new directory")
 
     grower: Grower | None = None
     if grow:

@@ -15,6 +15,11 @@ parameters are added to them as new param groups. Growth is recorded in the plan
         opt.zero_grad(); loss.backward(); opt.step()
         grower.after_step()
     grower.end_experience()          # grow at the boundary
+
+Why over 450 lines (about 600): the Grower is one stateful object a user's loop talks to;
+issue 19 added its rollback (snapshot / restore / retry of a growth) and the new-parameter groups
+it keeps on the user's optimizers, which read and write the same private state as growth itself.
+Splitting them out would mean a second object sharing that state; left as one class.
 """
 from __future__ import annotations
 
@@ -29,18 +34,18 @@ import torch
 import torch.fx
 from torch import nn
 
-from .candidates import CANDIDATES, CandidateModel, inject
-from .checkpoint import full_state, load_full_state, optimizer_from_flat, optimizer_to_flat
-from .cost import Budget, Cost, measure
-from .errors import InputError, NonFiniteLoss
-from .finalize import finalize
-from .graph import as_args
-from .newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
-                        check_finite_outputs)
-from .plan import BRANCHES, GrowthPlan
-from .safecopy import copy_module
-from .selection import choose_points
-from .surgery import growable, remove_inserted, state_of
+from ..checkpoint import full_state, load_full_state, optimizer_from_flat, optimizer_to_flat
+from ..core.candidates import CANDIDATES, CandidateModel, inject
+from ..core.cost import Budget, Cost, measure
+from ..core.finalize import finalize
+from ..core.graph import as_args
+from ..core.plan import BRANCHES, GrowthPlan
+from ..core.safecopy import copy_module
+from ..core.selection import choose_points
+from ..core.surgery import growable, remove_inserted, state_of
+from ..errors import InputError, NonFiniteLoss
+from ..newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
+                         check_finite_outputs)
 
 __all__ = ["Grower", "GrowthEvent", "adopt_parameters"]
 
@@ -155,8 +160,9 @@ class Grower:
         if min_steps < 1 or warmup_steps < 0 or warmup_steps >= min_steps:
             raise InputError(f"need 0 <= warmup_steps < min_steps, got {warmup_steps}, {min_steps}")
         self.budget = budget
-        self.cfg = {"ops": ops, "max_inputs": max_inputs, "max_ops": max_ops, "l1": l1,
-                    "points": None if points is None else list(points)}
+        self.ops = ops
+        self.max_inputs, self.max_ops, self.l1 = max_inputs, max_ops, l1
+        self.points = None if points is None else list(points)
         self.candidate_lr = candidate_lr
         self.new_lr_mult = new_lr_mult
         self.rule = NewParamRule(mult=new_lr_mult, max_lr=new_lr_max, warmup=new_lr_warmup, clip=new_grad_clip,
@@ -199,8 +205,7 @@ class Grower:
 
     # ------------------------------------------------------------------ model access
     def _inject(self, gm: torch.fx.GraphModule) -> CandidateModel:
-        c = self.cfg
-        cm = inject(gm, points=c["points"], ops=c["ops"], max_inputs=c["max_inputs"], l1=c["l1"], normalize_grad=True)
+        cm = inject(gm, points=self.points, ops=self.ops, max_inputs=self.max_inputs, l1=self.l1, normalize_grad=True)
         adopt_parameters(cm.module, gm)
         return cm
 
@@ -339,7 +344,7 @@ class Grower:
         """
         cands = self.model.candidates
         if not self._l1_in_loss:
-            l1 = self.cfg["l1"]
+            l1 = self.l1
             for c in cands.values():
                 if c.alpha.grad is not None:
                     c.alpha.grad.add_(l1 * torch.sign(c.alpha.detach()))
@@ -420,7 +425,7 @@ class Grower:
         rng_before = self.rng.getstate()
         gen = torch.Generator().manual_seed(self.rng.getrandbits(63))
         chosen, why, edges = choose_points(cm, self.example, current=self.cost, base=self.base_cost,
-                                           budget=self.budget, max_ops=self.cfg["max_ops"], selection=self.selection,
+                                           budget=self.budget, max_ops=self.max_ops, selection=self.selection,
                                            generator=gen, max_points=self.points_per_growth)
         if not chosen:
             ev.note = why
@@ -565,7 +570,7 @@ class Grower:
     def from_state(cls, model: nn.Module, example_input: Any, meta: dict[str, Any], tensors: dict[str, torch.Tensor],
                    **options: Any) -> "Grower":
         """Re-create a grower saved with :meth:`state_dict` from the original base ``model``."""
-        from .plan import apply_plan
+        from ..core.surgery import apply_plan
 
         plan = GrowthPlan.from_dict(meta["plan"])
         start = apply_plan(model, plan, example_input) if plan.edits else model

@@ -1,8 +1,9 @@
-"""Growth plans: the serialisable record of what was grown, and its replay onto a base model.
+"""Growth plans: the serialisable record of what was grown (data only).
 
 A plan is a list of edits against fx node names of the *base* model. Each edit adds one grown
 branch ``x_k <- x_k + eta * proj(concat(BN(op_e(z_e)) for e in edges))`` at point ``x_k``. The plan
-is data only (JSON): replaying it never executes anything from the file.
+is data only (JSON): replaying it (:func:`growkit.core.surgery.apply_plan`) never executes anything
+from the file.
 """
 from __future__ import annotations
 
@@ -14,14 +15,12 @@ from typing import Any
 
 import torch
 import torch.fx
-from torch import nn
 
+from ..errors import PlanError
+from ..validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
 from .dualgraph import all_nodes
-from .errors import OpError, PlanError, PointError
-from .ops import DEFAULT_REGISTRY, OpRegistry
-from .validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
 
-__all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "apply_edit", "apply_plan", "BRANCHES"]
+__all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
 
 FORMAT = "growkit.plan"
 VERSION = 1
@@ -150,95 +149,3 @@ def graph_fingerprint(gm: torch.fx.GraphModule) -> str:
             continue
         h.update(f"{n.name}|{n.op}|{n.target if isinstance(n.target, str) else getattr(n.target, '__name__', n.target)}\n".encode())
     return h.hexdigest()[:16]
-
-
-def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None = None) -> nn.Module:
-    """Grow one branch onto growable ``gm`` (eta = 0: output unchanged); returns the branch."""
-    from .branch import GrownBranch
-    from .surgery import insert_at_point, state_of
-
-    st = state_of(gm)
-    if st is None:
-        raise PlanError("apply_edit needs a growable module (from growkit.trace / inject / finalize)")
-    try:
-        p = st.point(edit.point)
-    except PointError as exc:
-        raise PlanError(f"plan names growth point {edit.point!r} that the base model does not have") from exc
-    eligible = {z.name: z for z in p.inputs}
-    specs = []
-    for e in edit.edges:
-        if e.input not in eligible:
-            raise PlanError(
-                f"plan edge input {e.input!r} is not an eligible input of point {p.name!r} "
-                f"(eligible: {', '.join(eligible) or 'none'})"
-            )
-        specs.append((eligible[e.input], e.op))
-    try:
-        branch = GrownBranch(p, specs, registry or DEFAULT_REGISTRY)
-    except OpError as exc:
-        raise PlanError(f"plan edit at {p.name!r}: {exc}") from exc
-    insert_at_point(gm, p.name, [e.input for e in edit.edges], branch, BRANCHES, edit.key)
-    st.plan.edits.append(edit)
-    return branch
-
-
-def _trace_record(base: dict[str, Any]) -> dict[str, Any]:
-    """The validated ``granularity`` / ``points`` a plan's base was traced with (data only)."""
-    from .graph import GRANULARITIES
-
-    rec = base.get("trace")
-    if rec is None:
-        return {}
-    if not isinstance(rec, dict) or set(rec) - {"granularity", "points"}:
-        raise PlanError("plan base 'trace' must be an object with 'granularity' and optional 'points'")
-    out: dict[str, Any] = {}
-    if rec.get("granularity") is not None:
-        if rec["granularity"] not in GRANULARITIES:
-            raise PlanError(f"plan base granularity {rec['granularity']!r} is not one of {GRANULARITIES}")
-        out["granularity"] = rec["granularity"]
-    pts = rec.get("points")
-    if pts is not None:
-        if not (isinstance(pts, list) and len(pts) <= 10_000 and all(
-                isinstance(v, str) and 0 < len(v) <= 500 and v.replace("_", "a").replace(".", "a").isalnum() for v in pts)):
-            raise PlanError("plan base points must be a list of module paths / node names")
-        out["points"] = list(pts)
-    return out
-
-
-def apply_plan(
-    base_model: nn.Module,
-    plan: GrowthPlan,
-    example_input: Any = None,
-    *,
-    registry: OpRegistry | None = None,
-    **trace_kwargs: Any,
-) -> torch.fx.GraphModule:
-    """Replay ``plan`` onto a fresh trace of ``base_model`` (which is not modified).
-
-    The result has freshly initialised branches with eta = 0 (so it computes the base function);
-    load the grown model's ``state_dict`` to get its weights. Raises :class:`PlanError` when the
-    plan does not belong to this base model.
-    """
-    from .surgery import growable, state_of
-
-    if example_input is None:
-        example_input = plan.example_input()
-    if state_of(base_model) is None:
-        trace_kwargs = {**_trace_record(plan.base), **trace_kwargs}
-    gm = growable(base_model, example_input, **trace_kwargs)
-    st = state_of(gm)
-    assert st is not None
-    if st.plan.edits:
-        raise PlanError("apply_plan expects an ungrown base model; this one already carries a plan")
-    if plan.fingerprint and st.plan.fingerprint != plan.fingerprint:
-        raise PlanError(
-            f"plan was made for a different base graph (fingerprint {plan.fingerprint}, this model "
-            f"traces to {st.plan.fingerprint}); pass the base model the plan was grown from"
-        )
-    if plan.base:
-        st.plan.base = dict(plan.base)
-    for edit in plan.edits:
-        apply_edit(gm, edit, registry)
-    gm.graph.lint()
-    gm.recompile()
-    return gm

@@ -1,0 +1,8 @@
+"""The core pipeline: trace -> inject -> finalize -> plan replay.
+
+Each module has one job: ``graph`` (fx tracing, growth points), ``ops`` (the op registry),
+``candidates`` (inject), ``branch`` and ``finalize`` (grown branches), ``selection`` (where to grow
+within a budget), ``cost`` (params, FLOPs, latency, budgets), ``plan`` (the growth plan as data) and
+``surgery`` (growable graph modules; applies plans). Nothing here imports the growth, search or
+lifelong wings.
+"""
