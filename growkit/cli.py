@@ -33,7 +33,7 @@ def _cmd_trace(args: argparse.Namespace) -> int:
 
 
 def _load_data(spec: str, size: int | None):
-    from growkit.adapters import data as gdata
+    from . import data as gdata
 
     kind, _, path = spec.partition(":")
     if kind == "digits":
@@ -84,7 +84,7 @@ def _method_options(text: str | None) -> dict:
 
 
 def _cmd_grow(args: argparse.Namespace) -> int:
-    from growkit.adapters import data as gdata
+    from . import data as gdata
 
     from .core.cost import Budget
     from .growth.grow import grow
