@@ -216,3 +216,17 @@ def test_grow_stream_matrix_matches_hand_computed(stream3, pretrained):
     assert res.matrix.forgetting() == 0.0 and res.matrix.bwt() == 0.0
     assert res.matrix.average_accuracy() == pytest.approx(sum(by_hand) / 3)
     assert res.matrix.fwt() == pytest.approx(0.0)
+
+
+def test_grow_stream_refuses_a_checkpoint_dir_held_by_another_run(stream3, pretrained, tmp_path):
+    import os
+
+    from growkit.checkpoint import CheckpointDir
+
+    ckpt = tmp_path / "c"
+    before = copy.deepcopy(pretrained.state_dict())
+    with CheckpointDir(ckpt).lock():
+        with pytest.raises(growkit.LockError, match=f"in use by another run.*{os.getpid()}"):
+            growkit.grow_stream(pretrained, stream3, epochs=1, checkpoint_dir=ckpt, progress=False)
+    assert not (ckpt / "LATEST").exists()  # nothing was written beside the holder's checkpoints
+    assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in before.items())

@@ -8,6 +8,7 @@ fine-tuning, with or without replay) so baselines share every other detail.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -191,107 +192,109 @@ def grow_stream(
     gopts = {"budget": budget, "seed": seed, "on_divergence": "raise", "steps_per_epoch": _len(stream[0].train),
              **(grower_options or {})}
     ckpt = CheckpointDir(checkpoint_dir) if checkpoint_dir is not None else None
-    config = {"grow": grow, "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
-              "replay": replay, "budget": repr(budget), "grower_options": repr(sorted((grower_options or {}).items())),
-              "seed": seed, "experiences": [e.id for e in stream]}
-    saved = None
-    if ckpt is not None:
-        if ckpt.latest_name() is not None and not resume:
-            raise InputError(f"{checkpoint_dir} holds an earlier run: pass resume=True or use an empty directory")
-        saved = ckpt.read() if resume else None
-        if saved is not None:
-            check_same_settings(saved[0].get("config") or {}, config,
-                                api=f"pass the settings of the run checkpointed in {checkpoint_dir} or use a new directory")
-
-    grower: Grower | None = None
-    if grow:
-        ex_cpu = tuple(a.cpu() for a in example)
-        if saved is not None:
-            grower = Grower.from_state(model, ex_cpu, saved[0]["grower"], saved[1], **gopts)
-        else:
-            grower = Grower(model, ex_cpu, **gopts)
-        grower.to(dev)
-        net: nn.Module = grower.model
-        params = list(grower.parameters())
-    else:
-        net = growable(model, example).to(dev)
-        params = list(net.parameters())
-    named = {n: p for n, p in net.named_parameters()}
-    if saved is not None:
-        groups = saved[0]["opt_groups"]
-        opt = torch.optim.SGD([{"params": [named[n] for n in g]} for g in groups], lr=lr, momentum=momentum,
-                              weight_decay=weight_decay)
-        optimizer_from_flat(opt, saved[0]["optimizer"], saved[1])
-        if grower is None:
-            load_full_state(net, saved[1], "net.")
-    else:
-        opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
-    if grower is not None:
-        grower.attach(opt)
-        if saved is not None:
-            grower.load_new_group_state(opt, saved[0].get("new_groups", []))
-    buffer = ReplayBuffer(replay, seed=seed or 0) if replay > 0 else None
-
-    n = len(stream)
-    matrix = AccuracyMatrix(n)
-    history: list[dict[str, Any]] = []
-    start = 0
-    if saved is not None:
-        st = saved[0]
-        matrix = AccuracyMatrix.from_dict(st["matrix"])
-        history = st["history"]
-        if buffer is not None:
-            buffer.load(st["replay"], saved[1])
-        restore_rng(st["rng"], rng, [e.train for e in stream])
-        start = st["progress"]["experience"] + 1
-        logger.info("resuming the stream at experience %d of %d", start, n)
-    else:
-        matrix.initial = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
-
-    grew = False  # whether the last boundary grew: only then can a divergence be rolled back
-    for i in range(start, n):
-        exp = stream[i]
-        t0 = time.perf_counter()
-        # The stream's own state at the start of the experience, for a rollback of the growth before it.
-        start_state = _stream_state(rng, stream, buffer) if grower is not None and grew else None
-        while True:
-            try:
-                for ep in range(epochs):
-                    mixed = _Mixed(exp.train, fn, buffer, fill=ep == 0)
-                    train_steps(net, mixed, opt, epochs=1, loss_fn=loss_fn,
-                                extra_loss=grower.extra_loss if grower is not None else None, device=dev,
-                                progress=progress, desc=f"experience {exp.id} ({i + 1}/{n})",
-                                after_step=grower.after_step if grower is not None else None)
-                break
-            except NonFiniteLoss as exc:
-                # Growth's doing only if the grower can undo its last growth: retried once at half
-                # the new parameters' rate, then skipped; a divergence without growth stops the run.
-                if start_state is None or grower is None or not grower.rollback(str(exc)):
-                    raise
-                _restore_stream(start_state, rng, stream, buffer)
-                net = grower.model
-                ev = grower.events[-1]
-                history[-1].update(grown=ev.chosen, note=ev.note)
-                matrix.costs[-1] = {"params": grower.cost.params, "flops": grower.cost.flops}
-                logger.warning("experience %s: %s", exp.id, ev.note)
-        accs = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
-        ev = None
-        if grower is not None and i < n - 1:
-            ev = grower.end_experience(exp.id)
-            net = grower.model
-            grew = bool(ev.chosen)
-        cost = grower.cost if grower is not None else measure(net, tuple(a.to(dev) for a in example))
-        matrix.add_row(accs, {"params": cost.params, "flops": cost.flops})
-        history.append({"experience": exp.id, "train_s": time.perf_counter() - t0, "accuracies": accs,
-                        "grown": ev.chosen if ev is not None else [], "note": ev.note if ev is not None else ""})
-        logger.info("after experience %s: accuracies %s, avg %.2f %%, %s params", exp.id,
-                    " / ".join(f"{100 * a:.2f} %" for a in accs), 100 * matrix.average_accuracy(), f"{cost.params:,}")
+    # One run per checkpoint directory: a second writer would interleave its checkpoints with ours.
+    with ckpt.lock() if ckpt is not None else contextlib.nullcontext():
+        config = {"grow": grow, "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
+                  "replay": replay, "budget": repr(budget), "grower_options": repr(sorted((grower_options or {}).items())),
+                  "seed": seed, "experiences": [e.id for e in stream]}
+        saved = None
         if ckpt is not None:
-            _save(ckpt, config, i, matrix, history, grower, net, opt, buffer, rng, stream)
+            if ckpt.latest_name() is not None and not resume:
+                raise InputError(f"{checkpoint_dir} holds an earlier run: pass resume=True or use an empty directory")
+            saved = ckpt.read() if resume else None
+            if saved is not None:
+                check_same_settings(saved[0].get("config") or {}, config,
+                                    api=f"pass the settings of the run checkpointed in {checkpoint_dir} or use a new directory")
 
-    final = grower.grown_model() if grower is not None else net
-    plan = state_of(final).plan if state_of(final) is not None else None  # type: ignore[union-attr]
-    return StreamResult(final, matrix, list(grower.events) if grower is not None else [], plan, history)
+        grower: Grower | None = None
+        if grow:
+            ex_cpu = tuple(a.cpu() for a in example)
+            if saved is not None:
+                grower = Grower.from_state(model, ex_cpu, saved[0]["grower"], saved[1], **gopts)
+            else:
+                grower = Grower(model, ex_cpu, **gopts)
+            grower.to(dev)
+            net: nn.Module = grower.model
+            params = list(grower.parameters())
+        else:
+            net = growable(model, example).to(dev)
+            params = list(net.parameters())
+        named = {n: p for n, p in net.named_parameters()}
+        if saved is not None:
+            groups = saved[0]["opt_groups"]
+            opt = torch.optim.SGD([{"params": [named[n] for n in g]} for g in groups], lr=lr, momentum=momentum,
+                                  weight_decay=weight_decay)
+            optimizer_from_flat(opt, saved[0]["optimizer"], saved[1])
+            if grower is None:
+                load_full_state(net, saved[1], "net.")
+        else:
+            opt = torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        if grower is not None:
+            grower.attach(opt)
+            if saved is not None:
+                grower.load_new_group_state(opt, saved[0].get("new_groups", []))
+        buffer = ReplayBuffer(replay, seed=seed or 0) if replay > 0 else None
+
+        n = len(stream)
+        matrix = AccuracyMatrix(n)
+        history: list[dict[str, Any]] = []
+        start = 0
+        if saved is not None:
+            st = saved[0]
+            matrix = AccuracyMatrix.from_dict(st["matrix"])
+            history = st["history"]
+            if buffer is not None:
+                buffer.load(st["replay"], saved[1])
+            restore_rng(st["rng"], rng, [e.train for e in stream])
+            start = st["progress"]["experience"] + 1
+            logger.info("resuming the stream at experience %d of %d", start, n)
+        else:
+            matrix.initial = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
+
+        grew = False  # whether the last boundary grew: only then can a divergence be rolled back
+        for i in range(start, n):
+            exp = stream[i]
+            t0 = time.perf_counter()
+            # The stream's own state at the start of the experience, for a rollback of the growth before it.
+            start_state = _stream_state(rng, stream, buffer) if grower is not None and grew else None
+            while True:
+                try:
+                    for ep in range(epochs):
+                        mixed = _Mixed(exp.train, fn, buffer, fill=ep == 0)
+                        train_steps(net, mixed, opt, epochs=1, loss_fn=loss_fn,
+                                    extra_loss=grower.extra_loss if grower is not None else None, device=dev,
+                                    progress=progress, desc=f"experience {exp.id} ({i + 1}/{n})",
+                                    after_step=grower.after_step if grower is not None else None)
+                    break
+                except NonFiniteLoss as exc:
+                    # Growth's doing only if the grower can undo its last growth: retried once at half
+                    # the new parameters' rate, then skipped; a divergence without growth stops the run.
+                    if start_state is None or grower is None or not grower.rollback(str(exc)):
+                        raise
+                    _restore_stream(start_state, rng, stream, buffer)
+                    net = grower.model
+                    ev = grower.events[-1]
+                    history[-1].update(grown=ev.chosen, note=ev.note)
+                    matrix.costs[-1] = {"params": grower.cost.params, "flops": grower.cost.flops}
+                    logger.warning("experience %s: %s", exp.id, ev.note)
+            accs = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
+            ev = None
+            if grower is not None and i < n - 1:
+                ev = grower.end_experience(exp.id)
+                net = grower.model
+                grew = bool(ev.chosen)
+            cost = grower.cost if grower is not None else measure(net, tuple(a.to(dev) for a in example))
+            matrix.add_row(accs, {"params": cost.params, "flops": cost.flops})
+            history.append({"experience": exp.id, "train_s": time.perf_counter() - t0, "accuracies": accs,
+                            "grown": ev.chosen if ev is not None else [], "note": ev.note if ev is not None else ""})
+            logger.info("after experience %s: accuracies %s, avg %.2f %%, %s params", exp.id,
+                        " / ".join(f"{100 * a:.2f} %" for a in accs), 100 * matrix.average_accuracy(), f"{cost.params:,}")
+            if ckpt is not None:
+                _save(ckpt, config, i, matrix, history, grower, net, opt, buffer, rng, stream)
+
+        final = grower.grown_model() if grower is not None else net
+        plan = state_of(final).plan if state_of(final) is not None else None  # type: ignore[union-attr]
+        return StreamResult(final, matrix, list(grower.events) if grower is not None else [], plan, history)
 
 
 def _len(loader: Iterable) -> int | None:
