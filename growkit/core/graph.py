@@ -39,6 +39,7 @@ __all__ = [
     "EligibleInput",
     "GrowthPoint",
     "LayerGraph",
+    "find_point",
     "trace",
     "as_args",
     "outputs_equal",
@@ -96,6 +97,17 @@ class GrowthPoint:
         return (self.shape[1],)
 
 
+def find_point(points: Sequence[GrowthPoint], name: str) -> GrowthPoint:
+    """The point of ``points`` called ``name`` (fx node name or module path); else a PointError listing them."""
+    for p in points:
+        if p.name == name or p.module == name:
+            return p
+    from ..errors import PointError
+
+    raise PointError(f"no growth point named {name!r}; growth points of this model: "
+                     f"{', '.join(p.name for p in points) or '(none)'}")
+
+
 @dataclass
 class LayerGraph:
     """Plain-data view of a traced model.
@@ -118,15 +130,7 @@ class LayerGraph:
 
     def point(self, name: str) -> GrowthPoint:
         """The growth point called ``name`` (fx node name or block module path)."""
-        for p in self.points:
-            if p.name == name or p.module == name:
-                return p
-        from ..errors import PointError
-
-        raise PointError(
-            f"no growth point named {name!r}; available: "
-            f"{', '.join(p.name for p in self.points) or '(none)'}"
-        )
+        return find_point(self.points, name)
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-serialisable summary (everything but the GraphModule)."""

@@ -20,7 +20,7 @@ from torch import nn
 from ..errors import InputError, OpError, PlanError, PointError
 from .branch import GrownBranch
 from .dualgraph import graphs_of
-from .graph import GRANULARITIES, GrowthPoint, LayerGraph, as_args, model_name, trace
+from .graph import GRANULARITIES, GrowthPoint, LayerGraph, as_args, find_point, model_name, trace
 from .ops import DEFAULT_REGISTRY, OpRegistry
 from .plan import BRANCHES, Edit, GrowthPlan, graph_fingerprint
 from .safecopy import copy_module
@@ -36,18 +36,12 @@ class GrowState:
     """What growkit knows about a growable GraphModule (see module docstring)."""
 
     points: list[GrowthPoint]
-    plan: Any  # growkit.core.plan.GrowthPlan (typed loosely to avoid an import cycle)
+    plan: GrowthPlan
     node_of: dict[str, str] = field(default_factory=dict)
     node_shapes: dict[str, tuple[int, ...] | None] = field(default_factory=dict)
 
     def point(self, name: str) -> GrowthPoint:
-        for p in self.points:
-            if p.name == name or p.module == name:
-                return p
-        raise PointError(
-            f"no growth point named {name!r}; growth points of this model: "
-            f"{', '.join(p.name for p in self.points) or '(none)'}"
-        )
+        return find_point(self.points, name)
 
     def copy(self) -> "GrowState":
         return dataclasses.replace(
