@@ -82,7 +82,7 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
     top = min(grown, key=lambda e: (e.val_error, e.id)) if grown else None
     top_model = None
     if top is not None:
-        top_model = growkit.apply_plan(base, growkit.GrowthPlan.from_dict(top.plan), data["example"])
+        top_model = growkit.apply_plan(base, top.plan, data["example"])
         top_model.load_state_dict(top.state)
     rounds = [h for h in res.history if "round" in h]
     m = res.model
