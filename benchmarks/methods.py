@@ -98,9 +98,9 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         else args.rounds * args.search_epochs * len(loader),
         "selected_entry": best.id,
         "selected_kind": best.kind,
-        "edits": len(best.plan.get("edits", [])),
-        "atoms": sum(len(e["edges"]) for e in best.plan.get("edits", [])),
-        "plan": [{"point": e["point"], "edges": e["edges"]} for e in best.plan.get("edits", [])],
+        "edits": len(best.plan.edits),
+        "atoms": sum(len(e.edges) for e in best.plan.edits),
+        "plan": [{"point": e["point"], "edges": e["edges"]} for e in best.plan.to_dict()["edits"]],
         "history": [{k: v for k, v in h.items() if k in (
             "round", "parent", "chosen", "atoms", "etas", "val_accuracy", "search_val_accuracy", "search_steps",
             "search_evaluations", "search_val_batches", "note", "levels", "controller_updates", "baseline")}
