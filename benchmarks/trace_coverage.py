@@ -316,6 +316,16 @@ def torchvision_model(name: str) -> tuple[Any, tuple[Any, ...], str]:
     raise ValueError(f"no input size in {sizes} runs: {why}")
 
 
+def torchvision_params(name: str) -> float:
+    """Parameter count torchvision records for ``name``'s weights (no download); inf if none."""
+    from torchvision.models import get_model_weights
+
+    try:
+        return float(max(w.meta.get("num_params", 0) for w in get_model_weights(name)))
+    except (ValueError, KeyError):
+        return float("inf")
+
+
 def make_model(source: str, name: str) -> tuple[Any, tuple[Any, ...], str]:
     """(model, positional inputs, how the input was chosen) for a timm / torchvision / zoo name."""
     import torch
@@ -708,6 +718,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rerun", default="", help="with --resume: comma-separated models to run again even if done")
     p.add_argument("--source", choices=("timm", "torchvision", "zoo"), default="timm",
                    help="timm families (default), every torchvision classification model, or tests/zoo.py")
+    p.add_argument("--smallest-first", action="store_true",
+                   help="torchvision: run models in order of parameter count (most models per hour)")
     p.add_argument("--models", default="", help="torchvision / zoo: comma-separated model names to restrict to")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -730,6 +742,8 @@ def main(argv: list[str] | None = None) -> int:
         if selection is None:
             return 2
         todo = list(selection)
+        if args.smallest_first and args.source == "torchvision":
+            todo.sort(key=lambda r: torchvision_params(r["model"]))
         logger.info("%d %s models to run", len(todo), args.source)
     else:
         selection, todo = timm_selection(args, out_dir)
