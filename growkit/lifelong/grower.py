@@ -307,14 +307,20 @@ class Grower:
                 for e in mgr.entries if id(e["group"]) in index]
 
     def load_new_group_state(self, optimizer: torch.optim.Optimizer, state: list[dict[str, Any]]) -> None:
-        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule (an
-        optimizer rebuilt from a checkpoint)."""
+        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule with
+        their warm-up progress (an optimizer rebuilt from a checkpoint). A group already managed
+        (re-added by :meth:`add_param_group`) keeps its entry and takes the saved progress, so a
+        resumed run continues the warm-up instead of restarting it."""
         branches = getattr(self.model.module, BRANCHES, {})
         etas = {e.point: branches[e.key].eta for e in self.plan.edits if e.key in branches}
+        mgr = self._newparams.get(id(optimizer))
         for st in state:
-            entry = self._manage(optimizer, optimizer.param_groups[int(st["group"])],
-                                 replace(self.rule, scale=float(st["scale"])), etas)
-            entry["step"], entry["peak"] = int(st["step"]), float(st["peak"])
+            group = optimizer.param_groups[int(st["group"])]
+            rule = replace(self.rule, scale=float(st["scale"]))
+            entry = mgr.entry_of(group) if mgr is not None and mgr.optimizer is optimizer else None
+            if entry is None:
+                entry = self._manage(optimizer, group, rule, etas)
+            entry["rule"], entry["step"], entry["peak"] = rule, int(st["step"]), float(st["peak"])
 
     def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
               retired: Iterable[nn.Parameter] = ()) -> None:
