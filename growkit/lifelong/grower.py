@@ -42,7 +42,7 @@ from ..core.graph import as_args
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.safecopy import copy_module
 from ..core.selection import choose_points
-from ..core.surgery import growable, remove_inserted, state_of
+from ..core.surgery import growable, remove_inserted, state_of, trace_options
 from ..errors import InputError, NonFiniteLoss
 from ..newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
                          check_finite_outputs)
@@ -103,7 +103,10 @@ class Grower:
         example_input: a batch-1 input for tracing.
         budget: growth limits relative to the model at construction (see :func:`growkit.grow` for
             how points and edges are fitted into it).
-        ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`).
+        ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`);
+            ``points`` may name module paths or fx nodes the heuristic did not pick.
+        granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`; a model
+            without multi-layer blocks falls back to layers on its own).
         candidate_lr: Adam learning rate of the candidates (stepped in :meth:`after_step`).
         new_lr_mult, new_lr_max, new_lr_warmup, new_grad_clip, max_eta: the new-parameter rule
             (:mod:`growkit.newparams`): attached optimizers train grown parameters at
@@ -137,6 +140,7 @@ class Grower:
         max_ops: int = 3,
         l1: float = 1e-3,
         points: Iterable[str] | None = None,
+        granularity: str = "block",
         candidate_lr: float = 3e-3,
         new_lr_mult: float = 2.0,
         new_lr_max: float = DEFAULT_MAX_LR,
@@ -185,7 +189,7 @@ class Grower:
         if example_input is not None:
             mdev = next(model.parameters()).device
             check_finite_outputs(model, tuple(a.to(mdev) for a in as_args(example_input)), "the model passed to Grower")
-        gm = growable(model, example_input)
+        gm = growable(model, example_input, **trace_options(granularity, self.points))
         st = state_of(gm)
         assert st is not None
         dev = next(gm.parameters()).device
