@@ -95,6 +95,12 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 
     options = _method_options(args.method_options)
     get_method(args.method, **options)  # an unknown pass or option fails now, not after base training
+    if not args.checkpoint and args.base_epochs is None:
+        # Growing an untrained network and reporting chance -> trained as a gain says nothing.
+        raise InputError("growkit grow needs a trained base model: pass --checkpoint FILE (its trained weights) or "
+                         "--base-epochs N to train it on --data first (--base-epochs 0 grows it untrained, as it is)")
+    if args.base_epochs is not None and args.base_epochs < 0:
+        raise InputError(f"--base-epochs must be >= 0, got {args.base_epochs}")
     out = Path(args.out)
     if not args.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # The run writes checkpoints, the model and reports there: never over someone's files.
@@ -196,7 +202,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--base-epochs", type=int, default=0, help="train the base first when no --checkpoint is given")
+    g.add_argument("--base-epochs", type=int, default=None,
+                   help="train the base first; required when no --checkpoint is given (0: grow it untrained)")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run whose checkpoints are in --out (same options)")
     g.add_argument("--rounds", type=int, default=2)
