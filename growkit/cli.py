@@ -132,7 +132,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
         checkpoint_dir=args.out, resume=args.resume, method=args.method, method_options=options, children=args.children,
-        ops=ops_from_text(args.ops),
+        ops=ops_from_text(args.ops), compare_finetune=args.compare_finetune,
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
@@ -220,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or comma-separated op names")
     g.add_argument("--method", default="petridish",
                    help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
+    g.add_argument("--compare-finetune", action="store_true",
+                   help="also fine-tune the base for the time growing took and report both (costs that time again)")
     g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')
     g.set_defaults(func=_cmd_grow)
 
