@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -250,6 +251,10 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, 
             return
         res["grown_branches"] = len(growkit.plan_of(grown).edits)
         res["grow_s"] = round(time.perf_counter() - t0, 3)
+        # The candidate model holds a full copy of the weights: free it before the exporter makes
+        # its own copies (the 645M-parameter regnet_y_128gf was OOM-killed during export with it).
+        del cm
+        gc.collect()
         with torch.no_grad():
             for b in grown.growkit_branches.values():
                 b.eta.fill_(0.1)
