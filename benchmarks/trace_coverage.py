@@ -308,16 +308,36 @@ def torchvision_model(name: str) -> tuple[Any, tuple[Any, ...], str]:
     model = torchvision.models.get_model(name, **kwargs)
     model.eval()
     why = ""
-    for s in sizes:
-        x = torch.randn(1, 3, s, s)
-        try:
-            with torch.no_grad():
-                model(x)
-        except Exception as exc:  # noqa: BLE001 - too small for this architecture: try the next size
-            why = _short(_exc_text(exc), 200)
-            continue
-        note = f"image_size={s} (position embedding for 2x2 patches)" if "image_size" in kwargs else f"{s}px probed"
-        return model, (x,), note
+    # torch's ONNX exporters handle adaptive pooling only when it divides its input evenly (at 32 px
+    # VGG's 7x7 pool would up-sample a 1x1 map): such models are probed up to a size where it does.
+    uneven: list[str] = []
+
+    def check_pool(m: torch.nn.Module, inp: tuple[Any, ...], out: Any) -> None:
+        if any(i % o for i, o in zip(inp[0].shape[2:], out.shape[2:])):
+            uneven.append(f"{type(m).__name__} {tuple(inp[0].shape[2:])} -> {tuple(out.shape[2:])}")
+
+    pools = (torch.nn.AdaptiveAvgPool2d, torch.nn.AdaptiveMaxPool2d)
+    hooks = [m.register_forward_hook(check_pool) for m in model.modules() if isinstance(m, pools)]
+    try:
+        for s in sizes:
+            x = torch.randn(1, 3, s, s)
+            uneven.clear()
+            try:
+                with torch.no_grad():
+                    model(x)
+            except Exception as exc:  # noqa: BLE001 - too small for this architecture: try the next size
+                why = _short(_exc_text(exc), 200)
+                continue
+            if uneven and s != sizes[-1]:
+                why = f"adaptive pooling does not divide its input evenly at {s}px ({uneven[0]})"
+                continue
+            note = (f"image_size={s} (position embedding for 2x2 patches)" if "image_size" in kwargs else
+                    f"{s}px probed" + (f" ({why}: torch's ONNX exporters need an even division)" if "adaptive" in why
+                                       else ""))
+            return model, (x,), note
+    finally:
+        for h in hooks:
+            h.remove()
     raise ValueError(f"no input size in {sizes} runs: {why}")
 
 
