@@ -210,10 +210,14 @@ def timm_fx_reference(model: Any, x: Any, source: str = "timm") -> tuple[str, st
     return "ok", ""
 
 
-def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, exporter: str = "auto") -> None:
+def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, exporter: str = "auto",
+                remake: Any = None) -> None:
     """inject -> exact? -> randomised alphas -> finalize -> exact? -> eta = 0.1 -> ONNX + onnxruntime.
 
-    ``x``: the model's positional inputs (a tuple).
+    ``x``: the model's positional inputs (a tuple). With ``remake`` (a function returning a fresh
+    copy of the model), the original's weights are freed before the export (the largest models
+    do not fit in memory three times over; ``model`` is then left on the meta device) and a fresh
+    copy is made where needed.
 
     ``res["grow"]`` ends as ``ok`` or ``<stage>_error`` / ``<stage>_inexact`` with a reason.
     """
@@ -254,6 +258,8 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, 
         # The candidate model holds a full copy of the weights: free it before the exporter makes
         # its own copies (the 645M-parameter regnet_y_128gf was OOM-killed during export with it).
         del cm
+        if remake is not None:
+            model.to("meta")  # frees the weights; the grown copy has its own
         gc.collect()
         with torch.no_grad():
             for b in grown.growkit_branches.values():
@@ -279,6 +285,9 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, 
         # Attribute the failure: does the torch exporter handle the original (ungrown) model?
         dump()
         try:
+            if remake is not None:
+                torch.manual_seed(0)
+                model = remake()
             with tempfile.TemporaryDirectory(prefix="gk_onnx_") as tmp:
                 rep = growkit.export_onnx(model.eval(), Path(tmp) / "orig.onnx", x, check=False, exporter=exporter)
             res["orig_export"] = "ok" if rep.passed else "parity_fail"
@@ -446,7 +455,10 @@ def run_worker(name: str, out_path: Path, threads: int, stages: str = "trace", s
     if stages == "grow":
         res["grow"] = "not run"
         if res["status"] == "ok":
-            grow_stages(model, x, res, dump, exporter)
+            grow_stages(model, x, res, dump, exporter, remake=lambda: make_model(source, name)[0])
+            if any(p.is_meta for p in model.parameters()):
+                torch.manual_seed(0)
+                model = make_model(source, name)[0]
         dump()
 
     res["timm_fx"] = "timeout"
