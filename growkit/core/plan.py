@@ -38,14 +38,23 @@ class Edge:
 
 @dataclass(frozen=True)
 class Edit:
-    """A grown branch at base point ``point``, merging ``edges`` by concat + 1x1 projection."""
+    """A grown branch at base point ``point``, merging ``edges`` by concat + 1x1 projection.
+
+    ``tie`` (cell mode) is the key of the first edit of the tie group this edit belongs to:
+    edits with the same ``tie`` grow the same relative edges at the blocks of one cell type and
+    are kept or removed together. ``""``: untied (macro search; not written to JSON).
+    """
 
     point: str
     edges: tuple[Edge, ...]
     key: str
+    tie: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"point": self.point, "key": self.key, "edges": [asdict(e) for e in self.edges]}
+        out: dict[str, Any] = {"point": self.point, "key": self.key, "edges": [asdict(e) for e in self.edges]}
+        if self.tie:
+            out["tie"] = self.tie
+        return out
 
 
 @dataclass
@@ -60,6 +69,11 @@ class GrowthPlan:
 
     def __len__(self) -> int:
         return len(self.edits)
+
+    def tied_keys(self, key: str) -> list[str]:
+        """Keys of the edits grown together with edit ``key`` (itself included, plan order)."""
+        tie = next((e.tie for e in self.edits if e.key == key), "")
+        return [e.key for e in self.edits if e.key == key or (tie and e.tie == tie)]
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -101,7 +115,10 @@ class GrowthPlan:
             if key in keys:
                 raise PlanError(f"plan edit key {key!r} occurs twice; every edit needs its own key")
             keys.add(key)
-            edits.append(Edit(check_plan_name(e.get("point"), "point"), edges, key))
+            tie = check_edit_key(e["tie"]) if "tie" in e else ""
+            if tie and tie not in keys:
+                raise PlanError(f"plan edit {i} is tied to {tie!r}, which is not the key of this or an earlier edit")
+            edits.append(Edit(check_plan_name(e.get("point"), "point"), edges, key, tie))
         shapes, dtypes = check_plan_inputs(d.get("input_shapes", []), d.get("input_dtypes", []))
         base = d.get("base", {})
         if not isinstance(base, dict):
