@@ -304,3 +304,31 @@ def test_tie_none_is_macro_search():
     assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
     groups = tie_groups(b.state.points, b.state.points, {p.name: p.inputs for p in b.state.points}, "none")
     assert groups == []
+
+
+def test_grower_grows_tied_groups_exactly(digits, cellnet):
+    train_l, val_l = digits
+    g = growkit.Grower(cellnet, torch.zeros(1, 1, 16, 16), tie="stage", ops=("sep_conv_3x3", "identity"),
+                       warmup_steps=2, min_steps=5, seed=0)
+    assert g.model.ties and g.tie == "stage"
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    for i, (x, y) in enumerate(train_l):
+        if i == 6:
+            break
+        loss = F.cross_entropy(g.model(x), y) + g.extra_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        g.after_step()
+    for c in g.model.candidates.values():  # every point fits: the budget-free growth takes them all
+        c.score_sum.fill_(1.0)
+        c.score_count.fill_(1.0)
+    x = next(iter(val_l))[0]
+    before = run_eval(g.model, x)
+    ev = g.end_experience(1)
+    assert ev.chosen and ev.exact, ev.note
+    assert torch.equal(run_eval(g.model, x), before)
+    ties = {e.tie for e in g.plan.edits if e.tie}
+    assert len(ties) == 2  # both stages' cells grew, each as one pattern
+    assert g.model.ties  # fresh tied candidates on the grown model
