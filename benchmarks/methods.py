@@ -92,7 +92,7 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
     top = min(grown, key=lambda e: (e.val_error, e.id)) if grown else None
     top_model = None
     if top is not None:
-        top_model = growkit.apply_plan(base, growkit.GrowthPlan.from_dict(top.plan), data["example"])
+        top_model = growkit.apply_plan(base, top.plan, data["example"])
         top_model.load_state_dict(top.state)
     rounds = [h for h in res.history if "round" in h]
     m = res.model
@@ -108,11 +108,11 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         else args.rounds * args.search_epochs * len(loader),
         "selected_entry": best.id,
         "selected_kind": best.kind,
-        "edits": len(best.plan.get("edits", [])),
-        "atoms": sum(len(e["edges"]) for e in best.plan.get("edits", [])),
-        "tied_edits": sum(1 for e in best.plan.get("edits", []) if e.get("tie")),
+        "edits": len(best.plan.to_dict()["edits"]),
+        "atoms": sum(len(e["edges"]) for e in best.plan.to_dict()["edits"]),
+        "tied_edits": sum(1 for e in best.plan.to_dict()["edits"] if e.get("tie")),
         "plan": [{"point": e["point"], "edges": e["edges"], **({"tie": e["tie"]} if e.get("tie") else {})}
-                 for e in best.plan.get("edits", [])],
+                 for e in best.plan.to_dict()["edits"]],
         "history": [{k: v for k, v in h.items() if k in (
             "round", "parent", "chosen", "atoms", "etas", "val_accuracy", "search_val_accuracy", "search_steps",
             "search_evaluations", "search_val_batches", "note", "levels", "controller_updates", "baseline")}

@@ -137,7 +137,7 @@ def _ungrown(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
 def rebuild_pruned(source: nn.Module, entry: Entry, example_input: Any) -> nn.Module:
     """Re-create the model of a :func:`prune` gallery entry from the model that was pruned."""
     example = as_args(example_input)
-    pruning = entry.plan.get("pruning")
+    pruning = entry.pruning
     if pruning and pruning.get("method") == "channels":
         tp = _torch_pruning()
         m = _plain_copy(source)
@@ -146,7 +146,7 @@ def rebuild_pruned(source: nn.Module, entry: Entry, example_input: Any) -> nn.Mo
             dg = tp.DependencyGraph().build_dependency(m, example_inputs=tuple(a.to(dev) for a in example))
         dg.load_pruning_history(pruning["history"])
     elif state_of(source) is not None:
-        m = apply_plan(_ungrown(source), GrowthPlan.from_dict(entry.plan), example)  # type: ignore[arg-type]
+        m = apply_plan(_ungrown(source), entry.plan, example)  # type: ignore[arg-type]
     else:
         m = copy_module(source)
     assert entry.state is not None
@@ -271,15 +271,16 @@ def prune(
     else:
         cost_axis = gallery.cost_axis if gallery.cost_axis in ("params", "flops") else "params"
 
-    def add(m: nn.Module, parent: int | None, rnd: int, kind: str, plan: dict[str, Any], note: str = "") -> Entry:
+    def add(m: nn.Module, parent: int | None, rnd: int, kind: str, plan: GrowthPlan, note: str = "",
+            pruning: dict[str, Any] | None = None) -> Entry:
         metrics = evaluate(m, val_loader, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)
         gallery.val_size = int(metrics["n"])
         e = Entry(gallery.next_id(), parent, measure(m, example), 1.0 - metrics["accuracy"], metrics["loss"], plan,
-                  rnd, kind, state=snapshot(m), note=note)
+                  rnd, kind, state=snapshot(m), note=note, pruning=pruning)
         return gallery.add(e)
 
     st0 = state_of(source)
-    plan0 = st0.plan.to_dict() if st0 is not None else GrowthPlan().to_dict()
+    plan0 = st0.plan.copy() if st0 is not None else GrowthPlan()
     base = _find(gallery, source, plan0) or add(source, None, 0, "base", plan0)
     limit = _limits(budget, method, base.cost, source, example, cost_axis)
     history: list[dict[str, Any]] = []
@@ -305,17 +306,17 @@ def prune(
     if limit is not None and not limit.allows(best.cost, base.cost):
         logger.warning("no pruned model meets the budget %s; returning the most accurate model", limit.limits(base.cost))
     result = PruneResult(
-        model=rebuild_pruned(source, best, example), gallery=gallery, plan=GrowthPlan.from_dict(best.plan),
+        model=rebuild_pruned(source, best, example), gallery=gallery, plan=best.plan.copy(),
         history=history, base=base, budget=limit, method=method, source=source, example=example,
     )
     return result
 
 
-def _find(gallery: Gallery, model: nn.Module, plan: dict[str, Any]) -> Entry | None:
+def _find(gallery: Gallery, model: nn.Module, plan: GrowthPlan) -> Entry | None:
     """The gallery entry holding exactly this model (same plan, same weights), if any."""
     sd = model.state_dict()
     for e in gallery:
-        if e.state is None or e.plan.get("edits") != plan.get("edits") or e.plan.get("pruning") or set(e.state) != set(sd):
+        if e.state is None or e.plan.edits != plan.edits or e.pruning or set(e.state) != set(sd):
             continue
         if all(e.state[k].shape == v.shape and torch.equal(e.state[k], v.detach().cpu()) for k, v in sd.items()):
             return e
@@ -365,7 +366,7 @@ def _prune_branches(source: torch.fx.GraphModule, base: Entry, val_loader: Itera
         key = min(score_of, key=lambda k: (score_of[k], k))
         gone = set(unit[key])
         edit = next(e for e in st.plan.edits if e.key == key)
-        plan = GrowthPlan.from_dict(st.plan.to_dict())
+        plan = st.plan.copy()
         plan.edits = [e for e in plan.edits if e.key not in gone]
         drop = tuple(f"{BRANCHES}.{k}." for k in gone)
         state = {k: v for k, v in cur.state_dict().items() if not k.startswith(drop)}
@@ -375,7 +376,7 @@ def _prune_branches(source: torch.fx.GraphModule, base: Entry, val_loader: Itera
         what = f"branch {key} at {edit.point}" if len(gone) == 1 else \
             f"tied branches {', '.join(unit[key])} ({len(gone)} blocks)"
         note = f"removed {what} ({criterion} {score_of[key]:.4g})"
-        e = add(nxt, parent.id, step, "pruned", plan.to_dict(), note)
+        e = add(nxt, parent.id, step, "pruned", plan.copy(), note)
         history.append({"step": step, "removed": key, "point": edit.point, "scores": scores, "entry": e.id,
                         "val_accuracy": 1 - e.val_error, "params": e.cost.params, "flops": e.cost.flops})
         logger.info("prune step %d: %s; val acc %.2f %%, %s params", step, note, 100 * (1 - e.val_error),
@@ -408,11 +409,11 @@ def _prune_channels(source: nn.Module, base: Entry, example: tuple[torch.Tensor,
         pruner.step()
         finetune(m, f"prune step {step} fine-tune")
         ratio = max_ratio * step / n_steps
-        plan = {**base.plan, "pruning": {"method": "channels", "importance": importance, "ratio": ratio,
-                                         "global": global_pruning,
-                                         # a copy: Torch-Pruning keeps extending its own list
-                                         "history": json.loads(json.dumps(pruner.pruning_history()))}}
-        e = add(m, parent.id, step, "pruned", plan, f"channels pruned to ratio {ratio:.3g} ({importance})")
+        pruning = {"method": "channels", "importance": importance, "ratio": ratio, "global": global_pruning,
+                   # a copy: Torch-Pruning keeps extending its own list
+                   "history": json.loads(json.dumps(pruner.pruning_history()))}
+        e = add(m, parent.id, step, "pruned", base.plan.copy(), f"channels pruned to ratio {ratio:.3g} ({importance})",
+                pruning)
         history.append({"step": step, "ratio": ratio, "entry": e.id, "val_accuracy": 1 - e.val_error,
                         "params": e.cost.params, "flops": e.cost.flops})
         logger.info("prune step %d: ratio %.3g; val acc %.2f %%, %s params", step, ratio, 100 * (1 - e.val_error),

@@ -59,8 +59,8 @@ def test_plain_cnn_gets_layer_points_and_grows_on_digits(digits):
     res = growkit.grow(model, train_l, val_l, rounds=1, budget=growkit.Budget(params=1.6), seed=0, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     grown = [e for e in res.gallery if e.kind == "grown"]
-    assert grown and all(e.plan["edits"] for e in grown)
-    assert all(e.plan["base"]["trace"]["granularity"] == "block" for e in grown)  # fell back on its own
+    assert grown and all(e.plan.edits for e in grown)
+    assert all(e.plan.base["trace"]["granularity"] == "block" for e in grown)  # fell back on its own
 
 
 def test_vgg_stack_grows_exactly():

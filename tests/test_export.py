@@ -23,7 +23,9 @@ def _grown(model, x, ops=None):
     return grown
 
 
-@pytest.mark.parametrize("kind", ["cnn", "cnn_inverted_bottleneck", "tokens"])
+# The inverted-bottleneck ops are the slowest to export (11 s); parity stays in the default run
+# through "cnn" (the paper's ops) and "tokens".
+@pytest.mark.parametrize("kind", ["cnn", pytest.param("cnn_inverted_bottleneck", marks=pytest.mark.slow), "tokens"])
 def test_export_grown_model_parity(tmp_path, kind):
     torch.manual_seed(0)
     ops = None

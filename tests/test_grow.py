@@ -31,7 +31,7 @@ def test_grow_end_to_end(digits, trained):
     for e in res.gallery:
         if e.kind != "grown":
             continue
-        m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+        m = growkit.apply_plan(trained, e.plan)
         added = sum(count_params(b) for b in m.growkit_branches.values())
         assert e.cost.params == base.cost.params + added
         assert e.cost.params <= 1.6 * base.cost.params
@@ -40,10 +40,10 @@ def test_grow_end_to_end(digits, trained):
     # res.model is the best entry within budget: its plan replayed on the base with its weights
     within = [e for e in res.gallery if e.cost.params <= 1.6 * base.cost.params]
     assert best.val_error == min(e.val_error for e in within)
-    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict() == growkit.GrowthPlan.from_dict(best.plan).to_dict()
+    assert res.plan.to_dict() == growkit.plan_of(res.model).to_dict() == best.plan.to_dict()
     sd = res.model.state_dict()
     assert sd.keys() == best.state.keys() and all(torch.equal(sd[k].cpu(), v) for k, v in best.state.items())
-    ref = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(best.plan))
+    ref = growkit.apply_plan(trained, best.plan)
     ref.load_state_dict(best.state)
     x = next(iter(val_l))[0]
     assert torch.equal(run_eval(res.model, x), run_eval(ref, x))
@@ -86,7 +86,7 @@ def test_random_selection_grows_the_costed_edges_within_budget(digits, trained):
         assert grown, f"seed {seed}: nothing grown"
         for e in grown:
             assert e.cost.params <= 1.15 * base, (seed, e.cost.params, base)
-            m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+            m = growkit.apply_plan(trained, e.plan)
             assert e.cost.params == base + sum(count_params(b) for b in m.growkit_branches.values())
 
 

@@ -99,3 +99,24 @@ def test_plan_on_wrong_base_and_bad_json(saved, tmp_path):
 def test_save_refuses_plain_module(tmp_path):
     with pytest.raises(growkit.InputError, match="traced or grown by growkit"):
         growkit.save(TinyResNet(), tmp_path / "x")
+
+
+def test_gallery_entries_hold_validated_growth_plans(saved):
+    """A gallery entry's plan is a GrowthPlan in memory and validated when read from JSON."""
+    from growkit import Gallery
+
+    _, grown, _, _ = saved
+    plan = growkit.plan_of(grown)
+    gal = Gallery()
+    gal.add(growkit.Entry(0, None, growkit.Cost(10, 20), 0.1, 0.3, plan.copy(), 0, "base"))
+    back = Gallery.from_dict(json.loads(json.dumps(gal.to_dict())))
+    assert isinstance(back[0].plan, growkit.GrowthPlan) and back[0].plan.to_dict() == plan.to_dict()
+    # pruning rode inside the plan dict before Entry.pruning existed: such galleries still load
+    old = gal.to_dict()
+    old["entries"][0]["plan"]["pruning"] = {"method": "channels", "history": []}
+    del old["entries"][0]["pruning"]
+    assert Gallery.from_dict(old)[0].pruning == {"method": "channels", "history": []}
+    bad = gal.to_dict()
+    bad["entries"][0]["plan"]["edits"] = [{"point": "x", "key": "__class__", "edges": [{"input": "y", "op": "z"}]}]
+    with pytest.raises(growkit.PlanError):
+        Gallery.from_dict(bad)

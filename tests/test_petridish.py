@@ -16,6 +16,7 @@ from growkit.core.cost import measure
 from growkit.core.finalize import selected_edges
 from growkit.core.graph import outputs_equal
 from growkit.core.ops import resolve_ops
+from growkit.core.plan import Atom, Edge, ScoredEdge
 from growkit.core.selection import branch_costs, choose_points
 
 from .conftest import TinyResNet, run_eval
@@ -216,6 +217,15 @@ def test_random_selection_is_stable_and_finalize_grows_given_edges():
         growkit.finalize(cm, edges={pts[0]: [("nope", "identity", 1.0)]})
     with pytest.raises(growkit.PointError, match="no candidate at point"):
         growkit.finalize(cm, edges={"nope": []})
+    # One concept, named shapes: selection returns ScoredEdges, plain tuples grow the same model,
+    # and the grown edits hand back the same edges as Atoms (what the search passes choose).
+    assert all(isinstance(e, ScoredEdge) for es in full.values() for e in es)
+    as_tuples = growkit.finalize(cm, edges={p: [tuple(e) for e in es] for p, es in chosen.items()})
+    assert as_tuples.state_dict().keys() == grown.state_dict().keys()
+    assert all(torch.equal(v, as_tuples.state_dict()[k]) for k, v in grown.state_dict().items())
+    assert {a for e in plan.edits for a in e.atoms()} == {
+        Atom(p, e.input, e.op) for p, es in chosen.items() for e in es}
+    assert all(isinstance(g, Edge) for e in plan.edits for g in e.edges)
 
 
 def test_budget_keeps_leading_edges_of_a_point_that_does_not_fit_whole():

@@ -33,15 +33,15 @@ def test_backward_elimination_removes_the_weakest_branch_each_step(criterion, di
     assert all(torch.equal(v, grown.state_dict()[k]) for k, v in before.items())  # input untouched
     kinds = [e.kind for e in res.gallery]
     assert kinds == ["base"] + ["pruned"] * n  # no budget: down to the base model
-    assert [len(e.plan["edits"]) for e in res.gallery] == list(range(n, -1, -1))
+    assert [len(e.plan.edits) for e in res.gallery] == list(range(n, -1, -1))
     assert res.history[0]["removed"] == min(first, key=lambda k: (first[k], k))
     x = next(iter(val_l))[0]
     for h, e in zip(res.history, res.gallery.entries[1:]):
         # the removed branch scored lowest in its step, and is gone from the plan
         assert h["removed"] == min(h["scores"], key=lambda k: (h["scores"][k], k))
-        assert h["removed"] not in {ed["key"] for ed in e.plan["edits"]}
+        assert h["removed"] not in {ed.key for ed in e.plan.edits}
         # each pruned model is a growkit model: its plan replays on the base with its weights
-        m = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+        m = growkit.apply_plan(trained, e.plan)
         m.load_state_dict(e.state)
         assert count_params(m) == e.cost.params
         assert evaluate(m, val_l)["accuracy"] == pytest.approx(1 - e.val_error)

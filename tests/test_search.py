@@ -15,10 +15,10 @@ from growkit.data import digits_dataset, make_loaders, split
 from growkit.core.cost import count_params, measure
 from growkit.growth.methods import METHOD_REGISTRY, get_method, method_names
 from growkit.search import (
-    Atom, Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
+    Controller, DartsCell, Enas, EnasCell, MLPEnsemble, SearchMethod, SearchSpace, mutate, spearman,
 )
 from growkit.search.cells import SEARCH_CELLS, cells_of, derive_from_cells, insert_cells
-from growkit.search.common import grow_plan
+from growkit.search.common import grow_proposal
 from growkit.search.darts import derive
 from growkit.core.surgery import growable
 
@@ -58,13 +58,13 @@ def test_pass_end_to_end_within_budget_and_replays(method, digits, trained, tmp_
     assert 0 < rec["search_steps"] <= 10
     # within budget, and the recorded cost is the base plus exactly the grown branches
     assert e.cost.params <= 1.6 * base.cost.params
-    replay = growkit.apply_plan(trained, growkit.GrowthPlan.from_dict(e.plan))
+    replay = growkit.apply_plan(trained, e.plan)
     assert e.cost.params == base.cost.params + sum(count_params(b) for b in replay.growkit_branches.values())
     # the plan is growkit's format: one edit per point, <= max_ops edges, the atoms the pass chose
-    atoms = {(ed["point"], x["input"], x["op"]) for ed in e.plan["edits"] for x in ed["edges"]}
+    atoms = {a for ed in e.plan.edits for a in ed.atoms()}
     assert atoms == {tuple(a) for a in rec["atoms"]}
-    points = [ed["point"] for ed in e.plan["edits"]]
-    assert len(points) == len(set(points)) and all(len(ed["edges"]) <= 3 for ed in e.plan["edits"])
+    points = [ed.point for ed in e.plan.edits]
+    assert len(points) == len(set(points)) and all(len(ed.edges) <= 3 for ed in e.plan.edits)
     # the plan replays: weights loaded onto a fresh replay reproduce the entry's model exactly
     replay.load_state_dict(e.state)
     x = next(iter(val_l))[0]
@@ -117,8 +117,8 @@ def test_children_are_function_preserving():
     gm, space = _space(model, x, ops=("sep_conv_3x3", "identity", "avg_pool_3x3"))
     rng = random.Random(0)
     for _ in range(3):
-        plan = space.random_plan(rng, size=5)
-        child = grow_plan(gm, space, plan, 0)
+        proposal = space.random_proposal(rng, size=5)
+        child = grow_proposal(gm, space, proposal, 0)
         assert torch.equal(run_eval(child, x), run_eval(gm, x))  # fresh branches: eta = 0, exact
         # a donor that trained (non-zero gates and weights), then a child adding one atom to it
         with torch.no_grad():
@@ -126,8 +126,8 @@ def test_children_are_function_preserving():
                 b.eta.fill_(0.7)
                 for p in b.proj.parameters():
                     p.add_(0.1 * torch.randn_like(p))
-        bigger = space.expansions(plan)[0]
-        grandchild = grow_plan(gm, space, bigger, 0, donor=child)
+        bigger = space.expansions(proposal)[0]
+        grandchild = grow_proposal(gm, space, bigger, 0, donor=child)
         # same function up to the summation order of the wider 1x1 projection (zero block added)
         assert torch.allclose(run_eval(grandchild, x), run_eval(child, x), rtol=1e-5, atol=1e-6)
         assert not torch.equal(run_eval(grandchild, x), run_eval(gm, x))
@@ -142,8 +142,8 @@ def test_plan_cost_is_the_measured_cost():
     space.parent_cost = base
     rng = random.Random(1)
     for size in (1, 3, 8):
-        plan = space.random_plan(rng, size=size)
-        assert space.cost(plan) == measure(grow_plan(gm, space, plan, 0), x[:1])
+        proposal = space.random_proposal(rng, size=size)
+        assert space.cost(proposal) == measure(grow_proposal(gm, space, proposal, 0), x[:1])
 
 
 def test_space_constraints_and_budget():
@@ -156,13 +156,13 @@ def test_space_constraints_and_budget():
                         parent_cost=base)
     rng = random.Random(0)
     for _ in range(20):
-        plan = space.random_plan(rng)
-        assert space.feasible(plan)
-        assert space.cost(plan).params <= 1.1 * base.params
-        per = space.by_point(plan)
+        proposal = space.random_proposal(rng)
+        assert space.feasible(proposal)
+        assert space.cost(proposal).params <= 1.1 * base.params
+        per = space.by_point(proposal)
         assert len(per) <= 2 and all(len(v) <= 2 for v in per.values())
         # full: nothing more fits
-        assert not space.expansions(plan)
+        assert not space.expansions(proposal)
     assert not space.feasible(frozenset())
     with pytest.raises(growkit.PointError):
         SearchSpace(gm, points=["no_such_point"])
@@ -207,18 +207,18 @@ def test_enas_derived_model_is_the_supernet_under_the_sample():
     gm, space = _space(model, x)
     sup = insert_cells(gm, space, lambda p, ins, o: EnasCell(p, ins, o, space.registry))
     cells = cells_of(sup)
-    plan = space.random_plan(random.Random(3), size=4)
+    proposal = space.random_proposal(random.Random(3), size=4)
     with torch.no_grad():
         for c in cells.values():
             c.eta.fill_(0.8)
-            c.active = sorted(c.atom_index(a) for a in plan if a.point == c.point)
+            c.active = sorted(c.atom_index(a) for a in proposal if a.point == c.point)
             for p in c.projs.parameters():
                 p.add_(0.2 * torch.randn_like(p))
-    derived = derive_from_cells(sup, space, plan, 0)
+    derived = derive_from_cells(sup, space, proposal, 0)
     assert torch.allclose(run_eval(derived, x), run_eval(sup, x), rtol=1e-5, atol=1e-6)
     assert not torch.allclose(run_eval(derived, x), run_eval(gm, x))
-    atoms = {Atom(e.point, d.input, d.op) for e in growkit.plan_of(derived).edits for d in e.edges}
-    assert atoms == set(plan)
+    atoms = {a for e in growkit.plan_of(derived).edits for a in e.atoms()}
+    assert atoms == set(proposal)
 
 
 def test_enas_controller_learns_a_toy_reward():
@@ -268,19 +268,19 @@ def test_evolution_mutations_change_one_edit():
     rng = random.Random(0)
     kinds = set()
     for _ in range(60):
-        plan = space.random_plan(rng, size=rng.randint(1, 4))
-        child, kind = mutate(space, plan, rng)
+        proposal = space.random_proposal(rng, size=rng.randint(1, 4))
+        child, kind = mutate(space, proposal, rng)
         kinds.add(kind)
         assert space.feasible(child)
         if kind == "add":
-            assert plan < child and len(child) == len(plan) + 1
+            assert proposal < child and len(child) == len(proposal) + 1
         elif kind == "remove":
-            assert child < plan and len(child) == len(plan) - 1
+            assert child < proposal and len(child) == len(proposal) - 1
         else:
-            assert len(child) == len(plan) and len(child ^ plan) == 2
+            assert len(child) == len(proposal) and len(child ^ proposal) == 2
     assert kinds == {"add", "remove", "swap"}
     # size caps additions
-    one = space.random_plan(rng, size=1)
+    one = space.random_proposal(rng, size=1)
     for _ in range(10):
         child, kind = mutate(space, one, rng, size=1)
         assert kind == "swap" and len(child) == 1
@@ -295,10 +295,10 @@ def test_one_class_registers_a_pass(digits, trained):
         defaults = {"atoms": 2}
 
         def search(self, ctx):
-            plan = ctx.space.greedy(ctx.space.atoms, self.opts["atoms"])
-            model = ctx.build(plan)
+            proposal = ctx.space.greedy(ctx.space.atoms, self.opts["atoms"])
+            model = ctx.build(proposal)
             ctx.train(model, ctx.steps)
-            return ctx.child(plan, model, ctx.evaluate(model))
+            return ctx.child(proposal, model, ctx.evaluate(model))
 
     try:
         assert set(PASSES) | {"petridish", "test-first-fit"} <= set(method_names())
@@ -306,8 +306,8 @@ def test_one_class_registers_a_pass(digits, trained):
             assert type(get_method(name)).name == name and name in METHOD_REGISTRY
         res = growkit.grow(trained, train_l, val_l, method="test-first-fit", method_options={"atoms": 2}, rounds=1,
                            seed=0, progress=False)
-        assert [len(e.plan["edits"]) for e in res.gallery] == [0, 1]  # two atoms of the first point
-        assert len(res.gallery[1].plan["edits"][0]["edges"]) == 2
+        assert [len(e.plan.edits) for e in res.gallery] == [0, 1]  # two atoms of the first point
+        assert len(res.gallery[1].plan.edits[0].edges) == 2
         with pytest.raises(growkit.InputError, match="unknown method_options.*valid options"):
             growkit.grow(trained, train_l, method="test-first-fit", method_options={"nope": 1})
     finally:
@@ -324,7 +324,7 @@ def test_nothing_fits_the_budget(digits, trained, caplog):
         res = growkit.grow(trained, train_l, val_l, method="random", rounds=1, budget=growkit.Budget(params=1.0001),
                            progress=False)
     assert [e.kind for e in res.gallery] == ["base"]
-    assert res.history[0]["note"] == "no plan fits the budget"
+    assert res.history[0]["note"] == "no shortcut fits the budget"
 
 
 def test_nan_loss_in_a_search_rolls_back(digits, trained):
@@ -341,7 +341,8 @@ def test_nan_loss_in_a_search_rolls_back(digits, trained):
     assert [e.kind for e in res.gallery] == ["base"]
 
 
-@pytest.mark.parametrize("method", ["enas", "evolution"])
+# A search pass's resume stays in the default run through evolution; enas repeats it (6 s).
+@pytest.mark.parametrize("method", [pytest.param("enas", marks=pytest.mark.slow), "evolution"])
 def test_resume_between_rounds_matches_uninterrupted_run(method, tmp_path, trained):
     tr, va = split(digits_dataset(16), [160, 96], seed=0)
     train_l, val_l = make_loaders([tr, va], batch_size=32, seed=0)

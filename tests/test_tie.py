@@ -161,7 +161,7 @@ def grown_cells(digits, cellnet):
                        seed=0, progress=False)
     # The grown child (whether or not it beat this weak base): rebuilt from its plan and weights.
     child = next(e for e in res.gallery if e.kind != "base")
-    model = growkit.apply_plan(cellnet, growkit.GrowthPlan.from_dict(child.plan))
+    model = growkit.apply_plan(cellnet, child.plan)
     model.load_state_dict(child.state)
     return model.eval()
 
@@ -206,13 +206,13 @@ def test_prune_removes_a_tied_group_at_once(digits, cellnet, grown_cells):
         ties.setdefault(e.tie or e.key, set()).add(e.key)
     res = growkit.prune(grown_cells, train_l, val_l, method="branches", finetune_epochs=0, seed=0,
                         progress=False)
-    keys = [{e["key"] for e in entry.plan["edits"]} for entry in res.gallery]
+    keys = [{e.key for e in entry.plan.edits} for entry in res.gallery]
     assert keys[0] == {e.key for e in plan.edits} and keys[-1] == set()
     removed = [a - b for a, b in zip(keys, keys[1:])]
     assert sorted(map(sorted, removed)) == sorted(map(sorted, ties.values()))  # one unit per step
     assert any(len(r) > 1 for r in removed)
     for entry in res.gallery.entries[1:]:
-        growkit.GrowthPlan.from_dict(entry.plan)  # what is left still validates (ties intact)
+        growkit.GrowthPlan.from_dict(entry.plan.to_dict())  # what is left still validates (ties intact)
 
 
 def test_budget_counts_every_copy(digits, cellnet):

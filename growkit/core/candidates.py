@@ -17,6 +17,7 @@ from torch import nn
 
 from ..errors import InputError, PointError
 from .graph import EligibleInput, GrowthPoint
+from .plan import Edge, ScoredEdge
 from .ops import DEFAULT_REGISTRY, OpRegistry, add_keep_strides, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
 from .surgery import GrowState, growable, insert_at_point, state_of
 from .tie import TieGroup, check_tie, tie_groups
@@ -133,9 +134,9 @@ class Candidate(nn.Module):
             super()._apply(lambda t: t.float() if t.is_floating_point() else t, recurse)
         return self
 
-    def edges(self) -> list[tuple[str, str]]:
-        """(input name, op name) for every entry of ``alpha``, row-major."""
-        return [(z, op) for z in self.input_names for op in self.op_names]
+    def edges(self) -> list[Edge]:
+        """The edge of every entry of ``alpha``, row-major."""
+        return [Edge(z, op) for z in self.input_names for op in self.op_names]
 
     def weak_learner(self, *zs: torch.Tensor) -> torch.Tensor:
         """x_c computed from (already stop-gradiented) inputs, in the point's layout."""
@@ -196,12 +197,12 @@ class Candidate(nn.Module):
         self.score_count.zero_()
         self.fit_sum.zero_()
 
-    def top_edges(self, k: int) -> list[tuple[str, str, float]]:
-        """The ``k`` edges of largest |alpha| that are not exactly zero: (input, op, alpha)."""
+    def top_edges(self, k: int) -> list[ScoredEdge]:
+        """The ``k`` edges of largest |alpha| that are not exactly zero."""
         flat = self.alpha.detach().flatten()
         order = torch.argsort(flat.abs(), descending=True, stable=True).tolist()
         edges = self.edges()
-        return [(edges[i][0], edges[i][1], float(flat[i])) for i in order[:k] if float(flat[i]) != 0.0]
+        return [ScoredEdge(*edges[i], float(flat[i])) for i in order[:k] if float(flat[i]) != 0.0]
 
     def extra_repr(self) -> str:
         return f"point={self.point}, inputs={self.input_names}, ops={self.op_names}"

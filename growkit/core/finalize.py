@@ -22,7 +22,7 @@ import torch.fx
 from .candidates import CANDIDATES, CandidateModel
 from ..errors import InputError, PointError
 from .ops import DEFAULT_REGISTRY, OpRegistry
-from .plan import Edge, Edit
+from .plan import Edit, ScoredEdge
 from .safecopy import copy_module
 from .surgery import apply_edit, remove_inserted, state_of
 from .tie import group_of
@@ -38,8 +38,8 @@ def selected_edges(
     points: Iterable[str] | None = None,
     selection: str = "alpha",
     generator: torch.Generator | None = None,
-) -> dict[str, list[tuple[str, str, float]]]:
-    """Point -> the (input, op, alpha) edges finalize keeps.
+) -> dict[str, list[ScoredEdge]]:
+    """Point -> the scored edges finalize keeps.
 
     ``selection="alpha"`` keeps the top-``max_ops`` by |alpha| (the paper's L1 feature
     selection); ``"random"`` keeps ``max_ops`` edges drawn uniformly (the paper's ablation).
@@ -74,17 +74,16 @@ def selected_edges(
             flat = c.alpha.detach().flatten().tolist()
             pick = torch.randperm(len(flat), generator=generator)[:max_ops].tolist()
             if k in names:
-                out[k] = [(*c.edges()[i], flat[i]) for i in pick]
+                out[k] = [ScoredEdge(*c.edges()[i], flat[i]) for i in pick]
     for g in candidate_model.ties:
         if g.points[0] in out:
             first = out[g.points[0]]
-            alphas = [a for _, _, a in first]
-            for p, es in g.translate(g.points[0], [(z, op) for z, op, _ in first]).items():
-                out[p] = [(z, op, a) for (z, op), a in zip(es, alphas)]
+            for p, es in g.translate(g.points[0], [e.edge for e in first]).items():
+                out[p] = [ScoredEdge(z, op, e.alpha) for (z, op), e in zip(es, first)]
     return {k: out[k] for k in names if k in out}
 
 
-def _check_tied(candidate_model: CandidateModel, chosen: Mapping[str, Sequence[tuple[str, str, float]]]) -> None:
+def _check_tied(candidate_model: CandidateModel, chosen: Mapping[str, Sequence[ScoredEdge]]) -> None:
     """Explicit ``edges`` must grow a tie group whole, with the same relative edges everywhere."""
     for g in candidate_model.ties:
         present = [p for p in g.points if p in chosen]
@@ -95,8 +94,8 @@ def _check_tied(candidate_model: CandidateModel, chosen: Mapping[str, Sequence[t
             raise InputError(f"points {present} are tied with {missing} (cell mode); give edges for every "
                              "member of the group, or inject with tie='none'")
         first = g.points[0]
-        want = g.translate(first, [(z, op) for z, op, _ in chosen[first]])
-        bad = [p for p in g.points if [(z, op) for z, op, _ in chosen[p]] != want[p]]
+        want = g.translate(first, [e.edge for e in chosen[first]])
+        bad = [p for p in g.points if [tuple(e.edge) for e in chosen[p]] != [tuple(w) for w in want[p]]]
         if bad:
             raise InputError(f"tied points {bad} do not grow the same relative edges as {first!r}; "
                              f"expected {[want[p] for p in bad]}")
@@ -114,7 +113,7 @@ def finalize(
     selection: str = "alpha",
     generator: torch.Generator | None = None,
     registry: OpRegistry | None = None,
-    edges: Mapping[str, Sequence[tuple[str, str, float]]] | None = None,
+    edges: Mapping[str, Sequence[ScoredEdge | tuple[str, str, float]]] | None = None,
 ) -> torch.fx.GraphModule:
     """Grow the chosen points of ``candidate_model`` (not modified) into a new module.
 
@@ -124,7 +123,8 @@ def finalize(
         points: points to grow (default: every candidate); unchosen points get nothing.
         selection: ``"alpha"`` (top |alpha|) or ``"random"`` edges (ablation baseline).
         generator: RNG for ``selection="random"``.
-        edges: point -> (input, op, alpha) edges to keep, as :func:`selected_edges` returns them;
+        edges: point -> :class:`~growkit.core.plan.ScoredEdge` (or ``(input, op, alpha)``) to keep,
+            as :func:`selected_edges` returns them;
             given, it replaces ``max_ops``, ``points``, ``selection`` and ``generator``, so a
             selection that was costed first (random draws included) is the one that is grown.
 
@@ -140,12 +140,12 @@ def finalize(
     if edges is None:
         chosen = selected_edges(candidate_model, max_ops, points, selection, generator)
     else:
-        chosen = {k: list(v) for k, v in edges.items()}
+        chosen = {k: [ScoredEdge(*e) for e in v] for k, v in edges.items()}
         for k, es in chosen.items():
             if k not in cands:
                 raise PointError(f"no candidate at point {k!r}; candidates are at: {', '.join(cands)}")
             known = set(cands[k].edges())
-            bad = [(z, op) for z, op, _ in es if (z, op) not in known]
+            bad = [tuple(e.edge) for e in es if e.edge not in known]
             if bad:
                 raise InputError(f"point {k!r} has no candidate edge(s) {bad}; its edges are {sorted(known)}")
         _check_tied(candidate_model, chosen)
@@ -162,20 +162,20 @@ def finalize(
             continue
         cand = cands[point]
         src = dict(zip(cand.edges(), zip(cand.ops, cand.norms)))
-        if not _finite([cand.alpha, *(t for z, op, _ in edges for m in src[(z, op)] for t in m.state_dict().values())]):
+        if not _finite([cand.alpha, *(t for e in edges for m in src[e.edge] for t in m.state_dict().values())]):
             # Copying them would put NaN / inf into the grown model (eta * NaN is NaN).
             logger.warning("point %s: its candidate's weights are not finite; nothing grown there", point)
             continue
         key = f"g{len(st.plan.edits)}"
         tie = tie_id.setdefault(id(tied[point]), key) if point in tied else ""
-        edit = Edit(point, tuple(Edge(z, op) for z, op, _ in edges), key, tie)
+        edit = Edit(point, tuple(e.edge for e in edges), key, tie)
         branch = apply_edit(gm, edit, registry or DEFAULT_REGISTRY)
         with torch.no_grad():
-            for e, (z, op, _) in enumerate(edges):
-                op_mod, norm = src[(z, op)]
+            for e, scored in enumerate(edges):
+                op_mod, norm = src[scored.edge]
                 branch.ops[e].load_state_dict(op_mod.state_dict())
                 branch.norms[e].load_state_dict(norm.state_dict())
-            branch.init_proj_from_alphas([a for _, _, a in edges])
+            branch.init_proj_from_alphas([e.alpha for e in edges])
     gm.graph.lint()
     gm.recompile()
     gm.train(candidate_model.training)

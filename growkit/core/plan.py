@@ -7,11 +7,12 @@ from the file.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 import torch.fx
@@ -20,7 +21,7 @@ from ..errors import PlanError
 from ..validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
 from .dualgraph import all_nodes
 
-__all__ = ["Edge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
+__all__ = ["Edge", "Atom", "ScoredEdge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
 
 FORMAT = "growkit.plan"
 VERSION = 1
@@ -28,12 +29,42 @@ BRANCHES = "growkit_branches"
 """Name of the ModuleDict holding grown branches inside a grown GraphModule."""
 
 
-@dataclass(frozen=True)
-class Edge:
-    """One shortcut of a grown branch: ``op`` applied to base node ``input``."""
+class Edge(NamedTuple):
+    """One shortcut: ``op`` applied to base node ``input``.
+
+    The one concept every layer speaks of, in three named shapes: an :class:`Edge` inside an
+    :class:`Edit` (the point is the edit's); an :class:`Atom` (the edge with its point: what the
+    search passes choose); a :class:`ScoredEdge` (the edge with its candidate weight alpha: what
+    selection keeps and ``finalize(edges=)`` takes). All are named tuples, so ``(input, op)``
+    unpacks and compares as before.
+    """
 
     input: str
     op: str
+
+
+class Atom(NamedTuple):
+    """An edge placed at growth point ``point``: the unit a search pass adds to its parent."""
+
+    point: str
+    input: str
+    op: str
+
+    @property
+    def edge(self) -> Edge:
+        return Edge(self.input, self.op)
+
+
+class ScoredEdge(NamedTuple):
+    """An edge with its candidate weight ``alpha`` (the weak learner's coefficient)."""
+
+    input: str
+    op: str
+    alpha: float
+
+    @property
+    def edge(self) -> Edge:
+        return Edge(self.input, self.op)
 
 
 @dataclass(frozen=True)
@@ -51,10 +82,15 @@ class Edit:
     tie: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"point": self.point, "key": self.key, "edges": [asdict(e) for e in self.edges]}
+        out: dict[str, Any] = {"point": self.point, "key": self.key,
+                               "edges": [{"input": e.input, "op": e.op} for e in self.edges]}
         if self.tie:
             out["tie"] = self.tie
         return out
+
+    def atoms(self) -> tuple[Atom, ...]:
+        """This edit's edges placed at its point."""
+        return tuple(Atom(self.point, e.input, e.op) for e in self.edges)
 
 
 @dataclass
@@ -74,6 +110,10 @@ class GrowthPlan:
         """Keys of the edits grown together with edit ``key`` (itself included, plan order)."""
         tie = next((e.tie for e in self.edits if e.key == key), "")
         return [e.key for e in self.edits if e.key == key or (tie and e.tie == tie)]
+
+    def copy(self) -> "GrowthPlan":
+        """An independent copy (a module's plan keeps changing as it grows; a record must not)."""
+        return copy.deepcopy(self)
 
     def to_dict(self) -> dict[str, Any]:
         return {

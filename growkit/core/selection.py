@@ -23,7 +23,7 @@ import torch.fx
 from .candidates import CandidateModel
 from .cost import Budget, Cost, count_params, flop_counter, measure
 from .finalize import finalize, selected_edges
-from .plan import BRANCHES
+from .plan import BRANCHES, ScoredEdge
 from .surgery import state_of
 from .tie import units
 
@@ -37,8 +37,8 @@ class Choice(NamedTuple):
     """points to grow, best first"""
     why: str
     """why nothing was chosen ('' when something was)"""
-    edges: dict[str, list[tuple[str, str, float]]]
-    """chosen point -> the (input, op, alpha) edges that were costed; pass to ``finalize(edges=)``"""
+    edges: dict[str, list[ScoredEdge]]
+    """chosen point -> the scored edges that were costed; pass to ``finalize(edges=)``"""
 
 
 def branch_costs(grown: torch.fx.GraphModule, example: tuple[torch.Tensor, ...]) -> dict[str, tuple[int, int]]:
@@ -92,7 +92,7 @@ def choose_points(
         key=lambda u: scores[u] / (costs[u][0] / max(base.params, 1) + 1e-9),
         reverse=True,
     )
-    chosen: dict[str, list[tuple[str, str, float]]] = {}
+    chosen: dict[str, list[ScoredEdge]] = {}
     add_p, add_f = 0, 0
 
     def fits(cost: tuple[int, int]) -> bool:
@@ -128,8 +128,8 @@ def choose_points(
 
 
 def _within_latency(cm: CandidateModel, example: tuple[torch.Tensor, ...],
-                    chosen: dict[str, list[tuple[str, str, float]]], budget: Budget,
-                    base: Cost) -> dict[str, list[tuple[str, str, float]]]:
+                    chosen: dict[str, list[ScoredEdge]], budget: Budget,
+                    base: Cost) -> dict[str, list[ScoredEdge]]:
     """Drop the lowest-ranked points until the grown model's measured latency fits the budget.
 
     Latency is not additive over branches, so it is measured on the grown model itself, here,

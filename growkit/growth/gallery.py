@@ -17,7 +17,8 @@ from typing import Any
 import torch
 
 from ..core.cost import Budget, Cost
-from ..errors import BudgetError
+from ..core.plan import GrowthPlan
+from ..errors import BudgetError, PlanError
 
 __all__ = ["Entry", "Gallery", "lower_convex_hull", "describe_plan"]
 
@@ -26,19 +27,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class Entry:
-    """One evaluated model: its cost, validation metrics and growth plan."""
+    """One evaluated model: its cost, validation metrics and growth plan.
+
+    ``pruning`` is the record a pruning pass leaves (Torch-Pruning's method and history), which
+    replays a pruned entry; ``None`` for grown and base entries.
+    """
 
     id: int
     parent: int | None
     cost: Cost
     val_error: float
     val_loss: float | None
-    plan: dict[str, Any]
+    plan: GrowthPlan
     round: int
     kind: str = "grown"  # "base", "grown", "pruned", ...
     times_chosen: int = 0
     state: dict[str, torch.Tensor] | None = field(default=None, repr=False)
     note: str = ""
+    pruning: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -53,18 +59,23 @@ class Entry:
             "val_accuracy": 1.0 - self.val_error,
             "val_loss": self.val_loss,
             "times_chosen": self.times_chosen,
-            "num_edits": len(self.plan.get("edits", [])),
-            "plan": self.plan,
+            "num_edits": len(self.plan.edits),
+            "plan": self.plan.to_dict(),
+            "pruning": self.pruning,
             "note": self.note,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any], state: dict[str, torch.Tensor] | None = None) -> "Entry":
-        """Inverse of :meth:`to_dict` (weights are stored separately)."""
+        """Inverse of :meth:`to_dict` (weights are stored separately); the plan is validated."""
+        # Before the field existed, pruning rode inside the plan dict.
+        pruning = d.get("pruning", d["plan"].get("pruning") if isinstance(d.get("plan"), dict) else None)
+        if pruning is not None and not isinstance(pruning, dict):
+            raise PlanError(f"gallery entry {d.get('id')!r}: 'pruning' must be an object")
         return cls(
             int(d["id"]), d["parent"], Cost(int(d["params"]), int(d["flops"]), d.get("latency_ms")),
-            float(d["val_error"]), d.get("val_loss"), d["plan"], int(d["round"]), d.get("kind", "grown"),
-            int(d.get("times_chosen", 0)), state, d.get("note", ""),
+            float(d["val_error"]), d.get("val_loss"), GrowthPlan.from_dict(d["plan"]), int(d["round"]),
+            d.get("kind", "grown"), int(d.get("times_chosen", 0)), state, d.get("note", ""), pruning,
         )
 
 
@@ -95,12 +106,12 @@ def lower_convex_hull(points: list[tuple[float, float, int]]) -> list[int]:
     return [p[2] for p in out]
 
 
-def describe_plan(plan: dict[str, Any], limit: int = 3) -> str:
+def describe_plan(plan: GrowthPlan, limit: int = 3) -> str:
     """What a plan grew, short: ``layer2_1 +3, layer3_0 +2`` (point, edges merged there)."""
-    edits = plan.get("edits", []) if isinstance(plan, dict) else []
+    edits = plan.edits
     if not edits:
         return "-"
-    parts = [f"{e.get('point', '?')} +{len(e.get('edges', []))}" for e in edits[:limit]]
+    parts = [f"{e.point} +{len(e.edges)}" for e in edits[:limit]]
     if len(edits) > limit:
         parts.append(f"... ({len(edits)} branches)")
     return ", ".join(parts)

@@ -72,7 +72,7 @@ class WeakJob:
     round: int
     index: int
     parent: int
-    plan: dict[str, Any]
+    plan: GrowthPlan
     state: Any  # State, or safetensors bytes in transit
     parent_cost: Cost
     seed: int
@@ -85,7 +85,7 @@ class WeakResult:
     round: int
     index: int
     parent: int
-    plan: dict[str, Any] | None
+    plan: GrowthPlan | None
     state: Any
     rec: dict[str, Any] = field(default_factory=dict)
 
@@ -97,7 +97,7 @@ class TuneJob:
     round: int
     index: int
     parent: int
-    plan: dict[str, Any]
+    plan: GrowthPlan
     state: Any
     new_edits: int
     seed: int
@@ -110,7 +110,7 @@ class TuneResult:
     round: int
     index: int
     parent: int
-    plan: dict[str, Any]
+    plan: GrowthPlan
     state: Any
     metrics: dict[str, float] | None
     cost: Cost | None
@@ -190,9 +190,9 @@ class ChildTrainer:
         self.progress = setup.progress
         self.run_rng = run_rng
 
-    def model_from(self, plan: dict[str, Any], state: State | None) -> torch.fx.GraphModule:
+    def model_from(self, plan: GrowthPlan, state: State | None) -> torch.fx.GraphModule:
         """Replay ``plan`` on the base model and load ``state`` (if given)."""
-        m = apply_plan(self.base_gm, GrowthPlan.from_dict(plan), self.example)
+        m = apply_plan(self.base_gm, plan, self.example)
         if state is not None:
             m.load_state_dict(state)
         return m.to(self.dev)
@@ -258,7 +258,7 @@ class ChildTrainer:
                 o.param_groups.clear()
                 o.state.clear()
             raise ResourceError(
-                f"out of memory while training {n} candidates (round {job.round}, {len(job.plan['edits'])} grown "
+                f"out of memory while training {n} candidates (round {job.round}, {len(job.plan)} grown "
                 f"branches in the parent) on {self.dev}: pass points=[...] to grow at fewer points at once, "
                 "max_inputs=1 or fewer ops, or use a smaller batch"
             ) from exc
@@ -279,7 +279,7 @@ class ChildTrainer:
             rec["note"] = why
             return WeakResult(job.round, job.index, job.parent, None, None, rec)
         grown = finalize(cm, edges=edges)  # within a latency budget too: choose_points measured it
-        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        plan = state_of(grown).plan.copy()  # type: ignore[union-attr]
         state = snapshot(grown)
         return WeakResult(job.round, job.index, job.parent, plan, state, rec)
 
@@ -374,7 +374,7 @@ class ChildTrainer:
         metrics = evaluate(grown, self.val_loader, loss_fn=self.loss_fn, batch_fn=self.batch_fn, device=self.dev)
         cost = measure(grown, self.example, latency=cfg.wants_latency)
         state = snapshot(grown)
-        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        plan = state_of(grown).plan.copy()  # type: ignore[union-attr]
         return TuneResult(job.round, job.index, job.parent, plan, state, metrics, cost, rec)
 
     # ------------------------------------------------------------------ checkpoint restore

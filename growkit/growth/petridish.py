@@ -16,6 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.plan import GrowthPlan
 from ..core.safecopy import copy_module
 from ..errors import InputError
 from .executor import WorkerSpec
@@ -83,7 +84,7 @@ class PetridishRound:
         assert weak.plan is not None
         spec = self.spec(weak.index)
         parent = self.grow_run.gallery[spec["parent"]]
-        return TuneJob(self.rnd, spec["index"], parent.id, weak.plan, weak.state, len(parent.plan["edits"]),
+        return TuneJob(self.rnd, spec["index"], parent.id, weak.plan, weak.state, len(parent.plan),
                        spec["tune_seed"])
 
     def worker_spec(self, device: str, threads: int) -> WorkerSpec:
@@ -120,14 +121,15 @@ class PetridishRound:
             if weak.plan is None:
                 self.done(weak, None, i)
                 return
-            save = hook({"plan": weak.plan, "rec": weak.rec})
+            save = hook({"plan": weak.plan.to_dict(), "rec": weak.rec})
             tune = run.trainer.finetune(self.tune_job(weak), save=save,
                                         before_train=lambda m: save({"phase": "finetune", "epoch": 0, "stats": {}},
                                                                     work=m))
         else:
             assert resume is not None
             p = resume[0]["progress"]
-            weak = WeakResult(self.rnd, i, job.parent, p["plan"], None, p["rec"])
+            # A checkpoint is a file: its plan is validated like any other plan read from disk.
+            weak = WeakResult(self.rnd, i, job.parent, GrowthPlan.from_dict(p["plan"]), None, p["rec"])
             tune = run.trainer.finetune(self.tune_job(weak), save=hook({"plan": p["plan"], "rec": p["rec"]}),
                                         resume=resume)
         self.done(weak, tune, i)

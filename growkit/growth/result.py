@@ -59,4 +59,4 @@ class GrowResult:
         return "base", "best"
 
     def _report_detail(self, best: Entry) -> str:
-        return f", {len(best.plan.get('edits', []))} grown branches"
+        return f", {len(best.plan)} grown branches"

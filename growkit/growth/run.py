@@ -99,7 +99,7 @@ class GrowRun:
         return (self.setup.loader, self.setup.val_loader)
 
     # ---------------------------------------------------------------- models and entries
-    def model_from(self, plan: dict[str, Any], state: dict[str, torch.Tensor] | None) -> torch.fx.GraphModule:
+    def model_from(self, plan: GrowthPlan, state: dict[str, torch.Tensor] | None) -> torch.fx.GraphModule:
         return self.trainer.model_from(plan, state)
 
     def materialize(self, e: Entry) -> torch.fx.GraphModule:
@@ -110,7 +110,7 @@ class GrowRun:
         s = self.setup
         metrics = evaluate(m, s.val_loader, loss_fn=s.loss_fn, batch_fn=s.batch_fn, device=self.dev)
         self.gallery.val_size = int(metrics["n"])
-        plan = state_of(m).plan.to_dict()  # type: ignore[union-attr]
+        plan = state_of(m).plan.copy()  # type: ignore[union-attr]
         e = Entry(
             self.gallery.next_id(), parent, measure(m, self.example, latency=self.cfg.wants_latency),
             1.0 - metrics["accuracy"], metrics["loss"], plan, rnd, kind, state=snapshot(m),
@@ -225,7 +225,7 @@ class GrowRun:
         tail: dict[str, Any] = {"total_s": time.perf_counter() - t0, "executor": self.executor.name}
         tail.update(getattr(self.executor, "stats", {}))
         history = [dict(h) for h in self.history] + [tail]
-        result = GrowResult(self.materialize(best), self.gallery, GrowthPlan.from_dict(best.plan), history,
+        result = GrowResult(self.materialize(best), self.gallery, best.plan.copy(), history,
                             base_entry, self.budget)
         if self.out is not None:
             self.write_summary()
@@ -261,11 +261,12 @@ class GrowRun:
         For growth methods that search in this process; ``rec`` is the round's history record.
         A divergence is rolled back and retried once (:meth:`ChildTrainer.tune_with_rollback`).
         """
-        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
-        job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan["edits"]), 0)
+        plan = state_of(grown).plan.copy()  # type: ignore[union-attr]
+        job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan), 0)
 
         def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
-            self.save({"round": rnd, "parent": parent.id, "plan": plan, **p}, work=work, opts=opts, sched=sched)
+            self.save({"round": rnd, "parent": parent.id, "plan": plan.to_dict(), **p}, work=work, opts=opts,
+                      sched=sched)
 
         res = self.trainer.tune_with_rollback(job, grown, save=save, resume=saved)
         rec.update(res.rec)

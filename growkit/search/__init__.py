@@ -17,10 +17,11 @@ from .enas import Controller, Enas, EnasCell
 from .evolution import Evolution, mutate
 from .pnas import MLPEnsemble, Pnas, spearman
 from .random_search import RandomSearch
-from .space import Atom, SearchSpace, plan_from_list, plan_to_list
+from ..core.plan import Atom
+from .space import SearchSpace, proposal_from_list, proposal_to_list
 
 __all__ = [
-    "Atom", "SearchSpace", "plan_to_list", "plan_from_list", "SearchMethod", "SearchContext", "Child", "BatchStream",
+    "Atom", "SearchSpace", "proposal_to_list", "proposal_from_list", "SearchMethod", "SearchContext", "Child", "BatchStream",
     "AtomCell", "Darts", "DartsCell", "Enas", "EnasCell", "Controller", "Pnas", "MLPEnsemble", "spearman",
     "RandomSearch", "Evolution", "mutate",
 ]

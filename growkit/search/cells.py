@@ -12,7 +12,8 @@ from ..core.branch import GrownBranch
 from ..core.graph import EligibleInput, GrowthPoint
 from ..core.ops import add_keep_strides, build_edge_op, decanonical, feature_norm
 from ..core.surgery import apply_edit, growable, insert_at_point, remove_inserted
-from .space import Atom, SearchSpace
+from ..core.plan import Atom
+from .space import SearchSpace
 
 __all__ = ["AtomCell", "insert_cells", "cells_of", "derive_from_cells", "proj_block", "set_proj_block", "SEARCH_CELLS"]
 
@@ -103,16 +104,16 @@ def cells_of(model: torch.fx.GraphModule) -> dict[str, AtomCell]:
     return dict(getattr(model, SEARCH_CELLS).items())
 
 
-def derive_from_cells(supernet: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[Atom],
+def derive_from_cells(supernet: torch.fx.GraphModule, space: SearchSpace, proposal: Iterable[Atom],
                       first_key: int) -> torch.fx.GraphModule:
-    """The supernet (not modified) with its cells replaced by grown branches over ``plan``
+    """The supernet (not modified) with its cells replaced by grown branches over ``proposal``
     (warm-started from the cells; unselected atoms are dropped), in growkit's plan format."""
     gm = growable(supernet)
     cells = cells_of(gm)
     remove_inserted(gm, SEARCH_CELLS)
-    for e in space.edits(plan, first_key):
+    for e in space.edits(proposal, first_key):
         branch = apply_edit(gm, e, space.registry)
-        cells[e.point].init_branch(branch, [Atom(e.point, d.input, d.op) for d in e.edges])
+        cells[e.point].init_branch(branch, e.atoms())
     gm.graph.lint()
     gm.recompile()
     return gm

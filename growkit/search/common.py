@@ -5,7 +5,7 @@ A pass subclasses :class:`SearchMethod` and implements :meth:`SearchMethod.searc
 :class:`SearchContext` (the parent, the :class:`~growkit.search.space.SearchSpace`, the training
 step budget, helpers that build / train / evaluate children) and returns the :class:`Child` to
 keep. The driver does the rest the same way for every pass: parent sampling from the gallery,
-the budget check, rebuilding the child from its plan, fine-tuning with ``run.finetune`` (a fresh
+the budget check, rebuilding the child from its growth plan, fine-tuning with ``run.finetune`` (a fresh
 schedule, new parameters under the rule of :mod:`growkit.newparams`, rolled back and retried once
 when it diverges), the gallery entry and checkpoints. So passes
 differ only in how they search, and compare on equal terms::
@@ -15,10 +15,10 @@ differ only in how they search, and compare on equal terms::
         name = "first-fit"
 
         def search(self, ctx):
-            plan = ctx.space.greedy(ctx.space.atoms)        # any feasible set of atoms
-            child = ctx.build(plan)                         # exact: eta = 0
+            proposal = ctx.space.greedy(ctx.space.atoms)        # any feasible set of atoms
+            child = ctx.build(proposal)                         # exact: eta = 0
             ctx.train(child, ctx.steps)
-            return ctx.child(plan, child)
+            return ctx.child(proposal, child)
 
 Training budget: every pass spends at most ``steps`` training batches in its search (default
 ``search_epochs`` x batches per epoch, as Petridish's weak learning); how it splits them (one
@@ -41,7 +41,7 @@ from torch import nn
 
 from ..core.branch import GrownBranch
 from ..core.cost import measure
-from ..core.plan import BRANCHES
+from ..core.plan import BRANCHES, GrowthPlan
 from ..core.surgery import apply_edit, growable, state_of
 from ..errors import InputError, NonFiniteLoss, ResourceError
 from ..growth.gallery import Entry
@@ -50,26 +50,27 @@ from ..growth.run import GrowRun, Saved
 from ..newparams import growth_optimizer
 from ..train import PhaseStats, cosine_schedule, default_loss, evaluate, forward, iter_batches, num_batches, train_batches
 from .cells import proj_block, set_proj_block
-from .space import Atom, SearchSpace, plan_to_list
+from ..core.plan import Atom
+from .space import SearchSpace, proposal_to_list
 
 __all__ = [
-    "SearchMethod", "SearchContext", "Child", "BatchStream", "grow_plan", "new_branches", "inherit_branch",
+    "SearchMethod", "SearchContext", "Child", "BatchStream", "grow_proposal", "new_branches", "inherit_branch",
     "check_int", "check_number", "COMMON_OPTIONS",
 ]
 
 logger = logging.getLogger(__name__)
 
 COMMON_OPTIONS: dict[str, Any] = {"size": None, "steps": None, "eval_batches": None}
-"""Options every search pass takes: ``size`` (most atoms a plan adds per round; ``None``: as
+"""Options every search pass takes: ``size`` (most atoms a proposal adds per round; ``None``: as
 many as the budget and ``max_ops`` allow), ``steps`` (training batches of the search; ``None``:
 ``search_epochs`` epochs), ``eval_batches`` (validation batches per child evaluation; ``None``: all)."""
 
 
 @dataclass
 class Child:
-    """A candidate plan for this round and its (briefly trained) model."""
+    """A candidate proposal for this round and its (briefly trained) model."""
 
-    plan: frozenset
+    proposal: frozenset
     model: torch.fx.GraphModule
     val_accuracy: float | None = None
     info: dict[str, Any] = field(default_factory=dict)
@@ -126,7 +127,7 @@ class SearchContext:
         self.rng: random.Random = run.rng
         self.dev = run.dev
         self.parent_model = run.materialize(parent)
-        self.first_key = len(parent.plan.get("edits", []))
+        self.first_key = len(parent.plan)
         self.space = SearchSpace(
             self.parent_model, points=cfg.points, ops=cfg.ops, max_inputs=cfg.max_inputs,
             max_ops=cfg.max_ops, points_per_round=cfg.points_per_round, budget=run.budget,
@@ -157,14 +158,14 @@ class SearchContext:
         """Point -> the branch this round grew there."""
         return new_branches(model, self.first_key)
 
-    def build(self, plan: Iterable[Atom], donor: Child | None = None) -> torch.fx.GraphModule:
-        """The parent grown by ``plan`` (see :func:`grow_plan`), on the run's device, in train mode."""
-        return grow_plan(self.parent_model, self.space, plan, self.first_key,
+    def build(self, proposal: Iterable[Atom], donor: Child | None = None) -> torch.fx.GraphModule:
+        """The parent grown by ``proposal`` (see :func:`grow_proposal`), on the run's device, in train mode."""
+        return grow_proposal(self.parent_model, self.space, proposal, self.first_key,
                          donor.model if donor is not None else None).to(self.dev).train()
 
-    def child(self, plan: Iterable[Atom], model: torch.fx.GraphModule, val_accuracy: float | None = None,
+    def child(self, proposal: Iterable[Atom], model: torch.fx.GraphModule, val_accuracy: float | None = None,
               **info: Any) -> Child:
-        return Child(frozenset(plan), model, val_accuracy, info)
+        return Child(frozenset(proposal), model, val_accuracy, info)
 
     # ------------------------------------------------------------------ training and evaluation
     def loss(self, model: nn.Module, x: Any, y: torch.Tensor) -> tuple[torch.Tensor, Any]:
@@ -209,9 +210,9 @@ class SearchContext:
         self.evaluations += 1
         return evaluate(model, loader, loss_fn=setup.loss_fn, batch_fn=setup.batch_fn, device=self.dev)["accuracy"]
 
-    def record(self, plan: Iterable[Atom], val_accuracy: float, **info: Any) -> None:
+    def record(self, proposal: Iterable[Atom], val_accuracy: float, **info: Any) -> None:
         """Note one evaluated child in the round's history."""
-        self.children.append({"atoms": plan_to_list(plan), "val_accuracy": val_accuracy, **info})
+        self.children.append({"atoms": proposal_to_list(proposal), "val_accuracy": val_accuracy, **info})
 
     def child_steps(self, n_children: int) -> int:
         """Steps per child when ``n_children`` share the search budget (at least 1 while any is
@@ -222,29 +223,29 @@ class SearchContext:
 
 
 def new_branches(model: torch.fx.GraphModule, first_key: int) -> dict[str, GrownBranch]:
-    """Point -> the branch grown there after the first ``first_key`` edits of the plan."""
+    """Point -> the branch grown there after the first ``first_key`` edits of its growth plan."""
     st = state_of(model)
     assert st is not None
     mods = getattr(model, BRANCHES, {})
     return {e.point: mods[e.key] for e in st.plan.edits[first_key:]}
 
 
-def grow_plan(parent: torch.fx.GraphModule, space: SearchSpace, plan: Iterable[Atom], first_key: int,
+def grow_proposal(parent: torch.fx.GraphModule, space: SearchSpace, proposal: Iterable[Atom], first_key: int,
               donor: torch.fx.GraphModule | None = None) -> torch.fx.GraphModule:
-    """``parent`` (not modified) grown by ``plan``: one branch per point; function-preserving.
+    """``parent`` (not modified) grown by ``proposal``: one branch per point; function-preserving.
 
     Without ``donor``: the parent's weights and fresh branches with ``eta = 0``, so the output is
-    exactly the parent's. With ``donor`` (another plan grown on the same parent, e.g. a trained
+    exactly the parent's. With ``donor`` (another proposal grown on the same parent, e.g. a trained
     child), the new model inherits the donor's weights: base weights, and per point the ops,
     norms and projection blocks of the atoms they share, its gate ``eta``, and zero projection
-    blocks for the atoms it adds, so a plan that only adds atoms to the donor's computes the
+    blocks for the atoms it adds, so a proposal that only adds atoms to the donor's computes the
     donor's function. A point that shares no atom with the donor gets a fresh branch (``eta = 0``).
     """
-    plan = frozenset(plan)
-    if not space.structurally_valid(plan):
-        raise InputError(f"plan {plan_to_list(plan)} is not in this search space")
+    proposal = frozenset(proposal)
+    if not space.structurally_valid(proposal):
+        raise InputError(f"proposal {proposal_to_list(proposal)} is not in this search space")
     gm = growable(parent)
-    edits = space.edits(plan, first_key)
+    edits = space.edits(proposal, first_key)
     for e in edits:
         apply_edit(gm, e, space.registry)
     gm.graph.lint()
@@ -326,7 +327,7 @@ class SearchMethod(GrowthMethod):
             if prog is not None and prog["phase"] == "finetune":
                 # Resumed mid fine-tune: the checkpoint holds the plan and the weights.
                 parent = run.gallery[prog["parent"]]
-                grown = run.model_from(prog["plan"], None)
+                grown = run.model_from(GrowthPlan.from_dict(prog["plan"]), None)
                 run.finetune(rnd, grown, parent, run.history[-1], saved)
                 return
             self._search_and_grow(run, rnd)
@@ -355,18 +356,18 @@ class SearchMethod(GrowthMethod):
         rec["space_atoms"] = len(ctx.space)
         if ctx.children:
             rec["children"] = ctx.children
-        if child is None or not child.plan:
-            why = "no plan fits the budget" if not ctx.space.feasible(ctx.space.greedy(ctx.space.atoms, 1)) \
+        if child is None or not child.proposal:
+            why = "no shortcut fits the budget" if not ctx.space.feasible(ctx.space.greedy(ctx.space.atoms, 1)) \
                 else "the search kept no atom"
             logger.warning("round %d: %s; nothing grown", rnd, why)
             rec["note"] = why
             run.save({"round": rnd, "phase": "round_end"})
             return
-        if not ctx.space.feasible(child.plan):
-            raise InputError(f"method {self.name!r} returned plan {plan_to_list(child.plan)}, which breaks the "
+        if not ctx.space.feasible(child.proposal):
+            raise InputError(f"method {self.name!r} returned proposal {proposal_to_list(child.proposal)}, which breaks the "
                              "budget or the max_ops / points_per_round limits")
-        rec["atoms"] = plan_to_list(child.plan)
-        rec["chosen"] = list(ctx.space.by_point(child.plan))
+        rec["atoms"] = proposal_to_list(child.proposal)
+        rec["chosen"] = list(ctx.space.by_point(child.proposal))
         rec["search_val_accuracy"] = child.val_accuracy
         rec.update({k: v for k, v in child.info.items() if k not in rec})
         grown = child.model
@@ -377,9 +378,9 @@ class SearchMethod(GrowthMethod):
                 run.save({"round": rnd, "phase": "round_end"})
                 return
         # Rebuilt from its plan, as a resumed run does, so both fine-tune the very same module.
-        plan = state_of(grown).plan.to_dict()  # type: ignore[union-attr]
+        plan = state_of(grown).plan.copy()  # type: ignore[union-attr]
         grown = run.model_from(plan, grown.state_dict())
-        run.save({"round": rnd, "phase": "finetune", "epoch": 0, "parent": parent.id, "plan": plan, "stats": {}},
+        run.save({"round": rnd, "phase": "finetune", "epoch": 0, "parent": parent.id, "plan": plan.to_dict(), "stats": {}},
                  work=grown)
         run.finetune(rnd, grown, parent, rec, None)
 

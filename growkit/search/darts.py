@@ -28,7 +28,7 @@ from ..core.ops import canonical
 from ..train import cosine_schedule
 from .cells import AtomCell, cells_of, derive_from_cells, insert_cells
 from .common import Child, SearchContext, SearchMethod, check_int, check_number
-from .space import Atom
+from ..core.plan import Atom
 
 __all__ = ["Darts", "DartsCell"]
 
@@ -129,17 +129,17 @@ class Darts(SearchMethod):
                 a.requires_grad_(True)
         ctx.steps_used += ctx.steps
         ranked = derive(list(cells.values()), o["ops_per_edge"])
-        plan = ctx.space.greedy(ranked, ctx.size)
+        proposal = ctx.space.greedy(ranked, ctx.size)
         info: dict[str, Any] = {
             "arch_weights": {p: c.edge_weights() for p, c in cells.items()},
             "cell_eta": {p: float(c.eta.detach()) for p, c in cells.items()},
         }
-        if not plan:
+        if not proposal:
             return None
-        model = derive_from_cells(supernet, ctx.space, plan, ctx.first_key).to(ctx.dev)
+        model = derive_from_cells(supernet, ctx.space, proposal, ctx.first_key).to(ctx.dev)
         acc = ctx.evaluate(model)
-        ctx.record(plan, acc, kind="derived")
-        return ctx.child(plan, model, acc, **info)
+        ctx.record(proposal, acc, kind="derived")
+        return ctx.child(proposal, model, acc, **info)
 
     def validate(self) -> None:
         check_number("arch_lr", self.opts["arch_lr"])

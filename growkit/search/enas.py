@@ -9,7 +9,7 @@ accuracy of the sample on a validation batch minus ``cost_penalty`` x its added 
 the base (and ``infeasible_penalty`` when it breaks the budget or ``max_ops``), a moving-average
 baseline and an entropy bonus. Logits use ENAS's temperature and tanh constant.
 
-Derivation: the controller's greedy plan and ``final_samples`` samples are evaluated on the
+Derivation: the controller's greedy proposal and ``final_samples`` samples are evaluated on the
 validation data with the shared weights; the best-rewarded one (repaired to fit the budget)
 becomes grown branches warm-started from the shared weights (ops, BatchNorms, projection blocks,
 eta), i.e. the supernet under that sample. The controller persists across rounds (the space is
@@ -31,7 +31,8 @@ from ..train import forward, logits_of
 from ..train import cosine_schedule
 from .cells import AtomCell, cells_of, derive_from_cells, insert_cells
 from .common import Child, SearchContext, SearchMethod, check_int, check_number
-from .space import Atom, SearchSpace
+from ..core.plan import Atom
+from .space import SearchSpace, Proposal
 
 __all__ = ["Enas", "EnasCell", "Controller"]
 
@@ -201,16 +202,16 @@ class Enas(SearchMethod):
         self.controller, self._signature = ctrl, signature
         return ctrl
 
-    def plan_of(self, ctx: SearchContext, decisions: list[tuple[str, str]], choices: list[int]) -> frozenset[Atom]:
+    def proposal_of(self, ctx: SearchContext, decisions: list[tuple[str, str]], choices: list[int]) -> Proposal:
         return frozenset(Atom(p, z, ctx.space.ops[p][k - 1]) for (p, z), k in zip(decisions, choices) if k > 0)
 
-    def reward(self, ctx: SearchContext, acc: float, plan: frozenset[Atom]) -> float:
+    def reward(self, ctx: SearchContext, acc: float, proposal: Proposal) -> float:
         """Validation accuracy minus the cost penalty (relative added cost on the run's cost axis)."""
         axis = 1 if ctx.run.cfg.cost_axis == "flops" else 0
         base = (ctx.run.base_cost.params, ctx.run.base_cost.flops)[axis]
-        rel = ctx.space.added_cost(plan)[axis] / max(base, 1)
+        rel = ctx.space.added_cost(proposal)[axis] / max(base, 1)
         r = acc - self.opts["cost_penalty"] * rel
-        if not (ctx.space.structurally_valid(plan) and ctx.space.within_budget(plan)):
+        if not (ctx.space.structurally_valid(proposal) and ctx.space.within_budget(proposal)):
             r -= self.opts["infeasible_penalty"]
         return r
 
@@ -238,9 +239,9 @@ class Enas(SearchMethod):
         gen = ctx.generator()
         sample_kw = {"tanh_c": o["tanh_c"], "temperature": o["temperature"]}
 
-        def activate(plan: frozenset[Atom]) -> None:
+        def activate(proposal: Proposal) -> None:
             for cell in cells.values():
-                cell.active = sorted(cell.atom_index(a) for a in plan if a.point == cell.point)
+                cell.active = sorted(cell.atom_index(a) for a in proposal if a.point == cell.point)
 
         rewards: list[float] = []
         entropies: list[float] = []
@@ -248,7 +249,7 @@ class Enas(SearchMethod):
         for step in range(ctx.steps):
             with torch.no_grad():
                 choices, _, _ = ctrl.sample(gen, **sample_kw)
-            activate(self.plan_of(ctx, decisions, choices))
+            activate(self.proposal_of(ctx, decisions, choices))
             x, y = ctx.train_stream.next()
             opt_w.zero_grad(set_to_none=True)
             loss, _ = ctx.loss(supernet, x, y)
@@ -258,33 +259,33 @@ class Enas(SearchMethod):
             if (step + 1) % o["controller_every"] == 0 or step == ctx.steps - 1:
                 for _ in range(o["controller_steps"]):
                     choices, logp, ent = ctrl.sample(gen, **sample_kw)
-                    plan = self.plan_of(ctx, decisions, choices)
-                    activate(plan)
-                    r = self.reward(ctx, self._batch_accuracy(ctx, supernet), plan)
+                    proposal = self.proposal_of(ctx, decisions, choices)
+                    activate(proposal)
+                    r = self.reward(ctx, self._batch_accuracy(ctx, supernet), proposal)
                     self.reinforce(opt_c, r, logp, ent)
                     rewards.append(r)
                     entropies.append(float(ent.detach()))
         ctx.steps_used += ctx.steps
 
-        # Derive: the greedy plan and a few samples, scored with the shared weights.
+        # Derive: the greedy proposal and a few samples, scored with the shared weights.
         with torch.no_grad():
-            cands = [self.plan_of(ctx, decisions, ctrl.sample(gen, greedy=True, **sample_kw)[0])]
-            cands += [self.plan_of(ctx, decisions, ctrl.sample(gen, **sample_kw)[0]) for _ in range(o["final_samples"])]
-        best: tuple[float, frozenset[Atom], float] | None = None
-        seen: set[frozenset[Atom]] = set()
-        for plan in cands:
-            if not ctx.space.feasible(plan) or (ctx.size is not None and len(plan) > ctx.size):
+            cands = [self.proposal_of(ctx, decisions, ctrl.sample(gen, greedy=True, **sample_kw)[0])]
+            cands += [self.proposal_of(ctx, decisions, ctrl.sample(gen, **sample_kw)[0]) for _ in range(o["final_samples"])]
+        best: tuple[float, Proposal, float] | None = None
+        seen: set[Proposal] = set()
+        for proposal in cands:
+            if not ctx.space.feasible(proposal) or (ctx.size is not None and len(proposal) > ctx.size):
                 # repair: keep the sample's atoms, in the space's order, while they fit
-                plan = ctx.space.greedy(sorted(plan, key=ctx.space.index.__getitem__), ctx.size)
-            if not plan or plan in seen:
+                proposal = ctx.space.greedy(sorted(proposal, key=ctx.space.index.__getitem__), ctx.size)
+            if not proposal or proposal in seen:
                 continue
-            seen.add(plan)
-            activate(plan)
+            seen.add(proposal)
+            activate(proposal)
             acc = ctx.evaluate(supernet)
-            r = self.reward(ctx, acc, plan)
-            ctx.record(plan, acc, reward=r)
+            r = self.reward(ctx, acc, proposal)
+            ctx.record(proposal, acc, reward=r)
             if best is None or r > best[0]:
-                best = (r, plan, acc)
+                best = (r, proposal, acc)
         activate(frozenset())
         info = {
             "controller_updates": len(rewards),
@@ -294,9 +295,9 @@ class Enas(SearchMethod):
         }
         if best is None:
             return None
-        _, plan, acc = best
-        model = derive_from_cells(supernet, ctx.space, plan, ctx.first_key).to(ctx.dev)
-        return ctx.child(plan, model, acc, **info)
+        _, proposal, acc = best
+        model = derive_from_cells(supernet, ctx.space, proposal, ctx.first_key).to(ctx.dev)
+        return ctx.child(proposal, model, acc, **info)
 
     @staticmethod
     def _batch_accuracy(ctx: SearchContext, supernet: nn.Module) -> float:

@@ -1,12 +1,12 @@
 """Regularized (aging) evolution (Real et al. 2019) over growth plans.
 
-A population of ``population`` random plans (grown from the parent, trained briefly, evaluated)
+A population of ``population`` random proposals (grown from the parent, trained briefly, evaluated)
 evolves for ``cycles`` cycles: draw ``tournament`` members at random, mutate the best by one edit
 (add an atom, remove an atom, or swap one atom for another; the kind is drawn among those
 possible), train the child briefly, evaluate it, append it and drop the *oldest* member (aging,
 not the worst). Children inherit their parent member's weights (shared atoms keep their ops,
 norms, projection blocks and gate; added atoms enter with a zero block, so an added atom is
-function-preserving). The best plan ever evaluated is kept.
+function-preserving). The best proposal ever evaluated is kept.
 """
 from __future__ import annotations
 
@@ -15,21 +15,21 @@ from collections import deque
 
 from ..growth.methods import register_method
 from .common import Child, SearchContext, SearchMethod, check_int
-from .space import Atom, SearchSpace
+from .space import SearchSpace, Proposal
 
 __all__ = ["Evolution", "mutate"]
 
 
-def mutate(space: SearchSpace, plan: frozenset[Atom], rng: random.Random,
-           size: int | None = None) -> tuple[frozenset[Atom], str] | None:
-    """``plan`` changed by one edit: ``add``, ``remove`` or ``swap`` (feasible); ``None`` if none is."""
-    adds = [] if size is not None and len(plan) >= size else space.expansions(plan)
-    removes = [plan - {a} for a in sorted(plan)] if len(plan) >= 2 else []
+def mutate(space: SearchSpace, proposal: Proposal, rng: random.Random,
+           size: int | None = None) -> tuple[Proposal, str] | None:
+    """``proposal`` changed by one edit: ``add``, ``remove`` or ``swap`` (feasible); ``None`` if none is."""
+    adds = [] if size is not None and len(proposal) >= size else space.expansions(proposal)
+    removes = [proposal - {a} for a in sorted(proposal)] if len(proposal) >= 2 else []
     removes = [p for p in removes if space.feasible(p)]
     swaps = []
-    for a in sorted(plan):
-        rest = plan - {a}
-        swaps += [rest | {b} for b in space.atoms if b != a and b not in plan and space.feasible(rest | {b})]
+    for a in sorted(proposal):
+        rest = proposal - {a}
+        swaps += [rest | {b} for b in space.atoms if b != a and b not in proposal and space.feasible(rest | {b})]
     kinds = [(k, opts) for k, opts in (("add", adds), ("remove", removes), ("swap", swaps)) if opts]
     if not kinds:
         return None
@@ -39,11 +39,11 @@ def mutate(space: SearchSpace, plan: frozenset[Atom], rng: random.Random,
 
 @register_method
 class Evolution(SearchMethod):
-    """Aging evolution over plans (see the module docstring).
+    """Aging evolution over proposals (see the module docstring).
 
     Options: ``population``, ``tournament`` (members drawn per selection), ``cycles`` (children
-    bred), ``child_steps`` (training batches per plan; default: the search budget split over
-    ``population + cycles`` plans), plus the common ``size`` / ``steps`` / ``eval_batches``.
+    bred), ``child_steps`` (training batches per proposal; default: the search budget split over
+    ``population + cycles`` proposals), plus the common ``size`` / ``steps`` / ``eval_batches``.
     """
 
     name = "evolution"
@@ -61,29 +61,29 @@ class Evolution(SearchMethod):
         population: deque[Child] = deque()
         best: Child | None = None
 
-        def evaluate(plan: frozenset[Atom], donor: Child | None, **info) -> Child:
+        def evaluate(proposal: Proposal, donor: Child | None, **info) -> Child:
             nonlocal best
-            model = ctx.build(plan, donor)
+            model = ctx.build(proposal, donor)
             ctx.train(model, steps)
             acc = ctx.evaluate(model)
-            ctx.record(plan, acc, **info)
-            child = ctx.child(plan, model, acc)
+            ctx.record(proposal, acc, **info)
+            child = ctx.child(proposal, model, acc)
             if best is None or acc > best.val_accuracy:  # type: ignore[operator]
                 best = child
             return child
 
         for _ in range(o["population"]):
-            plan = ctx.space.random_plan(ctx.rng, ctx.size)
-            if not plan:
+            proposal = ctx.space.random_proposal(ctx.rng, ctx.size)
+            if not proposal:
                 return None  # nothing fits the budget
-            population.append(evaluate(plan, None, origin="initial"))
+            population.append(evaluate(proposal, None, origin="initial"))
         for cycle in range(o["cycles"]):
             drawn = ctx.rng.sample(list(population), min(o["tournament"], len(population)))
             parent = max(drawn, key=lambda c: c.val_accuracy)  # first of equals: stable
-            got = mutate(ctx.space, parent.plan, ctx.rng, ctx.size)
+            got = mutate(ctx.space, parent.proposal, ctx.rng, ctx.size)
             if got is None:
                 break  # a single-atom space with nothing else that fits: no edit possible
-            plan, kind = got
-            population.append(evaluate(plan, parent, origin=kind, cycle=cycle + 1))
+            proposal, kind = got
+            population.append(evaluate(proposal, parent, origin=kind, cycle=cycle + 1))
             population.popleft()  # aging: the oldest goes, whatever its accuracy
         return best

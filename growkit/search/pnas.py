@@ -1,13 +1,13 @@
 """PNAS (Liu et al. 2018) over growkit's candidate space: progressive expansion with a surrogate.
 
-Level ``l`` plans add ``l`` atoms to the parent. Level 1: ``k`` single atoms (PNAS trains every
+Level ``l`` proposals add ``l`` atoms to the parent. Level 1: ``k`` single atoms (PNAS trains every
 one-block cell; growkit's space is points x inputs x ops, too many to train at the same budget, so
-``k`` are drawn at random). Each later level expands each of the ``k`` best plans of the previous
+``k`` are drawn at random). Each later level expands each of the ``k`` best proposals of the previous
 level by every feasible single atom, ranks all expansions with an ensemble of MLPs over the fixed
-length 0/1 encoding of the plan (:meth:`SearchSpace.encode`), and trains only the top ``k``:
-briefly, warm-started from the plan they expand (the new atom enters with a zero projection block,
+length 0/1 encoding of the proposal (:meth:`SearchSpace.encode`), and trains only the top ``k``:
+briefly, warm-started from the proposal they expand (the new atom enters with a zero projection block,
 or as a fresh branch with ``eta = 0``: function-preserving), then evaluates them on the validation
-data. The surrogate is refit on every evaluated plan after each level. The best plan evaluated
+data. The surrogate is refit on every evaluated proposal after each level. The best proposal evaluated
 at any level is kept. The history records, per level, the rank correlation between the
 surrogate's predictions and the measured accuracies.
 """
@@ -21,7 +21,7 @@ from torch import nn
 
 from ..growth.methods import register_method
 from .common import Child, SearchContext, SearchMethod, check_number, check_int
-from .space import Atom, plan_to_list
+from .space import proposal_to_list, Proposal
 
 __all__ = ["Pnas", "MLPEnsemble", "spearman"]
 
@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 
 class MLPEnsemble:
-    """``n_models`` two-hidden-layer MLPs regressing accuracy on a plan encoding.
+    """``n_models`` two-hidden-layer MLPs regressing accuracy on a proposal encoding.
 
     With at least ``n_models`` points each member trains on all data but one fold (PNAS's
     ensemble); with fewer, on all of it. Targets are standardised; prediction is the members' mean.
@@ -112,9 +112,9 @@ def spearman(a: list[float], b: list[float]) -> float | None:
 class Pnas(SearchMethod):
     """Progressive search with an MLP-ensemble surrogate (see the module docstring).
 
-    Options: ``k`` (plans trained per level, and the beam), ``levels`` (most atoms added),
-    ``child_steps`` (training batches per trained plan; default: the search budget split over
-    ``k * levels`` plans), ``ensemble`` / ``hidden`` / ``surrogate_epochs`` / ``surrogate_lr``
+    Options: ``k`` (proposals trained per level, and the beam), ``levels`` (most atoms added),
+    ``child_steps`` (training batches per trained proposal; default: the search budget split over
+    ``k * levels`` proposals), ``ensemble`` / ``hidden`` / ``surrogate_epochs`` / ``surrogate_lr``
     (the surrogate), plus the common ``size`` / ``steps`` / ``eval_batches``.
     """
 
@@ -141,50 +141,50 @@ class Pnas(SearchMethod):
         surrogate: MLPEnsemble | None = None
         best: Child | None = None
         beam: list[Child] = []
-        seen: set[frozenset[Atom]] = set()
+        seen: set[Proposal] = set()
         report: list[dict[str, Any]] = []
         for level in range(1, levels + 1):
             # All feasible one-atom expansions of the beam (level 1: of the parent), deduplicated.
-            cands: dict[frozenset[Atom], Child | None] = {}
+            cands: dict[Proposal, Child | None] = {}
             for donor in (beam if level > 1 else [None]):
-                base = donor.plan if donor is not None else frozenset()
-                for plan in space.expansions(base):
-                    if plan not in seen and plan not in cands:
-                        cands[plan] = donor
+                base = donor.proposal if donor is not None else frozenset()
+                for proposal in space.expansions(base):
+                    if proposal not in seen and proposal not in cands:
+                        cands[proposal] = donor
             if not cands:
                 break
-            plans = list(cands)
+            proposals = list(cands)
             if surrogate is None:
-                picked = ctx.rng.sample(plans, min(k, len(plans)))
+                picked = ctx.rng.sample(proposals, min(k, len(proposals)))
                 predicted: list[float] | None = None
             else:
-                mean, _ = surrogate.predict(torch.tensor([space.encode(p) for p in plans]))
-                order = sorted(range(len(plans)), key=lambda i: (-float(mean[i]), i))[:k]
-                picked = [plans[i] for i in order]
+                mean, _ = surrogate.predict(torch.tensor([space.encode(p) for p in proposals]))
+                order = sorted(range(len(proposals)), key=lambda i: (-float(mean[i]), i))[:k]
+                picked = [proposals[i] for i in order]
                 predicted = [float(mean[i]) for i in order]
             trained: list[Child] = []
-            for plan in picked:
-                model = ctx.build(plan, cands[plan])
+            for proposal in picked:
+                model = ctx.build(proposal, cands[proposal])
                 ctx.train(model, steps)
                 acc = ctx.evaluate(model)
-                ctx.record(plan, acc, level=level)
-                child = ctx.child(plan, model, acc)
+                ctx.record(proposal, acc, level=level)
+                child = ctx.child(proposal, model, acc)
                 trained.append(child)
-                seen.add(plan)
-                xs.append(space.encode(plan))
+                seen.add(proposal)
+                xs.append(space.encode(proposal))
                 ys.append(acc)
                 if best is None or acc > best.val_accuracy:  # type: ignore[operator]
                     best = child
             corr = spearman(predicted, [c.val_accuracy for c in trained]) if predicted else None  # type: ignore[misc]
-            report.append({"level": level, "expansions": len(plans), "trained": len(trained),
+            report.append({"level": level, "expansions": len(proposals), "trained": len(trained),
                            "best_val_accuracy": max(c.val_accuracy for c in trained),  # type: ignore[type-var]
                            "surrogate_rank_corr": corr, "predicted": predicted})
             # Refit the surrogate on everything evaluated so far; the beam is this level's best k.
             surrogate = MLPEnsemble(len(space), o["ensemble"], o["hidden"], o["surrogate_epochs"], o["surrogate_lr"],
                                     gen).fit(torch.tensor(xs), torch.tensor(ys))
             beam = sorted(trained, key=lambda c: -c.val_accuracy)[:k]  # type: ignore[operator]
-            logger.info("pnas level %d: %d expansions, trained %s", level, len(plans),
-                        [(plan_to_list(c.plan), round(c.val_accuracy or 0, 4)) for c in trained])
+            logger.info("pnas level %d: %d expansions, trained %s", level, len(proposals),
+                        [(proposal_to_list(c.proposal), round(c.val_accuracy or 0, 4)) for c in trained])
         if best is None:
             return None
         best.info["levels"] = report

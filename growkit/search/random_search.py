@@ -1,7 +1,7 @@
 """Random search: the baseline every pass must beat, on the same space, budget and training.
 
-Each round draws ``samples`` random plans (atoms added in random order while they fit the budget,
-``max_ops`` and ``points_per_round``, up to ``size`` atoms: the same plan sizes the other passes
+Each round draws ``samples`` random proposals (atoms added in random order while they fit the budget,
+``max_ops`` and ``points_per_round``, up to ``size`` atoms: the same proposal sizes the other passes
 may reach), grows each from the parent (fresh branches, ``eta = 0``: exact), trains each for an
 equal share of the search's training batches, evaluates it on the validation data and keeps the
 best.
@@ -16,9 +16,9 @@ __all__ = ["RandomSearch"]
 
 @register_method
 class RandomSearch(SearchMethod):
-    """Random plans with the same training budget (see the module docstring).
+    """Random proposals with the same training budget (see the module docstring).
 
-    Options: ``samples`` (plans per round), ``child_steps`` (training batches per plan; default:
+    Options: ``samples`` (proposals per round), ``child_steps`` (training batches per proposal; default:
     the search budget split evenly), plus the common ``size`` / ``steps`` / ``eval_batches``.
     """
 
@@ -34,13 +34,13 @@ class RandomSearch(SearchMethod):
         steps = self.opts["child_steps"] if self.opts["child_steps"] is not None else ctx.child_steps(n)
         best: Child | None = None
         for _ in range(n):
-            plan = ctx.space.random_plan(ctx.rng, ctx.size)
-            if not plan:
+            proposal = ctx.space.random_proposal(ctx.rng, ctx.size)
+            if not proposal:
                 break  # nothing fits the budget
-            model = ctx.build(plan)
+            model = ctx.build(proposal)
             ctx.train(model, steps)
             acc = ctx.evaluate(model)
-            ctx.record(plan, acc)
+            ctx.record(proposal, acc)
             if best is None or acc > best.val_accuracy:  # type: ignore[operator]
-                best = ctx.child(plan, model, acc)
+                best = ctx.child(proposal, model, acc)
         return best

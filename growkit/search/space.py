@@ -1,20 +1,20 @@
-"""The candidate space every growth pass searches, and the cost of a plan in it.
+"""The candidate space every growth pass searches, and the cost of a proposal in it.
 
-An *atom* is one shortcut ``(point, input, op)``: op ``op`` applied to eligible input ``input``
-and added at growth point ``point``. A within-round *plan* is a set of atoms; it becomes one
+An *atom* (:class:`~growkit.core.plan.Atom`) is one shortcut ``(point, input, op)``: op ``op``
+applied to eligible input ``input`` and added at growth point ``point``. A *proposal* (not a
+growth plan: what a pass proposes to add to its parent in one round) is a set of atoms; it becomes one
 :class:`~growkit.core.plan.Edit` per point (concat + projection, eta gate: a
 :class:`~growkit.core.branch.GrownBranch`), so every pass ends in the same plan format Petridish writes.
 
 The space is built the way :func:`growkit.inject` builds candidates (the same points, the nearest
 ``max_inputs`` eligible inputs, the same op set), so all passes search the same space. The added
-cost of a plan is computed from per-atom op costs plus the projection and gate of each branch;
+cost of a proposal is computed from per-atom op costs plus the projection and gate of each branch;
 it equals what :func:`growkit.core.cost.measure` reports for the grown model (tests pin this down).
 """
 from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import torch
@@ -25,32 +25,24 @@ from ..core.cost import Budget, Cost, count_flops, count_params
 from ..errors import PointError
 from ..core.graph import GrowthPoint
 from ..core.ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
-from ..core.plan import Edge, Edit
+from ..core.plan import Atom, Edit
 from ..core.surgery import state_of
 
-__all__ = ["Atom", "Plan", "SearchSpace", "plan_to_list", "plan_from_list"]
+__all__ = ["Proposal", "SearchSpace", "proposal_to_list", "proposal_from_list"]
 
 logger = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True, order=True)
-class Atom:
-    """One candidate shortcut: ``op`` applied to base node ``input``, added at base point ``point``."""
-
-    point: str
-    input: str
-    op: str
+Proposal = frozenset[Atom]
+"""The atoms a pass proposes to add to its parent in one round (not a growth plan)."""
 
 
-Plan = frozenset  # frozenset[Atom]: the atoms a pass adds to its parent in one round
+def proposal_to_list(proposal: Iterable[Atom]) -> list[list[str]]:
+    """JSON form of a proposal: sorted ``[point, input, op]`` triples."""
+    return [[a.point, a.input, a.op] for a in sorted(proposal)]
 
 
-def plan_to_list(plan: Iterable[Atom]) -> list[list[str]]:
-    """JSON form of a plan: sorted ``[point, input, op]`` triples."""
-    return [[a.point, a.input, a.op] for a in sorted(plan)]
-
-
-def plan_from_list(items: Iterable[Sequence[str]]) -> frozenset[Atom]:
+def proposal_from_list(items: Iterable[Sequence[str]]) -> Proposal:
     return frozenset(Atom(*map(str, it)) for it in items)
 
 
@@ -63,8 +55,8 @@ class SearchSpace:
         ops: op names, ``"paper"`` or ``None`` (as :func:`growkit.inject`).
         max_inputs: the nearest this many eligible inputs per point (``None``: all).
         max_ops: most atoms per point (Imax).
-        points_per_round: most points grown in one plan (``None``: no limit).
-        budget / base_cost / parent_cost: a plan is feasible when parent cost + added cost is
+        points_per_round: most points grown in one proposal (``None``: no limit).
+        budget / base_cost / parent_cost: a proposal is feasible when parent cost + added cost is
             within ``budget`` relative to ``base_cost`` (params and FLOPs axes).
     """
 
@@ -136,11 +128,11 @@ class SearchSpace:
         shape[0] = 1
         return count_params(proj), count_flops(proj, torch.zeros(shape))
 
-    def added_cost(self, plan: Iterable[Atom]) -> tuple[int, int]:
-        """(params, FLOPs) the plan adds: ops, projections, and one gate ``eta`` per grown point."""
+    def added_cost(self, proposal: Iterable[Atom]) -> tuple[int, int]:
+        """(params, FLOPs) the proposal adds: ops, projections, and one gate ``eta`` per grown point."""
         params = flops = 0
         pts = set()
-        for a in plan:
+        for a in proposal:
             ap, af = self._atom_cost[a]
             pp, pf = self._proj_cost[a.point]
             params += ap + pp
@@ -148,21 +140,21 @@ class SearchSpace:
             pts.add(a.point)
         return params + len(pts), flops
 
-    def cost(self, plan: Iterable[Atom]) -> Cost:
-        """Serving cost of parent + plan (params and FLOPs)."""
-        p, f = self.added_cost(plan)
+    def cost(self, proposal: Iterable[Atom]) -> Cost:
+        """Serving cost of parent + proposal (params and FLOPs)."""
+        p, f = self.added_cost(proposal)
         return Cost(self.parent_cost.params + p, self.parent_cost.flops + f)
 
     # ------------------------------------------------------------------ constraints
-    def within_budget(self, plan: Iterable[Atom]) -> bool:
+    def within_budget(self, proposal: Iterable[Atom]) -> bool:
         if self.budget is None or self.base_cost is None:
             return True
-        return self.budget.allows(self.cost(plan), self.base_cost)
+        return self.budget.allows(self.cost(proposal), self.base_cost)
 
-    def structurally_valid(self, plan: Iterable[Atom]) -> bool:
+    def structurally_valid(self, proposal: Iterable[Atom]) -> bool:
         """Atoms of this space, at most ``max_ops`` per point, at most ``points_per_round`` points."""
         per: dict[str, int] = {}
-        for a in plan:
+        for a in proposal:
             if a not in self.index:
                 return False
             per[a.point] = per.get(a.point, 0) + 1
@@ -170,59 +162,59 @@ class SearchSpace:
             return False
         return self.points_per_round is None or len(per) <= self.points_per_round
 
-    def feasible(self, plan: Iterable[Atom]) -> bool:
-        plan = frozenset(plan)
-        return bool(plan) and self.structurally_valid(plan) and self.within_budget(plan)
+    def feasible(self, proposal: Iterable[Atom]) -> bool:
+        proposal = frozenset(proposal)
+        return bool(proposal) and self.structurally_valid(proposal) and self.within_budget(proposal)
 
-    def can_add(self, plan: frozenset[Atom], atom: Atom) -> bool:
-        return atom not in plan and self.feasible(plan | {atom})
+    def can_add(self, proposal: Proposal, atom: Atom) -> bool:
+        return atom not in proposal and self.feasible(proposal | {atom})
 
-    def expansions(self, plan: frozenset[Atom]) -> list[frozenset[Atom]]:
-        """Every feasible plan with exactly one more atom."""
-        return [plan | {a} for a in self.atoms if self.can_add(plan, a)]
+    def expansions(self, proposal: Proposal) -> list[Proposal]:
+        """Every feasible proposal with exactly one more atom."""
+        return [proposal | {a} for a in self.atoms if self.can_add(proposal, a)]
 
-    def random_plan(self, rng: random.Random, size: int | None = None,
-                    start: frozenset[Atom] = frozenset()) -> frozenset[Atom]:
+    def random_proposal(self, rng: random.Random, size: int | None = None,
+                    start: Proposal = frozenset()) -> Proposal:
         """Add atoms in random order while feasible, up to ``size`` atoms (``None``: until full)."""
-        plan = frozenset(start)
+        proposal = frozenset(start)
         order = list(self.atoms)
         rng.shuffle(order)
         for a in order:
-            if size is not None and len(plan) >= size:
+            if size is not None and len(proposal) >= size:
                 break
-            if self.can_add(plan, a):
-                plan = plan | {a}
-        return plan
+            if self.can_add(proposal, a):
+                proposal = proposal | {a}
+        return proposal
 
-    def greedy(self, ranked: Iterable[Atom], size: int | None = None) -> frozenset[Atom]:
+    def greedy(self, ranked: Iterable[Atom], size: int | None = None) -> Proposal:
         """Take atoms in the given order, skipping those that break a constraint."""
-        plan: frozenset[Atom] = frozenset()
+        proposal: Proposal = frozenset()
         for a in ranked:
-            if size is not None and len(plan) >= size:
+            if size is not None and len(proposal) >= size:
                 break
-            if self.can_add(plan, a):
-                plan = plan | {a}
-        return plan
+            if self.can_add(proposal, a):
+                proposal = proposal | {a}
+        return proposal
 
     # ------------------------------------------------------------------ encodings
-    def encode(self, plan: Iterable[Atom]) -> list[float]:
+    def encode(self, proposal: Iterable[Atom]) -> list[float]:
         """Fixed-length 0/1 vector over the atoms (for surrogates)."""
         v = [0.0] * len(self.atoms)
-        for a in plan:
+        for a in proposal:
             v[self.index[a]] = 1.0
         return v
 
-    def by_point(self, plan: Iterable[Atom]) -> dict[str, list[Atom]]:
+    def by_point(self, proposal: Iterable[Atom]) -> dict[str, list[Atom]]:
         """Point -> its atoms, both in the space's order (topological points, input, op)."""
         out: dict[str, list[Atom]] = {}
-        for a in sorted(plan, key=self.index.__getitem__):
+        for a in sorted(proposal, key=self.index.__getitem__):
             out.setdefault(a.point, []).append(a)
         return dict(sorted(out.items(), key=lambda kv: self._point_order[kv[0]]))
 
-    def edits(self, plan: Iterable[Atom], first_key: int) -> list[Edit]:
+    def edits(self, proposal: Iterable[Atom], first_key: int) -> list[Edit]:
         """One edit per grown point, keyed ``g<n>`` after the parent's edits (as finalize keys them)."""
-        return [Edit(p, tuple(Edge(a.input, a.op) for a in atoms), f"g{first_key + i}")
-                for i, (p, atoms) in enumerate(self.by_point(plan).items())]
+        return [Edit(p, tuple(a.edge for a in atoms), f"g{first_key + i}")
+                for i, (p, atoms) in enumerate(self.by_point(proposal).items())]
 
     def __len__(self) -> int:
         return len(self.atoms)
