@@ -332,3 +332,87 @@ def test_grower_grows_tied_groups_exactly(digits, cellnet):
     ties = {e.tie for e in g.plan.edits if e.tie}
     assert len(ties) == 2  # both stages' cells grew, each as one pattern
     assert g.model.ties  # fresh tied candidates on the grown model
+
+
+# ------------------------------------------------------------------------------ search passes
+SEARCH_OPTIONS = {
+    "darts": {},
+    "enas": {"controller_every": 5, "controller_steps": 3, "final_samples": 3},
+    "pnas": {"k": 2, "levels": 2, "surrogate_epochs": 50},
+}
+
+
+def test_search_space_ties_atoms_costs_every_copy_and_grows_exactly():
+    import random
+
+    from growkit.core.surgery import growable
+    from growkit.search.common import grow_proposal
+    from growkit.search.space import SearchSpace
+
+    torch.manual_seed(0)
+    model = CellNet().eval()
+    x = torch.randn(2, 1, 16, 16)
+    gm = growable(model, x[:1])
+    macro = SearchSpace(gm, ops=("sep_conv_3x3", "identity"))
+    space = SearchSpace(gm, ops=("sep_conv_3x3", "identity"), tie="stage")
+    assert macro.ties == [] and len(space.ties) == 2
+    followers = {p for g in space.ties for p in g.points[1:]}
+    assert {a.point for a in space.atoms} == {p.name for p in space.decision_points}
+    assert not followers & {a.point for a in space.atoms}
+    assert len(space.atoms) == len(macro.atoms) - sum(1 for a in macro.atoms if a.point in followers)
+    base = measure(gm, x[:1])
+    space.parent_cost = base
+    rng = random.Random(0)
+    for size in (1, 3, 6):
+        proposal = space.random_proposal(rng, size=size)
+        atoms = space.expand(proposal)
+        assert space.added_cost(proposal) == macro.added_cost(atoms)  # every copy counted
+        child = grow_proposal(gm, space, proposal, 0)
+        assert space.cost(proposal) == measure(child, x[:1])
+        assert torch.equal(run_eval(child, x), run_eval(gm, x))
+        plan = growkit.plan_of(child)
+        assert {(e.point, d.input, d.op) for e in plan.edits for d in e.edges} == {(a.point, a.input, a.op) for a in atoms}
+        for g in space.ties:
+            grown = [e for e in plan.edits if e.point in g.points]
+            assert len(grown) in (0, len(g.points))
+            assert len({e.tie for e in grown}) <= 1 and all(e.tie for e in grown)
+    # a budget that holds one copy of a tied atom but not all of them refuses it
+    g = space.ties[1]
+    a = next(a for a in space.atoms if a.point == g.points[0])
+    one = macro.added_cost([a])[0]
+    space.budget, space.base_cost = Budget(params=base.params + one * len(g.points) - 1, relative=False), base
+    assert macro.added_cost([a])[0] * len(g.points) == space.added_cost([a])[0]
+    assert not space.feasible([a])
+    with pytest.raises(InputError, match="tie must be one of"):
+        SearchSpace(gm, tie="cells")
+
+
+@pytest.mark.parametrize("method", sorted(SEARCH_OPTIONS))
+def test_search_passes_grow_cells(method, digits, cellnet):
+    train_l, val_l = digits
+    res = growkit.grow(cellnet, train_l, val_l, method=method, method_options=SEARCH_OPTIONS[method], rounds=1,
+                       tie="stage", ops=("sep_conv_3x3", "identity"), seed=0, progress=False)
+    grown = [e for e in res.gallery if e.kind == "grown"]
+    assert len(grown) == 1
+    plan = grown[0].plan
+    cm = growkit.inject(cellnet, torch.zeros(1, 1, 16, 16), tie="stage")
+    groups = {g.points[0]: set(g.points) for g in cm.ties}
+    for e in plan.edits:
+        if e.point in {p for g in cm.ties for p in g.points}:
+            first = next(f for f in plan.edits if f.key == e.tie)
+            assert e.point in groups[first.point]
+    by_tie: dict[str, set] = {}
+    for e in plan.edits:
+        if e.tie:
+            by_tie.setdefault(e.tie, set()).add(e.point)
+    if method != "pnas":  # (pnas at these tiny settings, seed 0, keeps one untied atom)
+        assert by_tie, [(e.point, e.tie) for e in plan.edits]
+    assert all(pts in groups.values() for pts in by_tie.values())
+    assert all(len(p) == 1 for p in _relative_patterns(cm, plan).values())
+    if method == "darts":  # one architecture per cell type: members' mixture weights are the same
+        arch = res.history[0]["arch_weights"]
+        for g in cm.ties:
+            assert all([list(w.values()) for w in arch[p].values()] == [list(w.values()) for w in arch[g.points[0]].values()]
+                       for p in g.points)
+    replay = growkit.apply_plan(cellnet, plan)
+    assert grown[0].cost.params == count_params(cellnet) + sum(count_params(b) for b in replay.growkit_branches.values())
