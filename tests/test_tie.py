@@ -332,6 +332,14 @@ def test_grower_grows_tied_groups_exactly(digits, cellnet):
     ties = {e.tie for e in g.plan.edits if e.tie}
     assert len(ties) == 2  # both stages' cells grew, each as one pattern
     assert g.model.ties  # fresh tied candidates on the grown model
+    # a checkpoint round trip keeps the cells: same plan, still one alpha per group, same outputs
+    meta, tensors = g.state_dict()
+    g2 = growkit.Grower.from_state(cellnet, torch.zeros(1, 1, 16, 16), meta, tensors, tie="stage",
+                                   ops=("sep_conv_3x3", "identity"), warmup_steps=2, min_steps=5, seed=0)
+    assert g2.plan.edits == g.plan.edits
+    for grp in g2.model.ties:
+        assert len({id(g2.model.candidates[p].alpha) for p in grp.points}) == 1
+    assert torch.equal(run_eval(g2.model, x), run_eval(g.model, x))
 
 
 # ------------------------------------------------------------------------------ search passes

@@ -5,6 +5,10 @@ point becomes ``x_k + sf(x_c)``, with ``sg(x) = x.detach()`` and ``sf(x) = x - x
 forward value is exactly x_k, the base model's gradients are untouched, and the candidate's
 parameters receive ``d/dtheta <dL/dx_k, x_c>``: ordinary backprop trains the weak learner to fit the
 negative gradient while the base model keeps training.
+
+Cell mode (``inject(tie="stage" | "all")``): the candidates of a tie group share one ``alpha`` (one
+weight per relative edge, its gradient pooled over the copies) and keep their own ops and norms;
+why a shared alpha rather than pooled scores is in :mod:`growkit.core.tie`.
 """
 from __future__ import annotations
 

@@ -15,6 +15,17 @@ absolute shape. ``"all"`` ties across stages too (the paper's normal vs reductio
 whose first input is downsampled has another relative structure than one whose input is not, so
 they are different cell types). Points that fit no group of two or more stay untied.
 
+Weak learning in cell mode shares **one alpha per relative edge** over a tie group (rather than
+pooling per-copy scores after training). The L1 selection on alpha happens *during* training, so
+it must see the pooled evidence: with a shared alpha its gradient is the sum of every copy's
+``<dL/dx_k, x_c>`` gradient (``tests/test_tie.py`` pins this), and a relative edge survives the L1
+penalty when it helps across the cell's copies, not when one block's noisy signal favours it.
+Pooling scores afterwards would run L1 on each copy's thin signal first, which is the problem
+cell search is meant to fix. It is also the paper's cell: one architecture (alpha) per cell type,
+weights per copy. The L1 term counts the shared alpha once per copy, as its data gradient does, so
+``l1`` means the same as in macro mode. The per-point fit scores (cosine with the negative
+gradient) stay per copy and are pooled by their mean when selection ranks a group.
+
 This module is the one place the grouping is derived; inject, finalize, selection, the search
 space and pruning consume :func:`tie_groups` / :class:`TieGroup`.
 """
