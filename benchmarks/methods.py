@@ -282,6 +282,31 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _cell_vs_macro(runs: list[dict[str, Any]]) -> list[str]:
+    """Paired per seed: each cell-mode row minus its method's macro row (same base, data, budget)."""
+    rows = [m for m in runs[0]["methods"] if " [tie=" in m and all(m in r["methods"] for r in runs)]
+    if not rows:
+        return []
+    L = ["Cell mode minus macro mode, paired per seed (test accuracy points; wins / draws / losses over seeds; "
+         "tied edits: edits with a tie in the selected model, mean; grown: seeds whose selected model is grown):", "",
+         "| method | cell - macro | per seed | W / D / L | added params cell / macro | tied edits | grown cell / macro |",
+         "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        macro = m.split(" [tie=")[0]
+        if not all(macro in r["methods"] for r in runs):
+            continue
+        d = [100 * (r["methods"][m]["test_acc"] - r["methods"][macro]["test_acc"]) for r in runs]
+        mean, std = _mean_std(d)
+        w, t = sum(x > 0 for x in d), sum(x == 0 for x in d)
+        grown = [sum(r["methods"][k]["edits"] > 0 for r in runs) for k in (m, macro)]
+        L.append(f"| {m} | {mean:+.2f} ± {std:.2f} | {', '.join(f'{x:+.2f}' for x in d)} | {w} / {t} / {len(d) - w - t} | "
+                 f"{statistics.mean(r['methods'][m]['added_params'] for r in runs):,.0f} / "
+                 f"{statistics.mean(r['methods'][macro]['added_params'] for r in runs):,.0f} | "
+                 f"{statistics.mean(r['methods'][m].get('tied_edits', 0) for r in runs):.1f} | "
+                 f"{grown[0]} / {grown[1]} of {len(runs)} |")
+    return L + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     a = result["settings"]
     L = [
@@ -326,6 +351,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{x['search_s_mean']:.1f} | {x['wall_s_mean']:.1f} | {x['search_steps_mean']:.0f} | "
                      f"{x['atoms_mean']:.1f} |")
         L.append("")
+        L += _cell_vs_macro(runs)
         pr = s.get("pruning")
         if pr:
             L += [f"### {name}: channel pruning, accuracy vs params (same base, same run; "
@@ -398,7 +424,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/methods)")
     p.add_argument("--reuse", default=None, metavar="JSON",
                    help="an earlier result of these settings: its rows are kept (only missing method rows run)")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite JSON's markdown next to it, then exit")
     args = p.parse_args(argv)
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
+        return 0
     args.ops = ops_from_text(args.ops)
     argv_s = " ".join(sys.argv if argv is None else argv)
     if args.quick:
