@@ -236,7 +236,7 @@ def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: d
         "model": res.model,
         "selected_entry": best.id,
         "selected_kind": best.kind,
-        "selected_edits": [{"point": e["point"], "edges": e.get("edges")} for e in best.plan.to_dict()["edits"]],
+        "selected_edits": [{"point": e["point"], "edges": e["edges"]} for e in best.plan.to_dict()["edits"]],
         "history": hist,
     }
 

@@ -108,9 +108,9 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         else args.rounds * args.search_epochs * len(loader),
         "selected_entry": best.id,
         "selected_kind": best.kind,
-        "edits": len(best.plan.to_dict()["edits"]),
-        "atoms": sum(len(e["edges"]) for e in best.plan.to_dict()["edits"]),
-        "tied_edits": sum(1 for e in best.plan.to_dict()["edits"] if e.get("tie")),
+        "edits": len(best.plan.edits),
+        "atoms": sum(len(e.edges) for e in best.plan.edits),
+        "tied_edits": sum(1 for e in best.plan.edits if e.tie),
         "plan": [{"point": e["point"], "edges": e["edges"], **({"tie": e["tie"]} if e.get("tie") else {})}
                  for e in best.plan.to_dict()["edits"]],
         "history": [{k: v for k, v in h.items() if k in (

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import gc
 import json
 import logging
 import os
@@ -250,6 +251,10 @@ def grow_stages(model: Any, x: tuple[Any, ...], res: dict[str, Any], dump: Any, 
             return
         res["grown_branches"] = len(growkit.plan_of(grown).edits)
         res["grow_s"] = round(time.perf_counter() - t0, 3)
+        # The candidate model holds a full copy of the weights: free it before the exporter makes
+        # its own copies (the 645M-parameter regnet_y_128gf was OOM-killed during export with it).
+        del cm
+        gc.collect()
         with torch.no_grad():
             for b in grown.growkit_branches.values():
                 b.eta.fill_(0.1)
@@ -314,6 +319,16 @@ def torchvision_model(name: str) -> tuple[Any, tuple[Any, ...], str]:
         note = f"image_size={s} (position embedding for 2x2 patches)" if "image_size" in kwargs else f"{s}px probed"
         return model, (x,), note
     raise ValueError(f"no input size in {sizes} runs: {why}")
+
+
+def torchvision_params(name: str) -> float:
+    """Parameter count torchvision records for ``name``'s weights (no download); inf if none."""
+    from torchvision.models import get_model_weights
+
+    try:
+        return float(max(w.meta.get("num_params", 0) for w in get_model_weights(name)))
+    except (ValueError, KeyError):
+        return float("inf")
 
 
 def make_model(source: str, name: str) -> tuple[Any, tuple[Any, ...], str]:
@@ -708,6 +723,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rerun", default="", help="with --resume: comma-separated models to run again even if done")
     p.add_argument("--source", choices=("timm", "torchvision", "zoo"), default="timm",
                    help="timm families (default), every torchvision classification model, or tests/zoo.py")
+    p.add_argument("--smallest-first", action="store_true",
+                   help="torchvision: run models in order of parameter count (most models per hour)")
     p.add_argument("--models", default="", help="torchvision / zoo: comma-separated model names to restrict to")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     p.add_argument("--worker-out", default=None, help=argparse.SUPPRESS)
@@ -730,6 +747,8 @@ def main(argv: list[str] | None = None) -> int:
         if selection is None:
             return 2
         todo = list(selection)
+        if args.smallest_first and args.source == "torchvision":
+            todo.sort(key=lambda r: torchvision_params(r["model"]))
         logger.info("%d %s models to run", len(todo), args.source)
     else:
         selection, todo = timm_selection(args, out_dir)

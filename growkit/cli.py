@@ -96,6 +96,12 @@ def _cmd_grow(args: argparse.Namespace) -> int:
 
     options = _method_options(args.method_options)
     get_method(args.method, **options)  # an unknown pass or option fails now, not after base training
+    if not args.checkpoint and args.base_epochs is None:
+        # Growing an untrained network and reporting chance -> trained as a gain says nothing.
+        raise InputError("growkit grow needs a trained base model: pass --checkpoint FILE (its trained weights) or "
+                         "--base-epochs N to train it on --data first (--base-epochs 0 grows it untrained, as it is)")
+    if args.base_epochs is not None and args.base_epochs < 0:
+        raise InputError(f"--base-epochs must be >= 0, got {args.base_epochs}")
     out = Path(args.out)
     if not args.resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         # The run writes checkpoints, the model and reports there: never over someone's files.
@@ -127,7 +133,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
         checkpoint_dir=args.out, resume=args.resume, method=args.method, method_options=options, children=args.children,
-        ops=ops_from_text(args.ops), tie=args.tie,
+        ops=ops_from_text(args.ops), tie=args.tie, compare_finetune=args.compare_finetune,
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
@@ -197,7 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--num-classes", type=int, default=10)
     g.add_argument("--image-size", type=int, default=None)
-    g.add_argument("--base-epochs", type=int, default=0, help="train the base first when no --checkpoint is given")
+    g.add_argument("--base-epochs", type=int, default=None,
+                   help="train the base first; required when no --checkpoint is given (0: grow it untrained)")
     g.add_argument("--resume", action="store_true",
                    help="continue the interrupted run whose checkpoints are in --out (same options)")
     g.add_argument("--rounds", type=int, default=2)
@@ -214,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "or comma-separated op names")
     g.add_argument("--method", default="petridish",
                    help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
+    g.add_argument("--compare-finetune", action="store_true",
+                   help="also fine-tune the base for the time growing took and report both (costs that time again)")
     g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')
     g.add_argument("--tie", choices=TIES, default="none",
                    help="none: grow each point on its own (macro search); stage / all: one pattern per cell type")

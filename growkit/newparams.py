@@ -106,6 +106,11 @@ class NewParamGroups:
         self.warmup_steps = rule.warmup_steps(steps_per_epoch)
         self.entries: list[dict[str, Any]] = []
         self._handle = optimizer.register_step_pre_hook(self._before_step)
+        # Optimizer.load_state_dict replaces every param-group dict (Lightning restores an
+        # optimizer this way after the callbacks have set up): follow the groups by position.
+        self._positions: list[int] = []
+        self._load_hooks = (optimizer.register_load_state_dict_pre_hook(self._before_load),
+                            optimizer.register_load_state_dict_post_hook(self._after_load))
 
     def add(self, group: Mapping[str, Any], etas: Mapping[str, nn.Parameter] | None = None,
             rule: NewParamRule | None = None) -> None:
@@ -118,12 +123,27 @@ class NewParamGroups:
                              "peak": 0.0})
 
     def remove(self) -> None:
-        """Stop managing the optimizer (the hook is removed; rates stay as they are)."""
+        """Stop managing the optimizer (the hooks are removed; rates stay as they are)."""
         self._handle.remove()
+        for h in self._load_hooks:
+            h.remove()
         self.entries.clear()
 
+    def _before_load(self, optimizer: torch.optim.Optimizer, state_dict: Any) -> None:
+        index = {id(g): i for i, g in enumerate(optimizer.param_groups)}
+        self._positions = [index.get(id(e["group"]), -1) for e in self.entries]
+
+    def _after_load(self, optimizer: torch.optim.Optimizer) -> None:
+        for e, i in zip(self.entries, self._positions):
+            if 0 <= i < len(optimizer.param_groups):
+                e["group"] = optimizer.param_groups[i]
+
     def is_new(self, group: Mapping[str, Any]) -> bool:
-        return any(e["group"] is group for e in self.entries)
+        return self.entry_of(group) is not None
+
+    def entry_of(self, group: Mapping[str, Any]) -> dict[str, Any] | None:
+        """The entry managing ``group`` (its rule and warm-up progress), or ``None``."""
+        return next((e for e in self.entries if e["group"] is group), None)
 
     def ref_lr(self) -> float:
         """The first param group's rate that is not a new-parameter group (0 if there is none)."""

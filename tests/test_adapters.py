@@ -200,6 +200,8 @@ def test_lightning_checkpoint_resume_restores_the_grown_model(pl, digits, probe,
     momentum = {names[id(p)]: s["momentum_buffer"].clone() for p, s in opt1.state.items()}
     saved = {k: v.clone() for k, v in module.state_dict().items()}
     saved_groups = [[names[id(p)] for p in g["params"]] for g in opt1.param_groups]
+    warmup = cb.grower.new_group_state(opt1)
+    assert warmup and all(w["step"] > 0 for w in warmup)
 
     class Check(pl.Callback):
         def on_train_start(self, trainer, pl_module):
@@ -209,6 +211,7 @@ def test_lightning_checkpoint_resume_restores_the_grown_model(pl, digits, probe,
             self.momentum = {named[id(p)]: s["momentum_buffer"].clone() for p, s in opt.state.items()}
             self.state = {k: v.clone() for k, v in pl_module.state_dict().items()}
             self.lambdas = len(trainer.lr_scheduler_configs[0].scheduler.lr_lambdas)
+            self.warmup = cb2.grower.new_group_state(opt)
 
     torch.manual_seed(1)  # a differently initialised fresh network: everything must come from the file
     cb2, check = GrowCallback(**opts), Check()
@@ -219,6 +222,7 @@ def test_lightning_checkpoint_resume_restores_the_grown_model(pl, digits, probe,
     assert [e.to_dict() for e in cb2.grower.events] == [e.to_dict() for e in cb.grower.events]
     assert check.state.keys() == saved.keys() and all(torch.equal(check.state[k], v) for k, v in saved.items())
     assert check.groups == saved_groups and check.lambdas == len(saved_groups)
+    assert check.warmup == warmup  # the new parameters' warm-up continues; it does not restart from 0
     assert check.momentum.keys() == momentum.keys()
     assert all(torch.equal(check.momentum[k], v) for k, v in momentum.items())
     assert t2.global_step == t1.global_step + len(train)  # one more epoch was trained

@@ -15,7 +15,7 @@ import growkit
 from growkit.core.dualgraph import DualGraphModule
 from growkit.core.graph import outputs_equal
 
-from .conftest import TinyResNet
+from .conftest import TinyResNet, run_eval
 from .zoo import ZOO, PlainCNN, build
 
 
@@ -286,3 +286,19 @@ def test_zoo_model_inject_finalize_exact(name):
     g = growkit.finalize(cm).eval()
     with torch.no_grad():
         assert outputs_equal(g(*args), ref)
+
+
+def test_grower_takes_granularity_and_user_named_points():
+    """Grower (and grow_stream through grower_options) find points the way grow() does."""
+    torch.manual_seed(0)
+    model = TinyResNet()
+    x = torch.randn(1, 1, 16, 16)
+    layer = growkit.Grower(model, x, granularity="layer")
+    assert list(layer.model.candidates) == [p.name for p in growkit.trace(model, x, granularity="layer").points
+                                            if p.inputs]
+    assert len(layer.model.candidates) > len(growkit.Grower(model, x).model.candidates)
+    named = growkit.Grower(model, x, points=["relu_2"])  # inside a block: not a heuristic point
+    assert list(named.model.candidates) == ["relu_2"]
+    assert torch.equal(run_eval(named.model, x), run_eval(model, x))
+    with pytest.raises(growkit.PointError, match="nope"):
+        growkit.Grower(model, x, points=["nope"])

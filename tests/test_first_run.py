@@ -99,11 +99,22 @@ def test_cli_missing_checkpoint_is_an_error_line_not_a_traceback(tmp_path, capsy
     assert rc == 2 and err.startswith("growkit: error: --checkpoint") and "Traceback" not in err
 
 
+def test_cli_refuses_to_grow_an_untrained_model_unless_asked(tmp_path, capsys):
+    from growkit.cli import main
+
+    argv = ["grow", "--model", "tests.conftest:TinyResNet", "--data", "digits", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "trained base model" in err and "--base-epochs" in err and "--checkpoint" in err
+    assert not (tmp_path / "o").exists()  # refused before anything was written
+    assert main(argv + ["--base-epochs", "-1"]) == 2
+
+
 def test_cli_budget_error_uses_cli_syntax(tmp_path, capsys):
     from growkit.cli import main
 
     rc = main(["grow", "--model", "tests.conftest:TinyResNet", "--data", "digits", "--out", str(tmp_path / "o"),
-               "--budget", "params=0.5"])
+               "--budget", "params=0.5", "--base-epochs", "0"])
     err = capsys.readouterr().err
     assert rc == 2 and "abs:params=" in err and "relative=False" not in err
     with pytest.raises(growkit.BudgetError, match="relative=False"):  # Python callers still read Python
@@ -115,7 +126,7 @@ def test_cli_resume_flag_and_wording(tmp_path, capsys):
 
     out = tmp_path / "run"
     argv = ["grow", "--model", "tests.conftest:TinyResNet", "--data", "digits", "--out", str(out),
-            "--rounds", "0", "--num-classes", "10"]
+            "--rounds", "0", "--num-classes", "10", "--base-epochs", "0"]
     assert main(argv) == 0
     capsys.readouterr()
     assert main(argv) == 2

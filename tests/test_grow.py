@@ -201,3 +201,22 @@ def test_out_of_memory_names_the_candidates(digits, trained):
     with pytest.raises(growkit.ResourceError, match=r"out of memory while training \d+ candidates.*points=") as ei:
         growkit.grow(trained, train_l, val_l, rounds=1, loss_fn=loss_fn, progress=False)
     assert isinstance(ei.value.__cause__, torch.OutOfMemoryError)
+
+
+def test_compare_finetune_reports_fine_tuning_for_the_same_time(digits, trained):
+    train_l, val_l = digits
+    before = {k: v.clone() for k, v in trained.state_dict().items()}
+    res = growkit.grow(trained, train_l, val_l, rounds=1, seed=0, progress=False, compare_finetune=True)
+    ft = res.finetune
+    assert isinstance(ft, growkit.growth.baseline.FinetuneBaseline) and ft.steps >= 1 and ft.seconds > 0
+    # the baseline trained a copy of the base: its weights moved, the user's model did not
+    sd = ft.model.state_dict()
+    assert any(not torch.equal(sd[k], v) for k, v in before.items() if v.is_floating_point())
+    assert all(torch.equal(trained.state_dict()[k], v) for k, v in before.items())
+    assert ft.val_accuracy == evaluate(ft.model, val_l)["accuracy"]
+    rep = res.report()
+    assert "fine-tuned for the same time" in rep and f"{100 * ft.val_accuracy:.2f} %" in rep
+    assert ("growth beat it" in rep) == (1 - res.best.val_error > ft.val_accuracy)
+    assert growkit.grow(trained, train_l, val_l, rounds=0, progress=False).finetune is None
+    with pytest.raises(growkit.InputError, match="compare_finetune"):
+        growkit.grow(trained, train_l, val_l, rounds=1, progress=False, compare_finetune="yes")

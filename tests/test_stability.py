@@ -172,3 +172,27 @@ def test_every_child_collapsed_warns_about_the_learning_rate(digits, trained, ca
         res = growkit.grow(trained, train_l, val_l, rounds=1, max_eta=1e-6, seed=0, progress=False)
     assert [e.kind for e in res.gallery] == ["base"]
     assert "every grown child collapsed" in caplog.text and "learning rate" in caplog.text
+
+
+def test_new_param_groups_follow_an_optimizer_reloaded_from_its_state():
+    """Optimizer.load_state_dict replaces every param-group dict (Lightning resumes this way): the
+    rule must keep driving the new group, at the step it had reached."""
+    p0, p1 = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    opt = torch.optim.SGD([p0], lr=0.01)
+    opt.add_param_group({"params": [p1], "lr": 1.0})
+    rule = NewParamRule()
+    mgr = NewParamGroups(opt, rule, steps_per_epoch=16)  # warm-up: 4 steps
+
+    def step() -> None:
+        opt.zero_grad()
+        (p0.sum() + p1.sum()).backward()
+        opt.step()
+
+    mgr.add(opt.param_groups[1])
+    step()
+    step()
+    opt.load_state_dict(opt.state_dict())
+    opt.param_groups[1]["lr"] = 123.0  # whatever the file said: the rule sets it before the step
+    step()
+    assert mgr.entry_of(opt.param_groups[1]) is not None and mgr.state_dict()[0]["step"] == 3
+    assert opt.param_groups[1]["lr"] == pytest.approx(rule.lr(0.01, 0.01, 3, 4))

@@ -124,6 +124,7 @@ class GrowCallback(Callback):
         self._restoring = False
         self._stash: dict[str, torch.Tensor] | None = None
         self._layouts: list[list[list[str]] | None] | None = None
+        self._new_groups: list[list[dict[str, Any]]] | None = None
         self._val_metrics: list[float] = []
         self._last_step = -1
 
@@ -209,6 +210,10 @@ class GrowCallback(Callback):
         if self._layouts is not None:
             self._restore_layouts(trainer, pl_module)
             self._layouts = None
+        if self._new_groups is not None:
+            for opt, saved in zip(self._attached, self._new_groups):
+                self.grower.load_new_group_state(opt, saved)
+            self._new_groups = None
 
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_step = trainer.global_step
@@ -263,7 +268,9 @@ class GrowCallback(Callback):
         in_model = {_PREFIX + k for k in self.grower.model.state_dict()}
         extra = {k: v for k, v in tensors.items() if k not in in_model}
         return {"format": "growkit.lightning.GrowCallback", "grower": meta, "tensors": extra,
-                "layouts": [self._layout(opt) for opt in self._attached]}
+                "layouts": [self._layout(opt) for opt in self._attached],
+                # warm-up progress of the new-parameter groups: a resume continues the ramp
+                "new_groups": [self.grower.new_group_state(opt) for opt in self._attached]}
 
     def _layout(self, opt: torch.optim.Optimizer) -> list[list[str]] | None:
         assert self._module is not None
@@ -291,6 +298,7 @@ class GrowCallback(Callback):
         self._install(grower.to(dev))
         self._stash = None
         self._layouts = state_dict.get("layouts")
+        self._new_groups = state_dict.get("new_groups")
         logger.info("GrowCallback: resumed a grower with %d growth events (%d params)", len(grower.events),
                     grower.cost.params)
 

@@ -167,14 +167,14 @@ class LayerGraph:
         head = (
             f"LayerGraph({self.model_name or type(self.graph_module).__name__}: "
             f"{len(self.nodes)} nodes, {len(self.points)} growth points, "
-            f"{len(self.skipped)} blocks skipped)"
+            f"{len(self.skipped)} {self.granularity}s skipped)"
         )
         out = [head, self.table()]
         if any(p.inputs for p in self.points):
             out.append("eligible inputs: name(=,cC) has the point's resolution; name(/F,cC) has F times the "
                        "point's height and width and is down-sampled by F; C = its channels (projected to the point's)")
         if self.skipped:
-            out.append("skipped blocks:")
+            out.append(f"skipped {self.granularity}s:")
             out.extend(f"  {k}: {v}" for k, v in self.skipped.items())
         return "\n".join(out)
 

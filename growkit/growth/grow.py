@@ -18,6 +18,8 @@ growkit cannot see (a sampler with a private generator that is not ``loader.gene
 """
 from __future__ import annotations
 
+import logging
+import time
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
@@ -32,6 +34,7 @@ from ..outputs import OutputLoss
 from ..runsetup import set_up_run
 from ..train import BatchFn
 from ..validate import check_int, check_loader
+from .baseline import finetune_for
 from .config import GrowConfig
 from .executor import Executor, LocalExecutor, get_executor
 from .methods import get_method
@@ -39,6 +42,8 @@ from .result import GrowResult
 from .run import GrowRun
 
 __all__ = ["grow", "GrowResult", "GrowConfig"]
+
+logger = logging.getLogger(__name__)
 
 
 def grow(
@@ -85,6 +90,7 @@ def grow(
     output: str | int | Callable[[Any], torch.Tensor] | None = None,
     allow_new_data: bool = False,
     max_eta: float = DEFAULT_MAX_ETA,
+    compare_finetune: bool = False,
 ) -> GrowResult:
     """Grow ``model`` (not modified) with Petridish on ``loader``; see the module docstring.
 
@@ -138,6 +144,10 @@ def grow(
             from the checkpointed run's; by default that is refused.
         max_eta: a grown gate with ``|eta|`` above this (or non-finite) counts as a divergence,
             like a NaN loss.
+        compare_finetune: after growing, also fine-tune the base for the wall-clock this call
+            took (plain SGD at ``lr``, cosine over time; :mod:`growkit.growth.baseline`) and
+            evaluate it on ``val_loader``: ``result.finetune`` holds it and ``result.report()``
+            says whether growth beat it. Costs as much time again.
 
     Raises:
         NonFiniteLoss: the model's outputs are already non-finite (it is not grown).
@@ -149,6 +159,8 @@ def grow(
         raise InputError("model carries un-finalized candidates; call growkit.finalize first")
     check_int("rounds", rounds, lo=0)
     check_int("children", children, lo=1)
+    if not isinstance(compare_finetune, bool):
+        raise InputError(f"compare_finetune must be True or False, got {compare_finetune!r}")
     check_loader(loader, "loader")
     if val_loader is not None:
         check_loader(val_loader, "val_loader")
@@ -172,6 +184,12 @@ def grow(
                        device=device, seed=seed, progress=progress, per_example=True)
     run = GrowRun(model, setup, cfg, growth_method, ex, checkpoint_dir, allow_new_data=allow_new_data)
     try:
-        return run.run(rounds, resume)
+        t0 = time.perf_counter()
+        result = run.run(rounds, resume)
     finally:
         ex.close()
+    if compare_finetune:
+        spent = time.perf_counter() - t0
+        logger.info("fine-tuning the base for %.1f s (the growth's wall-clock) to compare", spent)
+        result.finetune = finetune_for(run.base_gm, setup, cfg, spent)
+    return result

@@ -9,6 +9,7 @@ from torch import nn
 
 from ..core.cost import Budget
 from ..core.plan import GrowthPlan
+from .baseline import FinetuneBaseline
 from .gallery import Entry, Gallery
 
 __all__ = ["GrowResult"]
@@ -24,6 +25,8 @@ class GrowResult:
         plan: the growth plan of ``model``.
         history: one dict per round (parent, scores, chosen points, costs, metrics, timings).
         base: the gallery entry of the base model.
+        finetune: with ``grow(compare_finetune=True)``: the base fine-tuned for the same
+            wall-clock (its model, steps and validation metrics); else ``None``.
     """
 
     model: nn.Module
@@ -32,6 +35,7 @@ class GrowResult:
     history: list[dict[str, Any]] = field(default_factory=list)
     base: Entry | None = None
     budget: Budget | None = None
+    finetune: FinetuneBaseline | None = None
 
     @property
     def best(self) -> Entry:
@@ -51,9 +55,21 @@ class GrowResult:
             f"{b.cost.flops / 1e6:.2f} MFLOPs\n"
             f"{best_label}: val acc {100 * (1 - g.val_error):.2f} %, {g.cost.params:,} params "
             f"({100 * (g.cost.params / b.cost.params - 1):+.1f} %), {g.cost.flops / 1e6:.2f} MFLOPs"
-            f"{self._report_detail(g)} (entry {g.id})\n\n"
+            f"{self._report_detail(g)} (entry {g.id})\n"
+            f"{self._finetune_line(g)}\n"
         )
         return head + self.gallery.report()
+
+    def _finetune_line(self, best: Entry) -> str:
+        ft = self.finetune
+        if ft is None:
+            return ""
+        d = 100 * ((1 - best.val_error) - ft.val_accuracy)
+        verdict = (f"growth beat it by {d:.2f} points" if d > 0 else
+                   f"growth did not beat it ({d:.2f} points): it did not pay for its compute here "
+                   "(result.finetune.model is the fine-tuned base)" if d < 0 else "a tie")
+        return (f"fine-tuned for the same time ({ft.seconds:.1f} s, {ft.steps} steps): val acc "
+                f"{100 * ft.val_accuracy:.2f} %; {verdict}\n")
 
     def _report_labels(self) -> tuple[str, str]:
         return "base", "best"

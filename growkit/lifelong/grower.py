@@ -42,8 +42,8 @@ from ..core.graph import as_args
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.safecopy import copy_module
 from ..core.selection import choose_points
+from ..core.surgery import growable, remove_inserted, state_of, trace_options
 from ..core.tie import check_tie
-from ..core.surgery import growable, remove_inserted, state_of
 from ..errors import InputError, NonFiniteLoss
 from ..newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
                          check_finite_outputs)
@@ -104,7 +104,10 @@ class Grower:
         example_input: a batch-1 input for tracing.
         budget: growth limits relative to the model at construction (see :func:`growkit.grow` for
             how points and edges are fitted into it).
-        ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`).
+        ops, max_inputs, max_ops, l1, points: candidate settings (see :func:`growkit.inject`);
+            ``points`` may name module paths or fx nodes the heuristic did not pick.
+        granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`; a model
+            without multi-layer blocks falls back to layers on its own).
         candidate_lr: Adam learning rate of the candidates (stepped in :meth:`after_step`).
         new_lr_mult, new_lr_max, new_lr_warmup, new_grad_clip, max_eta: the new-parameter rule
             (:mod:`growkit.newparams`): attached optimizers train grown parameters at
@@ -140,6 +143,7 @@ class Grower:
         max_ops: int = 3,
         l1: float = 1e-3,
         points: Iterable[str] | None = None,
+        granularity: str = "block",
         candidate_lr: float = 3e-3,
         new_lr_mult: float = 2.0,
         new_lr_max: float = DEFAULT_MAX_LR,
@@ -190,7 +194,7 @@ class Grower:
         if example_input is not None:
             mdev = next(model.parameters()).device
             check_finite_outputs(model, tuple(a.to(mdev) for a in as_args(example_input)), "the model passed to Grower")
-        gm = growable(model, example_input)
+        gm = growable(model, example_input, **trace_options(granularity, self.points))
         st = state_of(gm)
         assert st is not None
         dev = next(gm.parameters()).device
@@ -313,14 +317,20 @@ class Grower:
                 for e in mgr.entries if id(e["group"]) in index]
 
     def load_new_group_state(self, optimizer: torch.optim.Optimizer, state: list[dict[str, Any]]) -> None:
-        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule (an
-        optimizer rebuilt from a checkpoint)."""
+        """Put the groups saved by :meth:`new_group_state` back under the new-parameter rule with
+        their warm-up progress (an optimizer rebuilt from a checkpoint). A group already managed
+        (re-added by :meth:`add_param_group`) keeps its entry and takes the saved progress, so a
+        resumed run continues the warm-up instead of restarting it."""
         branches = getattr(self.model.module, BRANCHES, {})
         etas = {e.point: branches[e.key].eta for e in self.plan.edits if e.key in branches}
+        mgr = self._newparams.get(id(optimizer))
         for st in state:
-            entry = self._manage(optimizer, optimizer.param_groups[int(st["group"])],
-                                 replace(self.rule, scale=float(st["scale"])), etas)
-            entry["step"], entry["peak"] = int(st["step"]), float(st["peak"])
+            group = optimizer.param_groups[int(st["group"])]
+            rule = replace(self.rule, scale=float(st["scale"]))
+            entry = mgr.entry_of(group) if mgr is not None and mgr.optimizer is optimizer else None
+            if entry is None:
+                entry = self._manage(optimizer, group, rule, etas)
+            entry["rule"], entry["step"], entry["peak"] = rule, int(st["step"]), float(st["peak"])
 
     def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
               retired: Iterable[nn.Parameter] = ()) -> None:

@@ -164,7 +164,7 @@ def grow_stream(
             optimizer for the whole stream, grown parameters added by the grower).
         replay: reservoir buffer size; each batch gets as many replayed samples appended.
         budget: growth limits relative to ``model``.
-        grower_options: passed to :class:`growkit.Grower` (ops, max_ops, l1, ...).
+        grower_options: passed to :class:`growkit.Grower` (ops, max_ops, l1, points, granularity, ...).
         checkpoint_dir / resume: write the run state after every experience / continue from it.
 
     When training diverges (a non-finite loss, an exploding grown gate) in the experience after a
