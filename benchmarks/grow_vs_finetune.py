@@ -128,9 +128,11 @@ def _parse_channels(items: list[str]) -> dict[str, tuple[int, ...]]:
     return out
 
 
-def make_model(channels: tuple[int, ...]) -> nn.Module:
+def make_model(channels: tuple[int, ...], layers: tuple[int, ...] | None = None) -> nn.Module:
+    """The base family at ``channels`` (and ``layers`` blocks per stage; ``None``: the family's own)."""
+    extra = {} if layers is None else {"layers": tuple(layers)}
     return timm.create_model(FAMILY, pretrained=False, num_classes=10, in_chans=1,
-                             channels=tuple(channels), stem_width=STEM_WIDTH)
+                             channels=tuple(channels), stem_width=STEM_WIDTH, **extra)
 
 
 def wider_channels(base: tuple[int, ...], target_params: int, example: torch.Tensor) -> tuple[tuple[int, ...], int]:

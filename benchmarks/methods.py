@@ -24,6 +24,14 @@ Pruning, in the same run and per seed (accuracy vs params curves, TEST accuracy 
     python benchmarks/methods.py --quick --threads 1 --out /tmp/methods_quick    # smoke run, ~1-2 min
     python benchmarks/methods.py --threads 1                                     # the reported run
 
+Cell mode (issue 22): ``--ties none,stage`` runs every method in macro mode (``tie="none"``, rows
+named by the method) and in cell mode (rows ``method [tie=stage]``) from the same base, data order,
+budget and extra training. resnet10t has one block per stage, so there is nothing to tie: give the
+base repeated blocks with ``--layers`` (e.g. ``1,4,4,1``). The cell-mode result:
+
+    python benchmarks/methods.py --threads 1 --methods petridish,darts,enas,pnas --ties none,stage \
+        --layers 1,4,4,1 --no-prune --datasets digits --seeds 0,1,2,3,4 --out benchmarks/results/methods_cells
+
 Writes benchmarks/results/methods.{json,md} (or --out PREFIX), after every seed.
 """
 from __future__ import annotations
@@ -51,6 +59,7 @@ import growkit  # noqa: E402
 from growkit.core.cost import count_flops, count_params  # noqa: E402
 from growkit.train import evaluate, train_steps  # noqa: E402
 from growkit.core.ops import ops_from_text  # noqa: E402
+from growkit.core.tie import TIES  # noqa: E402
 from growkit.growth.methods import method_names  # noqa: E402
 
 logger = logging.getLogger("methods")
@@ -62,7 +71,8 @@ PRUNERS = (("growkit_l1", "growkit.prune channels, L1"), ("tp_direct_l1", "Torch
 
 
 # ----------------------------------------------------------------------------------------- growth
-def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, args: argparse.Namespace,
+               tie: str = "none") -> dict[str, Any]:
     loader = gvf.train_loader(data, seed)  # the same batch order for every method of a seed
     torch.manual_seed(seed)
     t = time.perf_counter()
@@ -72,7 +82,7 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         rounds=args.rounds, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
         lr=args.lr, new_lr_mult=args.new_lr_mult, weight_decay=args.weight_decay,
         budget=growkit.Budget(params=args.budget), seed=seed, progress=False, ops=args.ops,
-        max_ops=args.max_ops, max_inputs=args.max_inputs,
+        max_ops=args.max_ops, max_inputs=args.max_inputs, tie=tie,
     )
     wall = time.perf_counter() - t
     best = res.best
@@ -100,7 +110,9 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         "selected_kind": best.kind,
         "edits": len(best.plan.edits),
         "atoms": sum(len(e.edges) for e in best.plan.edits),
-        "plan": [{"point": e["point"], "edges": e["edges"]} for e in best.plan.to_dict()["edits"]],
+        "tied_edits": sum(1 for e in best.plan.edits if e.tie),
+        "plan": [{"point": e["point"], "edges": e["edges"], **({"tie": e["tie"]} if e.get("tie") else {})}
+                 for e in best.plan.to_dict()["edits"]],
         "history": [{k: v for k, v in h.items() if k in (
             "round", "parent", "chosen", "atoms", "etas", "val_accuracy", "search_val_accuracy", "search_steps",
             "search_evaluations", "search_val_batches", "note", "levels", "controller_updates", "baseline")}
@@ -160,12 +172,14 @@ def growkit_prune(model: nn.Module, data: dict[str, Any], seed: int, args: argpa
 
 
 # ------------------------------------------------------------------------------------------- run
-def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
+def run_seed(name: str, seed: int, args: argparse.Namespace, reuse: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One dataset and seed: base, every method row, pruning. ``reuse``: the same seed's run from an
+    earlier result with the same settings; rows it holds are kept, not measured again."""
     spec = gvf.DATASETS[name]
     data = gvf.make_data(name, seed, args.batch_size, args.quick)
     torch.manual_seed(seed)
     t = time.perf_counter()
-    base = gvf.make_model(spec["channels"])
+    base = gvf.make_model(spec["channels"], args.layers)
     gvf.train_from_scratch(base, data, seed, args.base_epochs, args.base_lr, args)
     out: dict[str, Any] = {"seed": seed, "sizes": data["sizes"]}
     out["base"] = {**gvf.metrics(base, data), "wall_s": time.perf_counter() - t, "channels": list(spec["channels"])}
@@ -173,18 +187,25 @@ def run_seed(name: str, seed: int, args: argparse.Namespace) -> dict[str, Any]:
                 out["base"]["train_acc"], out["base"]["val_acc"], out["base"]["test_acc"], out["base"]["params"],
                 out["base"]["wall_s"])
     out["methods"] = {}
+    if reuse is not None and reuse["base"]["test_acc"] != out["base"]["test_acc"]:
+        raise SystemExit(f"--reuse: seed {seed}'s base differs from the reused run's; not the same settings")
     grown_petridish = None
     for method in args.methods:
-        r = run_method(method, base, data, seed, args)
-        res = r["result"]
-        res["added_params"] = res["params"] - out["base"]["params"]
-        res["added_flops"] = res["flops"] - out["base"]["flops"]
-        out["methods"][method] = res
-        if method == "petridish":
-            grown_petridish = r["top_grown"]
-        logger.info("%s seed %d %s: test %.4f val %.4f, +%d params, search %.0f s, total %.0f s, %d search steps, "
-                    "%d atoms", name, seed, method, res["test_acc"], res["val_acc"], res["added_params"],
-                    res["search_s"], res["wall_s"], res["search_steps"], res["atoms"])
+        for tie in args.ties:
+            row = method if tie == "none" else f"{method} [tie={tie}]"
+            if reuse is not None and row in reuse["methods"]:
+                out["methods"][row] = reuse["methods"][row]
+                continue
+            r = run_method(method, base, data, seed, args, tie)
+            res = r["result"]
+            res["added_params"] = res["params"] - out["base"]["params"]
+            res["added_flops"] = res["flops"] - out["base"]["flops"]
+            out["methods"][row] = res
+            if method == "petridish" and tie == "none":
+                grown_petridish = r["top_grown"]
+            logger.info("%s seed %d %s: test %.4f val %.4f, +%d params, search %.0f s, total %.0f s, %d search steps, "
+                        "%d atoms", name, seed, row, res["test_acc"], res["val_acc"], res["added_params"],
+                        res["search_s"], res["wall_s"], res["search_steps"], res["atoms"])
     if args.prune:
         p: dict[str, Any] = {}
         kw = dict(method="channels", steps=args.prune_steps, max_ratio=args.prune_ratio)
@@ -261,6 +282,31 @@ def _pct(x: float) -> str:
     return f"{100 * x:.2f}"
 
 
+def _cell_vs_macro(runs: list[dict[str, Any]]) -> list[str]:
+    """Paired per seed: each cell-mode row minus its method's macro row (same base, data, budget)."""
+    rows = [m for m in runs[0]["methods"] if " [tie=" in m and all(m in r["methods"] for r in runs)]
+    if not rows:
+        return []
+    L = ["Cell mode minus macro mode, paired per seed (test accuracy points; wins / draws / losses over seeds; "
+         "tied edits: edits with a tie in the selected model, mean; grown: seeds whose selected model is grown):", "",
+         "| method | cell - macro | per seed | W / D / L | added params cell / macro | tied edits | grown cell / macro |",
+         "|---|---|---|---|---|---|---|"]
+    for m in rows:
+        macro = m.split(" [tie=")[0]
+        if not all(macro in r["methods"] for r in runs):
+            continue
+        d = [100 * (r["methods"][m]["test_acc"] - r["methods"][macro]["test_acc"]) for r in runs]
+        mean, std = _mean_std(d)
+        w, t = sum(x > 0 for x in d), sum(x == 0 for x in d)
+        grown = [sum(r["methods"][k]["edits"] > 0 for r in runs) for k in (m, macro)]
+        L.append(f"| {m} | {mean:+.2f} ± {std:.2f} | {', '.join(f'{x:+.2f}' for x in d)} | {w} / {t} / {len(d) - w - t} | "
+                 f"{statistics.mean(r['methods'][m]['added_params'] for r in runs):,.0f} / "
+                 f"{statistics.mean(r['methods'][macro]['added_params'] for r in runs):,.0f} | "
+                 f"{statistics.mean(r['methods'][m].get('tied_edits', 0) for r in runs):.1f} | "
+                 f"{grown[0]} / {grown[1]} of {len(runs)} |")
+    return L + [""]
+
+
 def markdown(result: dict[str, Any]) -> str:
     a = result["settings"]
     L = [
@@ -278,7 +324,11 @@ def markdown(result: dict[str, Any]) -> str:
         f"training batches (column 'search batches'). lr {a['lr']}, new_lr_mult {a['new_lr_mult']}, budget params "
         f"x{a['budget']}, ops {a['ops'] or 'default'}, max_inputs {a['max_inputs']}, max_ops {a['max_ops']}; method "
         f"options {a['method_options'] or 'defaults'}. Selection on validation; TEST accuracy reported, mean ± std "
-        f"(median) over seeds {a['seeds']}.",
+        f"(median) over seeds {a['seeds']}."
+        + (f" Blocks per stage {tuple(a['layers'])}." if a.get("layers") else "")
+        + (f" Tie modes {', '.join(a['ties'])}: rows 'method [tie=stage]' are cell mode (one pattern per cell type, "
+           "each copy with its own weights; the budget counts every copy), plain rows macro mode."
+           if a.get("ties", ["none"]) != ["none"] else ""),
         "",
     ]
     for name, d in result["datasets"].items():
@@ -301,6 +351,7 @@ def markdown(result: dict[str, Any]) -> str:
                      f"{x['search_s_mean']:.1f} | {x['wall_s_mean']:.1f} | {x['search_steps_mean']:.0f} | "
                      f"{x['atoms_mean']:.1f} |")
         L.append("")
+        L += _cell_vs_macro(runs)
         pr = s.get("pruning")
         if pr:
             L += [f"### {name}: channel pruning, accuracy vs params (same base, same run; "
@@ -359,6 +410,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ops", default="paper", help="comma-separated op names, 'paper', 'wide', or 'default'")
     p.add_argument("--max-inputs", type=int, default=2)
     p.add_argument("--max-ops", type=int, default=3)
+    p.add_argument("--ties", default="none", help="comma-separated tie modes per method: none (macro), stage, all")
+    p.add_argument("--layers", default=None, metavar="B1,B2,B3,B4",
+                   help="blocks per stage of the base (default: the family's own; cell mode needs repeated blocks)")
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--no-prune", dest="prune", action="store_false", help="skip the pruning curves")
     p.add_argument("--prune-steps", type=int, default=5)
@@ -368,7 +422,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/methods)")
+    p.add_argument("--reuse", default=None, metavar="JSON",
+                   help="an earlier result of these settings: its rows are kept (only missing method rows run)")
+    p.add_argument("--render", default=None, metavar="JSON", help="only rewrite JSON's markdown next to it, then exit")
     args = p.parse_args(argv)
+    if args.render:
+        Path(args.render).with_suffix(".md").write_text(markdown(json.loads(Path(args.render).read_text())))
+        return 0
     args.ops = ops_from_text(args.ops)
     argv_s = " ".join(sys.argv if argv is None else argv)
     if args.quick:
@@ -379,6 +439,10 @@ def main(argv: list[str] | None = None) -> int:
         if "--datasets" not in argv_s:
             args.datasets = "digits"
     args.methods = [m for m in args.methods.split(",") if m]
+    args.ties = [t for t in args.ties.split(",") if t]
+    if not args.ties or any(t not in TIES for t in args.ties):
+        p.error(f"--ties wants modes from {TIES}, got {args.ties}")
+    args.layers = tuple(int(b) for b in args.layers.split(",")) if args.layers else None
     unknown = [m for m in args.methods if m not in method_names()]
     if unknown:
         p.error(f"unknown methods {unknown}; available: {method_names()}")
@@ -408,11 +472,21 @@ def main(argv: list[str] | None = None) -> int:
         Path(f"{out_prefix}.json").write_text(json.dumps(gvf._clean(result), indent=1))
         Path(f"{out_prefix}.md").write_text(markdown(result))
 
+    prior: dict[tuple[str, int], dict[str, Any]] = {}
+    if args.reuse:
+        old = json.loads(Path(args.reuse).read_text())
+        keys = ("base_epochs", "base_lr", "rounds", "search_epochs", "finetune_epochs", "lr", "new_lr_mult",
+                "weight_decay", "budget", "ops", "max_inputs", "max_ops", "batch_size", "layers", "method_options", "quick")
+        mine = gvf._clean(result["settings"])
+        bad = [k for k in keys if old["settings"].get(k) != mine.get(k)]
+        if bad:
+            p.error(f"--reuse {args.reuse}: settings differ ({', '.join(bad)})")
+        prior = {(n, r["seed"]): r for n, d in old["datasets"].items() for r in d["runs"]}
     for name in names:
         d: dict[str, Any] = {"runs": []}
         result["datasets"][name] = d
         for seed in seeds:
-            d["runs"].append(run_seed(name, seed, args))
+            d["runs"].append(run_seed(name, seed, args, prior.get((name, seed))))
             d["summary"] = summarize(d["runs"])
             write()
         logger.info("%s done at %.0f s", name, time.perf_counter() - t0)

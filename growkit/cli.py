@@ -11,6 +11,7 @@ import torch
 
 from .errors import GrowkitError, InputError
 from .core.ops import ops_from_text
+from .core.tie import TIES
 
 __all__ = ["main"]
 
@@ -132,7 +133,7 @@ def _cmd_grow(args: argparse.Namespace) -> int:
         model, train_l, val_l, budget=Budget.parse(args.budget) if args.budget else None, rounds=args.rounds,
         search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs, lr=args.lr, seed=args.seed,
         checkpoint_dir=args.out, resume=args.resume, method=args.method, method_options=options, children=args.children,
-        ops=ops_from_text(args.ops), compare_finetune=args.compare_finetune,
+        ops=ops_from_text(args.ops), tie=args.tie, compare_finetune=args.compare_finetune,
         executor="ray" if args.ray_workers else "local",
         executor_options={"num_workers": args.ray_workers, "address": args.ray_address} if args.ray_workers else None,
     )
@@ -223,6 +224,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--compare-finetune", action="store_true",
                    help="also fine-tune the base for the time growing took and report both (costs that time again)")
     g.add_argument("--method-options", default=None, help='JSON options of the pass, e.g. \'{"samples": 8}\'')
+    g.add_argument("--tie", choices=TIES, default="none",
+                   help="none: grow each point on its own (macro search); stage / all: one pattern per cell type")
     g.set_defaults(func=_cmd_grow)
 
     r = sub.add_parser("report", help="print the gallery table of a grow output directory and plot it")

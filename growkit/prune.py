@@ -360,16 +360,22 @@ def _prune_branches(source: torch.fx.GraphModule, base: Entry, val_loader: Itera
             break
         step += 1
         scores = branch_scores(cur, val_loader, criterion, batches, batch_fn, dev)
-        key = min(scores, key=lambda k: (scores[k], k))
+        # A tied edit (cell mode) is one decision: its group is scored by its mean and goes at once.
+        unit = {k: st.plan.tied_keys(k) for k in scores}
+        score_of = {k: sum(scores[u] for u in unit[k]) / len(unit[k]) for k in scores}
+        key = min(score_of, key=lambda k: (score_of[k], k))
+        gone = set(unit[key])
         edit = next(e for e in st.plan.edits if e.key == key)
         plan = st.plan.copy()
-        plan.edits = [e for e in plan.edits if e.key != key]
-        drop = f"{BRANCHES}.{key}."
+        plan.edits = [e for e in plan.edits if e.key not in gone]
+        drop = tuple(f"{BRANCHES}.{k}." for k in gone)
         state = {k: v for k, v in cur.state_dict().items() if not k.startswith(drop)}
         nxt = apply_plan(root, plan, example).to(dev)
         nxt.load_state_dict(state)
         finetune(nxt, f"prune step {step} fine-tune")
-        note = f"removed branch {key} at {edit.point} ({criterion} {scores[key]:.4g})"
+        what = f"branch {key} at {edit.point}" if len(gone) == 1 else \
+            f"tied branches {', '.join(unit[key])} ({len(gone)} blocks)"
+        note = f"removed {what} ({criterion} {score_of[key]:.4g})"
         e = add(nxt, parent.id, step, "pruned", plan.copy(), note)
         history.append({"step": step, "removed": key, "point": edit.point, "scores": scores, "entry": e.id,
                         "val_accuracy": 1 - e.val_error, "params": e.cost.params, "flops": e.cost.flops})

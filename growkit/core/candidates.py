@@ -5,6 +5,10 @@ point becomes ``x_k + sf(x_c)``, with ``sg(x) = x.detach()`` and ``sf(x) = x - x
 forward value is exactly x_k, the base model's gradients are untouched, and the candidate's
 parameters receive ``d/dtheta <dL/dx_k, x_c>``: ordinary backprop trains the weak learner to fit the
 negative gradient while the base model keeps training.
+
+Cell mode (``inject(tie="stage" | "all")``): the candidates of a tie group share one ``alpha`` (one
+weight per relative edge, its gradient pooled over the copies) and keep their own ops and norms;
+why a shared alpha rather than pooled scores is in :mod:`growkit.core.tie`.
 """
 from __future__ import annotations
 
@@ -20,6 +24,7 @@ from .graph import EligibleInput, GrowthPoint
 from .plan import Edge, ScoredEdge
 from .ops import DEFAULT_REGISTRY, OpRegistry, add_keep_strides, build_edge_op, canonical, decanonical, feature_norm, resolve_ops
 from .surgery import GrowState, growable, insert_at_point, state_of
+from .tie import TieGroup, check_tie, tie_groups
 
 __all__ = ["sg", "sf", "sf_normalized", "Candidate", "CandidateModel", "inject", "CANDIDATES"]
 
@@ -221,10 +226,12 @@ class CandidateModel(nn.Module):
     parameters are :meth:`base_parameters`.
     """
 
-    def __init__(self, module: torch.fx.GraphModule, l1: float) -> None:
+    def __init__(self, module: torch.fx.GraphModule, l1: float, ties: Sequence[TieGroup] = ()) -> None:
         super().__init__()
         self.module = module
         self.l1 = float(l1)
+        self.ties: list[TieGroup] = list(ties)
+        """Tie groups (cell mode): their candidates share one ``alpha`` (see :func:`inject`)."""
 
     @property
     def state(self) -> GrowState:
@@ -241,7 +248,11 @@ class CandidateModel(nn.Module):
         return self.module(*args, **kwargs)
 
     def extra_loss(self) -> torch.Tensor:
-        """``l1 * sum |alpha|`` over all candidates (add it to the training loss)."""
+        """``l1 * sum |alpha|`` over all candidates (add it to the training loss).
+
+        A shared alpha counts once per tied candidate: its data gradient sums over the copies
+        too, so the balance between fit and L1 is the one each copy has in macro mode.
+        """
         alphas = [c.alpha.abs().sum() for c in self.candidates.values()]
         return self.l1 * torch.stack(alphas).sum()
 
@@ -288,6 +299,7 @@ def inject(
     *,
     normalize_grad: bool = False,
     registry: OpRegistry | None = None,
+    tie: str = "none",
     **trace_kwargs: Any,
 ) -> CandidateModel:
     """Add Petridish candidates at growth points of a copy of ``model``.
@@ -304,6 +316,10 @@ def inject(
         normalize_grad: give candidates dL/dx_k scaled to unit RMS per batch (same direction,
             scale-free; what :func:`growkit.grow` uses). ``False`` is the paper's exact identity.
         registry: op registry to build ops from (default: growkit's).
+        tie: ``"none"`` (macro search: every point on its own), ``"stage"`` or ``"all"`` (cell
+            mode: the points of a tie group, see :mod:`growkit.core.tie`, share one ``alpha``,
+            one weight per relative edge, while each keeps its own ops and norms; finalize then
+            grows the same relative edges at every member).
         **trace_kwargs: forwarded to :func:`growkit.trace` (``granularity=``, ``leaf_modules=``).
     """
     if isinstance(model, CandidateModel):
@@ -312,6 +328,7 @@ def inject(
         raise InputError(f"max_inputs must be a positive int or None, got {max_inputs!r}")
     if not (isinstance(l1, (int, float)) and l1 >= 0):
         raise InputError(f"l1 must be a non-negative number, got {l1!r}")
+    check_tie(tie)
     registry = registry or DEFAULT_REGISTRY
     points = [points] if isinstance(points, str) else (None if points is None else list(points))
     if points and state_of(model) is None:
@@ -322,13 +339,19 @@ def inject(
     chosen = _select_points(st, points)
     if not chosen:
         raise PointError(f"{type(model).__name__} has no growth point with eligible inputs")
+    inputs = {p.name: list(p.inputs)[-max_inputs:] if max_inputs is not None else list(p.inputs) for p in chosen}
+    ties = tie_groups(st.points, chosen, inputs, tie)
+    shared = {m: g.points[0] for g in ties for m in g.points[1:]}
+    cands: dict[str, Candidate] = {}
     for p in chosen:
-        inputs = list(p.inputs)
-        if max_inputs is not None:
-            inputs = inputs[-max_inputs:]
-        cand = Candidate(p, inputs, resolve_ops(ops, p.layout), registry, normalize_grad)
+        cand = Candidate(p, inputs[p.name], resolve_ops(ops, p.layout), registry, normalize_grad)
+        if p.name in shared:
+            # One alpha per relative edge: members' inputs are slot-aligned, so entry (i, j) is
+            # the same relative edge everywhere and its gradient pools every copy's evidence.
+            cand.alpha = cands[shared[p.name]].alpha
+        cands[p.name] = cand
         insert_at_point(gm, p.name, cand.input_names, cand, CANDIDATES, p.name)
     gm.graph.lint()
     gm.recompile()
     gm.train(model.training)
-    return CandidateModel(gm, l1)
+    return CandidateModel(gm, l1, ties)

@@ -5,6 +5,11 @@ are warm-started from weak learning, whose 1x1 projection starts as the alpha-we
 candidate learned, and whose gate ``eta`` starts at 0: the result computes exactly the model's
 function at the moment of growth, and ``d loss / d eta = <dL/dx_k, x_c>`` is the fit that weak
 learning made large.
+
+Cell mode (``inject(tie=...)``): the members of a tie group grow the same relative edges (one
+selection per group, translated slot by slot), each with its own ops, norms, projection and gate
+warm-started from its own candidate; their edits carry the group's ``tie`` id (the key of the
+group's first edit) so the plan records the cell.
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ from .ops import DEFAULT_REGISTRY, OpRegistry
 from .plan import Edit, ScoredEdge
 from .safecopy import copy_module
 from .surgery import apply_edit, remove_inserted, state_of
+from .tie import group_of
 
 __all__ = ["finalize", "selected_edges"]
 
@@ -37,6 +43,8 @@ def selected_edges(
 
     ``selection="alpha"`` keeps the top-``max_ops`` by |alpha| (the paper's L1 feature
     selection); ``"random"`` keeps ``max_ops`` edges drawn uniformly (the paper's ablation).
+    A tie group is chosen by one member's selection (its alpha is shared; one random draw)
+    translated to every member; naming one member in ``points`` grows the whole group.
     """
     if selection not in ("alpha", "random"):
         raise InputError(f"selection must be 'alpha' or 'random', got {selection!r}")
@@ -54,15 +62,43 @@ def selected_edges(
                 if not match:
                     raise PointError(f"no candidate at point {n!r}; candidates are at: {', '.join(cands)}")
         names = [k for k in cands if k in names or candidate_model.state.point(k).module in names]
+    tied = group_of(candidate_model.ties)
+    names = [k for k in cands if k in names or (k in tied and set(tied[k].points) & set(names))]
     if selection == "alpha":
-        return {k: cands[k].top_edges(max_ops) for k in names}
-    out = {}
-    for k, c in cands.items():
-        flat = c.alpha.detach().flatten().tolist()
-        pick = torch.randperm(len(flat), generator=generator)[:max_ops].tolist()
-        if k in names:
-            out[k] = [ScoredEdge(*c.edges()[i], flat[i]) for i in pick]
-    return out
+        out = {k: cands[k].top_edges(max_ops) for k in names if k not in tied or tied[k].points[0] == k}
+    else:
+        out = {}
+        for k, c in cands.items():
+            if k in tied and tied[k].points[0] != k:
+                continue  # the group's first member draws for all of them
+            flat = c.alpha.detach().flatten().tolist()
+            pick = torch.randperm(len(flat), generator=generator)[:max_ops].tolist()
+            if k in names:
+                out[k] = [ScoredEdge(*c.edges()[i], flat[i]) for i in pick]
+    for g in candidate_model.ties:
+        if g.points[0] in out:
+            first = out[g.points[0]]
+            for p, es in g.translate(g.points[0], [e.edge for e in first]).items():
+                out[p] = [ScoredEdge(z, op, e.alpha) for (z, op), e in zip(es, first)]
+    return {k: out[k] for k in names if k in out}
+
+
+def _check_tied(candidate_model: CandidateModel, chosen: Mapping[str, Sequence[ScoredEdge]]) -> None:
+    """Explicit ``edges`` must grow a tie group whole, with the same relative edges everywhere."""
+    for g in candidate_model.ties:
+        present = [p for p in g.points if p in chosen]
+        if not present:
+            continue
+        if len(present) != len(g.points):
+            missing = [p for p in g.points if p not in chosen]
+            raise InputError(f"points {present} are tied with {missing} (cell mode); give edges for every "
+                             "member of the group, or inject with tie='none'")
+        first = g.points[0]
+        want = g.translate(first, [e.edge for e in chosen[first]])
+        bad = [p for p in g.points if [tuple(e.edge) for e in chosen[p]] != [tuple(w) for w in want[p]]]
+        if bad:
+            raise InputError(f"tied points {bad} do not grow the same relative edges as {first!r}; "
+                             f"expected {[want[p] for p in bad]}")
 
 
 def _finite(tensors: Iterable[torch.Tensor]) -> bool:
@@ -112,11 +148,14 @@ def finalize(
             bad = [tuple(e.edge) for e in es if e.edge not in known]
             if bad:
                 raise InputError(f"point {k!r} has no candidate edge(s) {bad}; its edges are {sorted(known)}")
+        _check_tied(candidate_model, chosen)
     gm = copy_module(candidate_model.module)
     gm.meta["growkit"] = candidate_model.state.copy()
     remove_inserted(gm, CANDIDATES)
     st = state_of(gm)
     assert st is not None
+    tied = group_of(candidate_model.ties)
+    tie_id: dict[int, str] = {}  # id(group) -> key of its first grown edit
     for point, edges in chosen.items():
         if not edges:
             logger.info("point %s: every alpha is zero, nothing to grow", point)
@@ -127,7 +166,9 @@ def finalize(
             # Copying them would put NaN / inf into the grown model (eta * NaN is NaN).
             logger.warning("point %s: its candidate's weights are not finite; nothing grown there", point)
             continue
-        edit = Edit(point, tuple(e.edge for e in edges), f"g{len(st.plan.edits)}")
+        key = f"g{len(st.plan.edits)}"
+        tie = tie_id.setdefault(id(tied[point]), key) if point in tied else ""
+        edit = Edit(point, tuple(e.edge for e in edges), key, tie)
         branch = apply_edit(gm, edit, registry or DEFAULT_REGISTRY)
         with torch.no_grad():
             for e, scored in enumerate(edges):

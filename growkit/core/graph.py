@@ -74,6 +74,8 @@ class GrowthPoint:
 
     ``name`` is the fx node name (stable across re-traces of the same architecture), ``module``
     the module path of the block, ``layout`` one of ``"nchw"``, ``"nhwc"``, ``"tokens"``.
+    ``kind`` is the qualified class name of the module at ``module`` (``""`` when the point is
+    a node, not a module): cell mode ties only blocks of one kind (:mod:`growkit.core.tie`).
     """
 
     name: str
@@ -83,6 +85,7 @@ class GrowthPoint:
     layout: str
     stage: int
     inputs: tuple[EligibleInput, ...] = ()
+    kind: str = ""
 
     @property
     def channels(self) -> int:
@@ -550,6 +553,11 @@ def _stages(found: list[tuple[int, str, torch.fx.Node, str]]) -> list[int]:
     return stages
 
 
+def _kind(module: nn.Module | None) -> str:
+    """Qualified class name of a point's module (``""`` for none)."""
+    return "" if module is None else f"{type(module).__module__}.{type(module).__qualname__}"
+
+
 def _find_points(
     gm: torch.fx.GraphModule,
     model: nn.Module,
@@ -630,9 +638,11 @@ def _find_points(
     if user_points:
         found = _add_user_points(found, user_points, gm, model, members, shared_paths, usable, block_inputs, external_input)
     stages = _stages(found)
+    all_mods = dict(model.named_modules())
     points = [
         GrowthPoint(node.name, path, tuple(int(s) for s in node.meta["tensor_meta"].shape),
-                    str(node.meta["tensor_meta"].dtype).replace("torch.", ""), key.split("|", 1)[0], st)
+                    str(node.meta["tensor_meta"].dtype).replace("torch.", ""), key.split("|", 1)[0], st,
+                    kind=_kind(all_mods.get(path)))
         for (_, path, node, key), st in zip(found, stages)
     ]
 

@@ -69,14 +69,24 @@ class ScoredEdge(NamedTuple):
 
 @dataclass(frozen=True)
 class Edit:
-    """A grown branch at base point ``point``, merging ``edges`` by concat + 1x1 projection."""
+    """A grown branch at base point ``point``, merging ``edges`` by concat + 1x1 projection.
+
+    ``tie`` (cell mode) is the key of the first edit of the tie group this edit belongs to:
+    edits with the same ``tie`` grow the same relative edges at the blocks of one cell type and
+    are kept or removed together. ``""``: untied (macro search; not written to JSON).
+    """
 
     point: str
     edges: tuple[Edge, ...]
     key: str
+    tie: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"point": self.point, "key": self.key, "edges": [{"input": e.input, "op": e.op} for e in self.edges]}
+        out: dict[str, Any] = {"point": self.point, "key": self.key,
+                               "edges": [{"input": e.input, "op": e.op} for e in self.edges]}
+        if self.tie:
+            out["tie"] = self.tie
+        return out
 
     def atoms(self) -> tuple[Atom, ...]:
         """This edit's edges placed at its point."""
@@ -95,6 +105,11 @@ class GrowthPlan:
 
     def __len__(self) -> int:
         return len(self.edits)
+
+    def tied_keys(self, key: str) -> list[str]:
+        """Keys of the edits grown together with edit ``key`` (itself included, plan order)."""
+        tie = next((e.tie for e in self.edits if e.key == key), "")
+        return [e.key for e in self.edits if e.key == key or (tie and e.tie == tie)]
 
     def copy(self) -> "GrowthPlan":
         """An independent copy (a module's plan keeps changing as it grows; a record must not)."""
@@ -140,7 +155,10 @@ class GrowthPlan:
             if key in keys:
                 raise PlanError(f"plan edit key {key!r} occurs twice; every edit needs its own key")
             keys.add(key)
-            edits.append(Edit(check_plan_name(e.get("point"), "point"), edges, key))
+            tie = check_edit_key(e["tie"]) if "tie" in e else ""
+            if tie and tie not in keys:
+                raise PlanError(f"plan edit {i} is tied to {tie!r}, which is not the key of this or an earlier edit")
+            edits.append(Edit(check_plan_name(e.get("point"), "point"), edges, key, tie))
         shapes, dtypes = check_plan_inputs(d.get("input_shapes", []), d.get("input_dtypes", []))
         base = d.get("base", {})
         if not isinstance(base, dict):

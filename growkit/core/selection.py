@@ -8,6 +8,10 @@ keeps its leading edges that do (top |alpha| first; for random selection, the fi
 expensive ops at one point do not shut out a point that a smaller branch would serve. The edges
 that were costed are returned with the points, so the caller grows exactly them (random edge
 draws included).
+
+Cell mode: a tie group (:mod:`growkit.core.tie`) is one decision. Its score is the mean of its
+members' scores (pooled evidence), its cost the sum over every copy, and a partial fit keeps the
+same leading edges at every member.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from .cost import Budget, Cost, count_params, flop_counter, measure
 from .finalize import finalize, selected_edges
 from .plan import BRANCHES, ScoredEdge
 from .surgery import state_of
+from .tie import units
 
 __all__ = ["Choice", "branch_costs", "choose_points"]
 
@@ -70,13 +75,21 @@ def choose_points(
     relative to. ``partial=False`` grows a point with all of its ``max_ops`` edges or not at all
     (the paper's Algorithm 2 has no budget).
     """
-    scores = cm.scores()
     edges = selected_edges(cm, max_ops, selection=selection, generator=generator)
     full = finalize(cm, edges=edges)
-    costs = branch_costs(full, example)
+    point_costs = branch_costs(full, example)
+    # Decision units: an untied point alone, a tie group with all its copies (cell mode).
+    point_scores = cm.scores()
+    scores, costs = {}, {}
+    for u in units(point_scores, cm.ties):
+        if not all(p in point_costs for p in u):
+            continue
+        vals = [point_scores[p] for p in u if point_scores[p] == point_scores[p]]
+        scores[u] = sum(vals) / len(vals) if vals else float("nan")
+        costs[u] = (sum(point_costs[p][0] for p in u), sum(point_costs[p][1] for p in u))
     ranked = sorted(
-        (p for p in scores if scores[p] == scores[p] and scores[p] > 0 and p in costs),
-        key=lambda p: scores[p] / (costs[p][0] / max(base.params, 1) + 1e-9),
+        (u for u in scores if scores[u] == scores[u] and scores[u] > 0),
+        key=lambda u: scores[u] / (costs[u][0] / max(base.params, 1) + 1e-9),
         reverse=True,
     )
     chosen: dict[str, list[ScoredEdge]] = {}
@@ -86,21 +99,25 @@ def choose_points(
         trial = Cost(current.params + add_p + cost[0], current.flops + add_f + cost[1], None)
         return budget is None or budget.allows(trial, base)
 
-    for p in ranked:
-        if max_points is not None and len(chosen) >= max_points:
-            break
-        keep, cost = edges[p], costs[p]
+    for u in ranked:
+        if max_points is not None and len(chosen) + len(u) > max_points:
+            if len(u) == 1:
+                break
+            continue
+        keep, cost = {p: edges[p] for p in u}, costs[u]
         if not fits(cost):
-            keep = []
+            keep = {}
             # Fewer edges shrink the branch (its ops and the projection's input width).
-            for k in range(len(edges[p]) - 1, 0, -1) if partial else ():
-                c = branch_costs(finalize(cm, edges={p: edges[p][:k]}), example)[p]
-                if fits(c):
-                    keep, cost = edges[p][:k], c
+            for k in range(len(edges[u[0]]) - 1, 0, -1) if partial else ():
+                trial = {p: edges[p][:k] for p in u}
+                c = branch_costs(finalize(cm, edges=trial), example)
+                total = (sum(c[p][0] for p in u), sum(c[p][1] for p in u))
+                if fits(total):
+                    keep, cost = trial, total
                     break
             if not keep:
                 continue
-        chosen[p] = keep
+        chosen.update(keep)
         add_p += cost[0]
         add_f += cost[1]
     why = "" if chosen else ("no candidate fits the budget" if ranked else "no candidate fits the negative gradient")
@@ -118,9 +135,9 @@ def _within_latency(cm: CandidateModel, example: tuple[torch.Tensor, ...],
     Latency is not additive over branches, so it is measured on the grown model itself, here,
     rather than after weak learning has been paid for.
     """
-    order = list(chosen)
+    order = units(chosen, cm.ties)
     while order:
-        keep = {p: chosen[p] for p in order}
+        keep = {p: chosen[p] for u in order for p in u}
         if budget.allows(measure(finalize(cm, edges=keep), example, latency=True), base):
             return keep
         order.pop()

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Iterable
 
 from ..core.cost import Budget
+from ..core.tie import check_tie
 from ..errors import InputError
 from ..newparams import DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamRule
 from ..outputs import output_label
@@ -50,6 +51,7 @@ class GrowConfig:
     granularity: str = "block"
     points_per_round: int | None = None
     selection: str = "alpha"
+    tie: str = "none"
     seed: int | None = None
     cost_axis: str = "params"
     eps: float = 0.025
@@ -69,6 +71,7 @@ class GrowConfig:
             object.__setattr__(self, "points", tuple(self.points))
         object.__setattr__(self, "method_options", dict(self.method_options or {}))
         check_grow_settings(self)
+        check_tie(self.tie)
         self.new_param_rule()  # validates the new-parameter settings before any work
 
     @property
@@ -93,6 +96,8 @@ class GrowConfig:
         out["ops"] = self.ops if self.ops is None or isinstance(self.ops, str) else list(self.ops)
         out["points"] = None if self.points is None else list(self.points)
         out["output"] = output_label(self.output)
+        if self.tie == "none":
+            del out["tie"]  # macro search: the JSON checkpoints written before cell mode existed
         return out
 
     @classmethod

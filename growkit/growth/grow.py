@@ -77,6 +77,7 @@ def grow(
     granularity: str = "block",
     points_per_round: int | None = None,
     selection: str = "alpha",
+    tie: str = "none",
     loss_fn: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     batch_fn: BatchFn | None = None,
     device: str | torch.device | None = None,
@@ -126,6 +127,10 @@ def grow(
         granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
         selection: ``"alpha"`` (L1 / top |alpha|) or ``"random"`` edge selection (ablation).
+        tie: ``"none"`` (macro search: each point grows on its own), ``"stage"`` (cell mode: the
+            repeated blocks of a stage with the same relative structure grow one pattern, each
+            copy with its own weights) or ``"all"`` (one pattern per cell type across stages);
+            see :mod:`growkit.core.tie`. The budget counts every copy.
         loss_fn: ``loss_fn(output, target)``; default cross entropy.
         batch_fn: maps a loader batch to ``(inputs, targets)``.
         device: where to train (default: the model's device).
@@ -164,7 +169,7 @@ def grow(
         finetune_epochs=finetune_epochs, lr=lr, new_lr_mult=new_lr_mult, new_lr_max=new_lr_max,
         new_lr_warmup=new_lr_warmup, new_grad_clip=new_grad_clip, candidate_lr=candidate_lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, ops=ops, max_inputs=max_inputs, max_ops=max_ops,
-        points=points, granularity=granularity, points_per_round=points_per_round, selection=selection, seed=seed, cost_axis=cost_axis,
+        points=points, granularity=granularity, points_per_round=points_per_round, selection=selection, tie=tie, seed=seed, cost_axis=cost_axis,
         eps=eps, max_eta=max_eta, children=children, output=output,
     )
     if resume and checkpoint_dir is None:

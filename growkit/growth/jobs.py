@@ -216,7 +216,7 @@ class ChildTrainer:
         rec: dict[str, Any] = dict(resume[0]["progress"].get("rec", {})) if resume is not None else {}
         t = time.perf_counter()
         cm = inject(self.model_from(job.plan, unpack_state(job.state)), points=cfg.points, ops=cfg.ops,
-                    max_inputs=cfg.max_inputs, l1=cfg.l1, normalize_grad=True).to(self.dev)
+                    max_inputs=cfg.max_inputs, l1=cfg.l1, normalize_grad=True, tie=cfg.tie).to(self.dev)
         opt, _ = growth_optimizer(cm, [], exclude=list(cm.candidate_parameters()), lr=cfg.lr, momentum=cfg.momentum,
                                   weight_decay=cfg.weight_decay)
         # Candidates get their own Adam: their (normalised) boosting gradient has another scale

@@ -43,6 +43,7 @@ from ..core.plan import BRANCHES, GrowthPlan
 from ..core.safecopy import copy_module
 from ..core.selection import choose_points
 from ..core.surgery import growable, remove_inserted, state_of, trace_options
+from ..core.tie import check_tie
 from ..errors import InputError, NonFiniteLoss
 from ..newparams import (DEFAULT_CLIP, DEFAULT_MAX_ETA, DEFAULT_MAX_LR, DEFAULT_WARMUP, NewParamGroups, NewParamRule,
                          check_finite_outputs)
@@ -126,6 +127,8 @@ class Grower:
             improvement.
         points_per_growth: most points grown at once (default: all that fit).
         selection: ``"alpha"`` or ``"random"`` (ablation) edge selection.
+        tie: ``"none"`` (each point on its own), ``"stage"`` or ``"all"``: cell mode, tied blocks
+            grow one pattern (see :func:`growkit.inject` and :mod:`growkit.core.tie`).
         seed: seeds random edge selection.
     """
 
@@ -155,6 +158,7 @@ class Grower:
         plateau_patience: int | None = None,
         points_per_growth: int | None = None,
         selection: str = "alpha",
+        tie: str = "none",
         seed: int | None = None,
     ) -> None:
         if isinstance(model, CandidateModel):
@@ -185,6 +189,7 @@ class Grower:
         self.plateau_patience = plateau_patience
         self.points_per_growth = points_per_growth
         self.selection = selection
+        self.tie = check_tie(tie)
         self.rng = random.Random(seed)
         if example_input is not None:
             mdev = next(model.parameters()).device
@@ -209,7 +214,8 @@ class Grower:
 
     # ------------------------------------------------------------------ model access
     def _inject(self, gm: torch.fx.GraphModule) -> CandidateModel:
-        cm = inject(gm, points=self.points, ops=self.ops, max_inputs=self.max_inputs, l1=self.l1, normalize_grad=True)
+        cm = inject(gm, points=self.points, ops=self.ops, max_inputs=self.max_inputs, l1=self.l1, normalize_grad=True,
+                    tie=self.tie)
         adopt_parameters(cm.module, gm)
         return cm
 

@@ -131,7 +131,7 @@ class SearchContext:
         self.space = SearchSpace(
             self.parent_model, points=cfg.points, ops=cfg.ops, max_inputs=cfg.max_inputs,
             max_ops=cfg.max_ops, points_per_round=cfg.points_per_round, budget=run.budget,
-            base_cost=run.base_cost, parent_cost=parent.cost,
+            base_cost=run.base_cost, parent_cost=parent.cost, tie=cfg.tie,
         )
         self.steps = int(opts["steps"]) if opts["steps"] is not None else cfg.search_epochs * num_batches(setup.loader)
         self.size: int | None = opts["size"]

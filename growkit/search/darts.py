@@ -8,6 +8,11 @@ then train as part of the network, as in DARTS. First-order bilevel optimisation
 architecture step (``alpha``, Adam, on a validation batch) with a weight step (model and cell
 weights, SGD, on a training batch).
 
+Cell mode (``tie=``): the cells of a tie group share one ``alpha`` (the architecture of the
+cell), so its gradient pools every copy's validation signal, while each copy keeps its own ops,
+norms and gate; derivation ranks the group's first member, and the space grows the chosen atoms
+at every member.
+
 Derivation keeps, per (point, input) edge, its strongest non-zero op(s) (``ops_per_edge``) and
 takes edges by softmax weight, strongest first, while they fit ``max_ops``, ``points_per_round``
 and the budget. Each grown point becomes a :class:`~growkit.core.branch.GrownBranch` warm-started from
@@ -102,7 +107,10 @@ class Darts(SearchMethod):
         reg = ctx.space.registry
         supernet = insert_cells(ctx.parent_model, ctx.space, lambda p, ins, ops: DartsCell(p, ins, ops, reg)).to(ctx.dev)
         cells = cells_of(supernet)
-        alphas = [c.alpha for c in cells.values()]
+        for g in ctx.space.ties:  # cell mode: one architecture per cell type
+            for p in g.points[1:]:
+                cells[p].alpha = cells[g.points[0]].alpha
+        alphas = list({id(c.alpha): c.alpha for c in cells.values()}.values())
         cell_weights = [p for c in cells.values() for n, p in c.named_parameters() if n != "alpha"]
         opt_w = ctx.optimizer(supernet, extra_new=cell_weights, exclude=alphas)
         opt_a = torch.optim.Adam(alphas, lr=o["arch_lr"], betas=(0.5, 0.999), weight_decay=o["arch_weight_decay"])

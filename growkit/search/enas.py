@@ -14,6 +14,10 @@ validation data with the shared weights; the best-rewarded one (repaired to fit 
 becomes grown branches warm-started from the shared weights (ops, BatchNorms, projection blocks,
 eta), i.e. the supernet under that sample. The controller persists across rounds (the space is
 the base model's points, the same every round) and is part of the checkpointed method state.
+
+Cell mode (``tie=``): the controller decides the edges of a tie group's first member only, and a
+sampled atom switches on its copy at every member (each copy with its own shared weights), so the
+controller samples cells, as ENAS does.
 """
 from __future__ import annotations
 
@@ -179,7 +183,7 @@ class Enas(SearchMethod):
     # ------------------------------------------------------------------ the search
     @staticmethod
     def decisions(space: SearchSpace) -> list[tuple[str, str]]:
-        return [(p.name, z) for p in space.points for z in space.inputs[p.name]]
+        return [(p.name, z) for p in space.decision_points for z in space.inputs[p.name]]
 
     def _controller(self, ctx: SearchContext, decisions: list[tuple[str, str]]) -> Controller:
         n_choices = 1 + max(len(v) for v in ctx.space.ops.values())
@@ -240,8 +244,9 @@ class Enas(SearchMethod):
         sample_kw = {"tanh_c": o["tanh_c"], "temperature": o["temperature"]}
 
         def activate(proposal: Proposal) -> None:
+            atoms = ctx.space.expand(proposal)  # cell mode: every copy of a tied atom
             for cell in cells.values():
-                cell.active = sorted(cell.atom_index(a) for a in proposal if a.point == cell.point)
+                cell.active = sorted(cell.atom_index(a) for a in atoms if a.point == cell.point)
 
         rewards: list[float] = []
         entropies: list[float] = []

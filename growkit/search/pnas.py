@@ -10,6 +10,10 @@ or as a fresh branch with ``eta = 0``: function-preserving), then evaluates them
 data. The surrogate is refit on every evaluated proposal after each level. The best proposal evaluated
 at any level is kept. The history records, per level, the rank correlation between the
 surrogate's predictions and the measured accuracies.
+
+Cell mode (``tie=``): the space's atoms are those of each tie group's first member, so a level
+adds one atom to a cell; the space grows it at every member of the group (each copy its own
+weights) and counts every copy against the budget.
 """
 from __future__ import annotations
 

@@ -10,6 +10,12 @@ The space is built the way :func:`growkit.inject` builds candidates (the same po
 ``max_inputs`` eligible inputs, the same op set), so all passes search the same space. The added
 cost of a proposal is computed from per-atom op costs plus the projection and gate of each branch;
 it equals what :func:`growkit.core.cost.measure` reports for the grown model (tests pin this down).
+
+Cell mode (``tie="stage"`` / ``"all"``): the points of a tie group (:mod:`growkit.core.tie`) are one
+decision. Only the group's first member carries choosable atoms (:attr:`SearchSpace.atoms`); an
+atom there stands for the same relative atom at every member (:meth:`SearchSpace.copies`), and
+costs, constraints and edits are those of the expanded set (:meth:`SearchSpace.expand`): the
+budget counts every copy, each copy becomes its own branch, and the edits carry the group's tie.
 """
 from __future__ import annotations
 
@@ -27,6 +33,7 @@ from ..core.graph import GrowthPoint
 from ..core.ops import DEFAULT_REGISTRY, OpRegistry, build_edge_op, canonical, resolve_ops
 from ..core.plan import Atom, Edit
 from ..core.surgery import state_of
+from ..core.tie import TieGroup, group_of, tie_groups
 
 __all__ = ["Proposal", "SearchSpace", "proposal_to_list", "proposal_from_list"]
 
@@ -58,6 +65,8 @@ class SearchSpace:
         points_per_round: most points grown in one proposal (``None``: no limit).
         budget / base_cost / parent_cost: a proposal is feasible when parent cost + added cost is
             within ``budget`` relative to ``base_cost`` (params and FLOPs axes).
+        tie: ``"none"`` (every point its own decision), ``"stage"`` or ``"all"`` (cell mode: see
+            the module docstring).
     """
 
     def __init__(
@@ -73,6 +82,7 @@ class SearchSpace:
         base_cost: Cost | None = None,
         parent_cost: Cost | None = None,
         registry: OpRegistry | None = None,
+        tie: str = "none",
     ) -> None:
         st = state_of(model)
         if st is None:
@@ -98,21 +108,32 @@ class SearchSpace:
         self.atoms: list[Atom] = []
         self._atom_cost: dict[Atom, tuple[int, int]] = {}
         self._proj_cost: dict[str, tuple[int, int]] = {}
+        eligible = {p.name: list(p.inputs)[-max_inputs:] if max_inputs is not None else list(p.inputs) for p in chosen}
+        self.ties: list[TieGroup] = tie_groups(st.points, chosen, eligible, tie)
+        tied = group_of(self.ties)
         for p in chosen:
-            ins = list(p.inputs)
-            if max_inputs is not None:
-                ins = ins[-max_inputs:]
+            ins = eligible[p.name]
             self.inputs[p.name] = [z.name for z in ins]
             self.ops[p.name] = resolve_ops(ops, p.layout)
             for z in ins:
                 for op in self.ops[p.name]:
                     a = Atom(p.name, z.name, op)
-                    self.atoms.append(a)
+                    if p.name not in tied or tied[p.name].points[0] == p.name:
+                        self.atoms.append(a)  # a tied group's later members follow its first
                     self._atom_cost[a] = self._measure_op(op, z, p)
             self._proj_cost[p.name] = self._measure_proj(p)
         self.index = {a: i for i, a in enumerate(self.atoms)}
+        self._copies: dict[Atom, tuple[Atom, ...]] = {}
+        for a in self.atoms:
+            g = tied.get(a.point)
+            self._copies[a] = (a,) if g is None else tuple(
+                Atom(p, z, a.op) for p, ((z, _),) in g.translate(a.point, [a.edge]).items())
+        # every concrete atom (copies too) sorts where the atom it copies does
+        self._rank = {c: self.index[a] for a in self.atoms for c in self._copies[a]}
         self._point_order = {p.name: i for i, p in enumerate(chosen)}
         self.point_of = {p.name: p for p in chosen}
+        self.decision_points: list[GrowthPoint] = [p for p in chosen if p.name not in tied or tied[p.name].points[0] == p.name]
+        """The points whose atoms a pass chooses (a tie group's first member decides for the group)."""
 
     # ------------------------------------------------------------------ costs
     def _measure_op(self, op: str, z, p: GrowthPoint) -> tuple[int, int]:
@@ -128,11 +149,22 @@ class SearchSpace:
         shape[0] = 1
         return count_params(proj), count_flops(proj, torch.zeros(shape))
 
+    # ------------------------------------------------------------------ cell mode
+    def copies(self, atom: Atom) -> tuple[Atom, ...]:
+        """The concrete atoms a choosable ``atom`` stands for: itself, or its copy at every member
+        of its tie group."""
+        return self._copies[atom]
+
+    def expand(self, proposal: Iterable[Atom]) -> Proposal:
+        """The concrete atoms of ``proposal``: every tied atom at every member of its group."""
+        return frozenset(c for a in proposal for c in self._copies.get(a, (a,)))
+
     def added_cost(self, proposal: Iterable[Atom]) -> tuple[int, int]:
-        """(params, FLOPs) the proposal adds: ops, projections, and one gate ``eta`` per grown point."""
+        """(params, FLOPs) the proposal adds: ops, projections, and one gate ``eta`` per grown point;
+        in cell mode every copy counts."""
         params = flops = 0
         pts = set()
-        for a in proposal:
+        for a in self.expand(proposal):
             ap, af = self._atom_cost[a]
             pp, pf = self._proj_cost[a.point]
             params += ap + pp
@@ -152,7 +184,8 @@ class SearchSpace:
         return self.budget.allows(self.cost(proposal), self.base_cost)
 
     def structurally_valid(self, proposal: Iterable[Atom]) -> bool:
-        """Atoms of this space, at most ``max_ops`` per point, at most ``points_per_round`` points."""
+        """Atoms of this space, at most ``max_ops`` per point, at most ``points_per_round`` points
+        (every copy of a tied point counts, as in Petridish's selection)."""
         per: dict[str, int] = {}
         for a in proposal:
             if a not in self.index:
@@ -160,7 +193,7 @@ class SearchSpace:
             per[a.point] = per.get(a.point, 0) + 1
         if any(n > self.max_ops for n in per.values()):
             return False
-        return self.points_per_round is None or len(per) <= self.points_per_round
+        return self.points_per_round is None or len({a.point for a in self.expand(proposal)}) <= self.points_per_round
 
     def feasible(self, proposal: Iterable[Atom]) -> bool:
         proposal = frozenset(proposal)
@@ -205,16 +238,24 @@ class SearchSpace:
         return v
 
     def by_point(self, proposal: Iterable[Atom]) -> dict[str, list[Atom]]:
-        """Point -> its atoms, both in the space's order (topological points, input, op)."""
+        """Point -> its atoms (tied atoms expanded to every copy), both in the space's order
+        (topological points, input, op)."""
         out: dict[str, list[Atom]] = {}
-        for a in sorted(proposal, key=self.index.__getitem__):
+        for a in sorted(self.expand(proposal), key=self._rank.__getitem__):
             out.setdefault(a.point, []).append(a)
         return dict(sorted(out.items(), key=lambda kv: self._point_order[kv[0]]))
 
     def edits(self, proposal: Iterable[Atom], first_key: int) -> list[Edit]:
-        """One edit per grown point, keyed ``g<n>`` after the parent's edits (as finalize keys them)."""
-        return [Edit(p, tuple(a.edge for a in atoms), f"g{first_key + i}")
-                for i, (p, atoms) in enumerate(self.by_point(proposal).items())]
+        """One edit per grown point, keyed ``g<n>`` after the parent's edits (as finalize keys them);
+        the edits of a tie group carry the key of its first edit as ``tie``."""
+        tied = group_of(self.ties)
+        out: list[Edit] = []
+        tie_id: dict[str, str] = {}
+        for i, (p, atoms) in enumerate(self.by_point(proposal).items()):
+            key = f"g{first_key + i}"
+            tie = tie_id.setdefault(tied[p].points[0], key) if p in tied else ""
+            out.append(Edit(p, tuple(a.edge for a in atoms), key, tie))
+        return out
 
     def __len__(self) -> int:
         return len(self.atoms)
