@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import growkit
-from growkit.core.cost import Budget, Cost, count_params, measure
+from growkit.core.cost import Budget, count_params, measure
 from growkit.core.selection import branch_costs, choose_points
 from growkit.core.tie import relative_inputs, tie_groups
 from growkit.errors import InputError, PlanError
