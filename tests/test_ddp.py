@@ -264,6 +264,7 @@ def _differs(got: dict, want: dict, keys) -> list[str]:
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.slow  # two spawned DDP processes (9 s); the input checks below stay in the default run
 def test_weak_learning_under_ddp_equals_single_process(ddp_runs, single):
     r0, r1 = ddp_runs
     want = single["weak"]
@@ -279,6 +280,7 @@ def test_weak_learning_under_ddp_equals_single_process(ddp_runs, single):
     assert r0["find_unused"] is False  # the probe found a gradient for every parameter
 
 
+@pytest.mark.slow  # two spawned DDP processes (9 s); the input checks below stay in the default run
 def test_every_batchnorm_kind_normalises_over_the_global_batch(ddp_runs):
     """Outputs and input gradients per shard, summed parameter gradients, running statistics."""
     for name, m, x, w in _norm_zoo():
@@ -295,6 +297,7 @@ def test_every_batchnorm_kind_normalises_over_the_global_batch(ddp_runs):
             torch.testing.assert_close(g, want[k], rtol=RTOL, atol=ATOL, msg=lambda s: f"{name} {k}: {s}")
 
 
+@pytest.mark.slow  # two spawned DDP processes (9 s); the input checks below stay in the default run
 def test_grown_model_under_ddp_equals_single_process(ddp_runs, single):
     r0, r1 = ddp_runs
     assert r0["grown_plain"] and r0["grown_find_unused"] is False
@@ -303,6 +306,7 @@ def test_grown_model_under_ddp_equals_single_process(ddp_runs, single):
     _assert_same(r1["grown"], single["grown"])
 
 
+@pytest.mark.slow  # two spawned DDP processes (9 s); the input checks below stay in the default run
 def test_without_the_fixes_ddp_differs(ddp_runs, single):
     """The comparison can fail: per-rank statistics give other parameters, buffers and scores."""
     r0 = ddp_runs[0]
@@ -325,6 +329,7 @@ def test_prepare_ddp_needs_a_process_group():
         prepare_ddp(TinyResNet())
 
 
+@pytest.mark.slow  # two spawned DDP processes (9 s); the input checks below stay in the default run
 def test_unused_parameter_probe_leaves_model_and_rng_alone(ddp_runs):
     assert ddp_runs[0]["spare_find_unused"] is True and ddp_runs[1]["spare_find_unused"] is True
     torch.manual_seed(0)

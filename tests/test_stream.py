@@ -120,6 +120,7 @@ def test_grower_in_a_user_loop_is_exact_and_keeps_optimizer_state(stream3, pretr
     assert torch.equal(run_eval(replay, x), run_eval(grown, x))
 
 
+@pytest.mark.slow  # four seeded Grower runs (9 s); the budget rule stays in the default run (test_petridish, test_grow)
 def test_grower_random_selection_stays_within_budget(stream3, pretrained):
     # The Grower costed one random draw of edges and grew another (fixed with grow()'s).
     base = sum(p.numel() for p in pretrained.parameters())
@@ -176,6 +177,7 @@ class _FailingLoader:
             yield b
 
 
+@pytest.mark.slow  # three stream runs (12 s); resume stays in the default run through grow (test_parallel mid_child) and the Grower (test_adapters Lightning resume)
 def test_grow_stream_resumes_to_the_uninterrupted_result(digits, pretrained, tmp_path):
     def stream():
         return growkit.class_incremental(digits, 3, class_order=list(range(10)), batch_size=32, seed=0)
