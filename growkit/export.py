@@ -7,6 +7,7 @@ second batch size; outputs are compared with PyTorch's (eval mode).
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
 from dataclasses import asdict, dataclass, field
@@ -71,6 +72,26 @@ def _prepare(model: nn.Module, remove_candidates: bool) -> nn.Module:
         remove_inserted(gm, CANDIDATES)
         return gm
     return model
+
+
+@contextlib.contextmanager
+def _eval_on_cpu(model: nn.Module):
+    """``model`` in eval mode on the CPU for the export, the caller's module left as it was.
+
+    A model already on the CPU is used in place (its modes are restored afterwards) rather than
+    copied: a copy doubles the memory, which decides whether a large model exports at all.
+    """
+    tensors = [*model.parameters(), *model.buffers()]
+    if any(t.device.type != "cpu" for t in tensors):
+        yield copy_module(model).cpu().eval()
+        return
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield model
+    finally:
+        for m, training in modes:
+            m.training = training
 
 
 class _Skip(Exception):
@@ -160,54 +181,53 @@ def export_onnx(
     if exporter not in ("auto", "dynamo", "torchscript"):
         raise ExportError(f"exporter must be 'auto', 'dynamo' or 'torchscript', got {exporter!r}")
     args = tuple(a.detach().cpu() for a in as_args(example_input))
-    m = _prepare(model, remove_candidates)
-    m = copy_module(m).cpu().eval()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # torch.export specialises a size-1 dimension to the constant 1 even when it is declared
-    # dynamic, so a batch-1 example would silently produce a batch-1-only file: trace at batch 2.
-    export_args = tuple(_with_batch(a, 2) for a in args) if dynamic_batch and args[0].shape[0] == 1 else args
-    exporter, reason = _export(m, export_args, path, opset, dynamic_batch, exporter)
-    try:
-        onnx.checker.check_model(str(path), full_check=True)
-    except Exception as exc:
-        raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
-    proto = onnx.load(str(path), load_external_data=False)
-    opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    in_names = [i.name for i in sess.get_inputs()]
-    batches = [int(args[0].shape[0])]
-    if dynamic_batch and second_batch not in batches:
-        batches.append(second_batch)
-    gen = torch.Generator().manual_seed(0)
-    max_abs, max_rel, per, passed = 0.0, 0.0, {}, True
-    for b in batches:
-        xs = args if b == batches[0] else tuple(
-            torch.randn((b, *a.shape[1:]), generator=gen, dtype=a.dtype) if a.is_floating_point() else _with_batch(a, b)
-            for a in args
-        )
-        with torch.no_grad():
-            ref = _flat(m(*xs))
-        got = sess.run(None, {n: x.numpy() for n, x in zip(in_names, xs)})
-        if len(got) != len(ref):
-            raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}")
-        b_abs, b_rel = 0.0, 0.0
-        for r, g in zip(ref, got):
-            if r.shape != g.shape:
-                raise ExportError(f"output shape {g.shape} from onnxruntime, {r.shape} from PyTorch at batch {b}")
-            d = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
-            scale = float(np.max(np.abs(r))) if r.size else 0.0
-            b_abs = max(b_abs, d)
-            b_rel = max(b_rel, d / max(scale, 1e-12))
-            within = d <= atol + rtol * scale
-            passed = passed and within
-            if check and not within:
-                raise ExportError(
-                    f"onnxruntime output differs from PyTorch at batch {b}: max |diff| {d:.3g} > "
-                    f"{atol} + {rtol} * {scale:.3g} ({exporter} exporter, {path})"
-                )
-        per[b] = {"max_abs_diff": b_abs, "max_rel_diff": b_rel}
-        max_abs, max_rel = max(max_abs, b_abs), max(max_rel, b_rel)
+    with _eval_on_cpu(_prepare(model, remove_candidates)) as m:
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # torch.export specialises a size-1 dimension to the constant 1 even when it is declared
+        # dynamic, so a batch-1 example would silently produce a batch-1-only file: trace at batch 2.
+        export_args = tuple(_with_batch(a, 2) for a in args) if dynamic_batch and args[0].shape[0] == 1 else args
+        exporter, reason = _export(m, export_args, path, opset, dynamic_batch, exporter)
+        try:
+            onnx.checker.check_model(str(path), full_check=True)
+        except Exception as exc:
+            raise ExportError(f"onnx.checker rejected {path}: {exc}") from exc
+        proto = onnx.load(str(path), load_external_data=False)
+        opset_used = next((o.version for o in proto.opset_import if o.domain in ("", "ai.onnx")), None)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        in_names = [i.name for i in sess.get_inputs()]
+        batches = [int(args[0].shape[0])]
+        if dynamic_batch and second_batch not in batches:
+            batches.append(second_batch)
+        gen = torch.Generator().manual_seed(0)
+        max_abs, max_rel, per, passed = 0.0, 0.0, {}, True
+        for b in batches:
+            xs = args if b == batches[0] else tuple(
+                torch.randn((b, *a.shape[1:]), generator=gen, dtype=a.dtype) if a.is_floating_point() else _with_batch(a, b)
+                for a in args
+            )
+            with torch.no_grad():
+                ref = _flat(m(*xs))
+            got = sess.run(None, {n: x.numpy() for n, x in zip(in_names, xs)})
+            if len(got) != len(ref):
+                raise ExportError(f"onnxruntime returned {len(got)} outputs, PyTorch {len(ref)}")
+            b_abs, b_rel = 0.0, 0.0
+            for r, g in zip(ref, got):
+                if r.shape != g.shape:
+                    raise ExportError(f"output shape {g.shape} from onnxruntime, {r.shape} from PyTorch at batch {b}")
+                d = float(np.max(np.abs(r.astype(np.float64) - g.astype(np.float64)))) if r.size else 0.0
+                scale = float(np.max(np.abs(r))) if r.size else 0.0
+                b_abs = max(b_abs, d)
+                b_rel = max(b_rel, d / max(scale, 1e-12))
+                within = d <= atol + rtol * scale
+                passed = passed and within
+                if check and not within:
+                    raise ExportError(
+                        f"onnxruntime output differs from PyTorch at batch {b}: max |diff| {d:.3g} > "
+                        f"{atol} + {rtol} * {scale:.3g} ({exporter} exporter, {path})"
+                    )
+            per[b] = {"max_abs_diff": b_abs, "max_rel_diff": b_rel}
+            max_abs, max_rel = max(max_abs, b_abs), max(max_rel, b_rel)
     report = ExportReport(str(path), exporter, opset_used, batches, max_abs, max_rel, {"atol": atol, "rtol": rtol},
                           passed, reason, per)
     logger.info("%s", report)

@@ -91,3 +91,18 @@ def test_batch1_example_exports_a_dynamic_batch(tmp_path):
     x = torch.randn(1, 3, 32, 32)
     rep = growkit.export_onnx(_grown(model, x), tmp_path / "c.onnx", x)
     assert rep.passed and rep.batch_sizes == [1, 3] and rep.exporter == "dynamo"
+
+
+def test_export_leaves_the_model_as_it_was(tmp_path):
+    """A CPU model is exported in place (no copy: memory) and handed back with its modes and weights."""
+    torch.manual_seed(0)
+    model, x = TinyResNet(), torch.randn(1, 1, 16, 16)
+    grown = _grown(model, x, None)
+    grown.train()
+    next(m for m in grown.modules() if isinstance(m, torch.nn.BatchNorm2d)).eval()  # mixed modes, as a user may
+    modes = [m.training for m in grown.modules()]
+    before = {k: v.clone() for k, v in grown.state_dict().items()}
+    rep = growkit.export_onnx(grown, tmp_path / "m.onnx", x, exporter="torchscript")
+    assert rep.passed
+    assert [m.training for m in grown.modules()] == modes
+    assert all(torch.equal(v, grown.state_dict()[k]) for k, v in before.items())
