@@ -12,7 +12,7 @@ import logging
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -75,7 +75,7 @@ def _prepare(model: nn.Module, remove_candidates: bool) -> nn.Module:
 
 
 @contextlib.contextmanager
-def _eval_on_cpu(model: nn.Module):
+def _eval_on_cpu(model: nn.Module) -> Iterator[nn.Module]:
     """``model`` in eval mode on the CPU for the export, the caller's module left as it was.
 
     A model already on the CPU is used in place (its modes are restored afterwards) rather than

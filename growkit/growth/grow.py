@@ -186,10 +186,10 @@ def grow(
     try:
         t0 = time.perf_counter()
         result = run.run(rounds, resume)
+        spent = time.perf_counter() - t0  # the growth's wall-clock (not the executor's shutdown)
     finally:
         ex.close()
     if compare_finetune:
-        spent = time.perf_counter() - t0
         logger.info("fine-tuning the base for %.1f s (the growth's wall-clock) to compare", spent)
         result.finetune = finetune_for(run.base_gm, setup, cfg, spent)
     return result
