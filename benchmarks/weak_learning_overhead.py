@@ -35,8 +35,11 @@ MODELS: dict[str, Callable[[], tuple[nn.Module, tuple[int, ...]]]] = {
     "vit_tiny@96px": lambda: (timm.create_model("vit_tiny_patch16_224", img_size=96, num_classes=10), (3, 96, 96)),
 }
 
+_GROW = growkit.GrowConfig()
 CONFIGS: dict[str, dict[str, Any]] = {
     "default": {},
+    # what grow() injects for its weak learning, whatever its defaults are at the time
+    "grow-default": {"ops": _GROW.ops, "max_inputs": _GROW.max_inputs, "normalize_grad": True},
     "paper-ops-all-inputs": {"ops": "paper", "max_inputs": None},
 }
 

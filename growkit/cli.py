@@ -216,9 +216,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--children", type=int, default=1, help="children grown per round (parents from the eps-hull)")
     g.add_argument("--ray-workers", type=int, default=0, help="run the children's jobs on this many Ray workers")
     g.add_argument("--ray-address", default=None, help="an existing Ray cluster (default: a local one)")
-    g.add_argument("--ops", default="paper",
-                   help="candidate ops: paper (default), wide (paper + inverted bottlenecks), default (cheap), "
-                        "or comma-separated op names")
+    g.add_argument("--ops", default="default",
+                   help="candidate ops: default (cheap: grow()'s default), paper (the paper's full set), wide "
+                        "(paper + inverted bottlenecks), or comma-separated op names")
     g.add_argument("--method", default="petridish",
                    help="growth pass: petridish (default), darts, enas, pnas, random, evolution, or a registered one")
     g.add_argument("--compare-finetune", action="store_true",

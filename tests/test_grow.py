@@ -220,3 +220,21 @@ def test_compare_finetune_reports_fine_tuning_for_the_same_time(digits, trained)
     assert growkit.grow(trained, train_l, val_l, rounds=0, progress=False).finetune is None
     with pytest.raises(growkit.InputError, match="compare_finetune"):
         growkit.grow(trained, train_l, val_l, rounds=1, progress=False, compare_finetune="yes")
+
+
+def test_finetune_baseline_trains_in_train_mode_even_from_an_eval_mode_base():
+    # A base handed over in eval mode must not fine-tune with frozen norm statistics.
+    from growkit.growth.baseline import finetune_for
+    from growkit.runsetup import set_up_run
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.BatchNorm2d(4), torch.nn.ReLU(),
+                               torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    data = torch.utils.data.TensorDataset(torch.randn(32, 1, 8, 8) + 3.0, torch.randint(0, 3, (32,)))
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    setup = set_up_run(base, loader, loader)
+    ft = finetune_for(base, setup, growkit.GrowConfig(lr=0.01), seconds=0.2)
+    assert ft.steps >= 1
+    # running statistics only move in train mode (the inputs' mean is ~3, the initial estimate 0)
+    assert not torch.equal(ft.model[1].running_mean, base[1].running_mean)
+    assert not base.training and torch.equal(base[1].running_mean, torch.zeros(4))

@@ -22,7 +22,7 @@ from ..runsetup import RunSetup
 from ..train import evaluate, iter_batches, train_batches
 from .config import GrowConfig
 
-__all__ = ["FinetuneBaseline", "finetune_for"]
+__all__ = ["FinetuneBaseline", "finetune_for", "train_for"]
 
 
 @dataclass
@@ -41,10 +41,13 @@ class FinetuneBaseline:
                 "val_loss": self.val_loss}
 
 
-def finetune_for(model: nn.Module, setup: RunSetup, cfg: GrowConfig, seconds: float) -> FinetuneBaseline:
-    """A copy of ``model`` (not modified) fine-tuned for ``seconds`` of wall-clock, and its metrics."""
-    m = copy_module(model).to(setup.device)
-    opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+def train_for(model: nn.Module, setup: RunSetup, optimizer: torch.optim.Optimizer, seconds: float, *,
+              desc: str = "train (timed)") -> int:
+    """Train ``model`` in place over ``setup.loader`` (epoch after epoch) until ``seconds`` of
+    wall-clock have passed, every group's rate annealed by a cosine over that *time* (the number of
+    steps that fit is not known in advance); returns the number of steps taken. The model trains in
+    train mode (a base handed over in eval mode would otherwise fine-tune with frozen norm statistics)."""
+    model.train()
     start = time.perf_counter()
     deadline = start + max(0.0, seconds)
 
@@ -52,7 +55,7 @@ def finetune_for(model: nn.Module, setup: RunSetup, cfg: GrowConfig, seconds: fl
         done = min(1.0, (time.perf_counter() - start) / seconds) if seconds > 0 else 1.0
         return 0.5 * (1.0 + math.cos(math.pi * done))
 
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+    sched = torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
     def batches() -> Iterator[tuple[Any, torch.Tensor]]:
         while time.perf_counter() < deadline:
@@ -65,6 +68,13 @@ def finetune_for(model: nn.Module, setup: RunSetup, cfg: GrowConfig, seconds: fl
             if not seen:
                 return
 
-    st = train_batches(m, batches(), opt, scheduler=sched, loss_fn=setup.loss_fn, desc="fine-tune (same time)")
+    return train_batches(model, batches(), optimizer, scheduler=sched, loss_fn=setup.loss_fn, desc=desc).steps
+
+
+def finetune_for(model: nn.Module, setup: RunSetup, cfg: GrowConfig, seconds: float) -> FinetuneBaseline:
+    """A copy of ``model`` (not modified) fine-tuned for ``seconds`` of wall-clock, and its metrics."""
+    m = copy_module(model).to(setup.device)
+    opt = torch.optim.SGD(m.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    steps = train_for(m, setup, opt, seconds, desc="fine-tune (same time)")
     metrics = evaluate(m, setup.val_loader, loss_fn=setup.loss_fn, batch_fn=setup.batch_fn, device=setup.device)
-    return FinetuneBaseline(m, float(seconds), st.steps, float(metrics["accuracy"]), metrics.get("loss"))
+    return FinetuneBaseline(m, float(seconds), steps, float(metrics["accuracy"]), metrics.get("loss"))

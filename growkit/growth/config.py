@@ -44,8 +44,8 @@ class GrowConfig:
     momentum: float = 0.9
     weight_decay: float = 5e-4
     l1: float = 1e-3
-    ops: tuple[str, ...] | str | None = "paper"
-    max_inputs: int | None = 2
+    ops: tuple[str, ...] | str | None = None
+    max_inputs: int | None = 1
     max_ops: int = 3
     points: tuple[str, ...] | None = None
     granularity: str = "block"

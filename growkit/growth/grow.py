@@ -70,8 +70,8 @@ def grow(
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
     l1: float = 1e-3,
-    ops: Iterable[str] | str | None = "paper",
-    max_inputs: int | None = 2,
+    ops: Iterable[str] | str | None = None,
+    max_inputs: int | None = 1,
     max_ops: int = 3,
     points: Iterable[str] | None = None,
     granularity: str = "block",
@@ -118,11 +118,14 @@ def grow(
             at ``new_grad_clip`` (see :mod:`growkit.newparams`). A child whose fine-tuning diverges
             is rolled back and retried once with that rate halved, then dropped.
         candidate_lr: Adam learning rate of the candidates during weak learning.
-        l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). ``ops``
-            defaults to the paper's full op set: with inject's cheap default (two ops) top-|alpha|
-            keeps 3 of 4 edges, so there is little left to select; the richer set costs more per
-            weak-learning step. (On the small benchmarks in benchmarks/results/grow_vs_finetune*.md
-            top-|alpha| edges were no better than random edges at the same points with either set.)
+        l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). The
+            defaults (inject's cheap ops, the nearest input only) keep a weak-learning step near
+            1.4x a plain one (benchmarks/results/weak_learning_overhead.md, ``grow-default``);
+            every candidate edge of a chosen point is then kept, so what is selected is *where*
+            to grow, by fit per unit of cost. ``ops="paper", max_inputs=2`` is the paper's richer
+            set: 3-4x a plain step, and no better at equal wall-clock in
+            benchmarks/results/grow_at_scale*.md (nor were its top-|alpha| edges better than
+            random ones in benchmarks/results/grow_vs_finetune*.md).
         points: growth points to consider (fx node names or module paths; default: all of them).
         granularity: ``"block"`` or ``"layer"`` growth points (see :func:`growkit.trace`).
         points_per_round: most points grown per round (default: every positive-score point that fits).
