@@ -20,7 +20,8 @@ what grow's gallery selects on. The protocol of the reported run is written in
 benchmarks/grow_at_scale_protocol.md before it runs.
 
     python benchmarks/grow_at_scale.py --quick                      # smoke run, ~1 min
-    python benchmarks/grow_at_scale.py --seeds 0,1,2,3,4            # the reported run
+    python benchmarks/grow_at_scale.py --seeds 0,1,2,3,4            # the reported run (or as two processes
+    python benchmarks/grow_at_scale.py --merge A.json B.json        #  over disjoint --settings, merged)
     python benchmarks/grow_at_scale.py --settings kmnist/mobilenetv3_small_050 --seeds 100 \\
         --grow-kwargs '{"ops": "paper", "max_inputs": 2}' --out benchmarks/results/grow_at_scale_pilot_paper
 
@@ -185,8 +186,14 @@ def wider_arm(base: nn.Module, plan: growkit.GrowthPlan | None, s: Setting, part
     t = time.perf_counter()
     setup = set_up_run(model, loader(parts["train"], seed), loader(parts["val"], None), example_input=example)
     model.train()
-    train_for(model, setup, sgd(model, s.base_lr), seconds, desc="wider from scratch")
-    return describe(model, example, parts, time.perf_counter() - t)
+    try:
+        train_for(model, setup, sgd(model, s.base_lr), seconds, desc="wider from scratch")
+    except growkit.NonFiniteLoss as exc:
+        # the from-scratch recipe diverged on the grown architecture: an outcome of this arm, kept
+        # (its weights are non-finite, so it scores as a constant prediction)
+        logger.warning("seed %d wider: %s", seed, exc)
+        return describe(model, example, parts, time.perf_counter() - t, diverged=True)
+    return describe(model, example, parts, time.perf_counter() - t, diverged=False)
 
 
 def run_seed(name: str, s: Setting, seed: int, grow_kwargs: dict[str, Any], arms: tuple[str, ...],
@@ -252,6 +259,7 @@ def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, An
                               "std": statistics.stdev(d) if len(d) > 1 else 0.0, "p": t_test_p(d),
                               "wins": sum(x > 0 for x in d)}
     s["grow_returned_base"] = sum(bool(r["grow"].get("returned_base")) for r in runs)
+    s["loadavg"] = statistics.mean(r.get("loadavg_1min_at_end", float("nan")) for r in runs)
     return s
 
 
@@ -281,8 +289,14 @@ def markdown(result: dict[str, Any]) -> str:
                 p = "-" if d["p"] is None else ("< 0.001" if d["p"] < 0.001 else f"{d['p']:.3f}")
                 lines.append(f"| grow − {b} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} | "
                              f"{d['wins']}/{len(d['per_seed'])} | {p} |")
+        div = sum(bool(r.get("wider", {}).get("diverged")) for r in block["runs"])
+        lines += ["", f"Seeds: {[r['seed'] for r in block['runs']]}."
+                      + (f" The wider arm's from-scratch training diverged (NaN) in {div} seed(s); it scores as "
+                         "a constant prediction there." if div else "")]
         lines += ["", f"grow() returned the base (nothing grown beat it on validation) in "
-                      f"{s['grow_returned_base']} of {len(block['runs'])} seeds.", ""]
+                      f"{s['grow_returned_base']} of {len(block['runs'])} seeds. Base train accuracy per seed: "
+                      f"{', '.join(format(100 * r['base']['train_acc'], '.1f') for r in block['runs'])} %. "
+                      f"1-minute load average at the end of a seed: {s['loadavg']:.2f} (2 cores).", ""]
     return "\n".join(lines)
 
 
@@ -318,6 +332,34 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
     return files
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One result from the JSON of runs over disjoint settings with the same meta (seeds, arms, kwargs)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    keys = ("arms", "grow_kwargs", "threads", "batch", "quick")
+    if any({k: r["meta"][k] for k in keys} != {k: parts[0]["meta"][k] for k in keys} for r in parts):
+        raise SystemExit("--merge: the runs differ in arms, grow settings, threads or batch")
+    result = {"meta": {**parts[0]["meta"], "processes": len(parts), "dates": [r["meta"]["date"] for r in parts]},
+              "settings": {}}
+    runs: dict[str, list[dict[str, Any]]] = {}
+    for r in parts:
+        for name, block in r["settings"].items():
+            runs.setdefault(name, []).extend(block["runs"])
+            result["settings"].setdefault(name, {"setting": block["setting"]})
+    for name, rs in runs.items():
+        seeds = [r["seed"] for r in rs]
+        if len(set(seeds)) != len(seeds):
+            raise SystemExit(f"--merge: {name} has seed(s) twice")
+        rs.sort(key=lambda r: r["seed"])
+        result["settings"][name].update(runs=rs, summary=summarize(rs, tuple(parts[0]["meta"]["arms"])))
+    result["meta"]["seeds"] = sorted({r["seed"] for rs in runs.values() for r in rs})
+    out.parent.mkdir(parents=True, exist_ok=True)
+    result["meta"]["plots"] = plot(result, out)
+    out.with_suffix(".json").write_text(json.dumps(result, indent=1))
+    out.with_suffix(".md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=",".join(SETTINGS))
@@ -327,10 +369,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 base epoch: a smoke run")
     p.add_argument("--out", default=str(RESULTS / "grow_at_scale"))
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="JSON results of runs of disjoint settings (e.g. run as two processes): write one result")
     p.add_argument("--base-cache", type=Path, default=None,
                    help="directory to keep trained bases in and reuse them from (pilots; not for the reported run)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     torch.set_num_threads(args.threads)
     grow_kwargs = json.loads(args.grow_kwargs)
     arms = tuple(a for a in args.arms.split(",") if a)

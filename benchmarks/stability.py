@@ -298,6 +298,22 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def merge(paths: list[Path], out: Path) -> int:
+    """One result from runs over disjoint parts of the grid (cells are concatenated; the summary and
+    the table are recomputed; ``wall_s`` is the sum of the parts' times)."""
+    parts = [json.loads(p.read_text()) for p in paths]
+    cells = [c for r in parts for c in r["cells"]]
+    keys = [(c["model"], c["mode"], c["lr"], c["seed"]) for c in cells]
+    if len(set(keys)) != len(keys):
+        raise SystemExit("--merge: the runs overlap (a cell appears twice)")
+    result = {**parts[0], "cells": cells, "summary": summarize(cells), "wall_s": sum(r["wall_s"] for r in parts),
+              "merged": [{"date": r["date"], "commit": r["commit"], "args": r["args"]} for r in parts]}
+    Path(f"{out}.json").write_text(json.dumps(result, indent=1, default=str))
+    Path(f"{out}.md").write_text(markdown(result))
+    print(markdown(result))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default=",".join(MODELS))
@@ -317,7 +333,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--grower-options", default="{}", help="JSON: extra growkit.Grower options")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", default="benchmarks/results/stability")
+    p.add_argument("--merge", nargs="+", type=Path, default=None,
+                   help="JSON results of runs over disjoint parts of the grid (e.g. split by mode): write one result")
     args = p.parse_args(argv)
+    if args.merge:
+        return merge(args.merge, Path(args.out))
     args.grow_options = json.loads(args.grow_options)
     args.grower_options = json.loads(args.grower_options)
     args.ops = None if args.ops == "default" else args.ops
