@@ -72,7 +72,11 @@ def main() -> None:
     else:
         print("growth did not pay here: on the test split it does not beat "
               + ("the base" if grown_acc <= base_acc else "fine-tuning the base for the same time")
-              + "; on this data that compute is better spent fine-tuning")
+              + "; on this data that compute is better spent fine-tuning.\nWhat to try: growth adds capacity, "
+              "so it pays once a model has stopped improving with more training (here fine-tuning still gains); "
+              "train longer first (--base-epochs), then grow with compare_finetune=True to check. On full-width "
+              "timm models no grow() setting measured so far beats fine-tuning for the same time: see "
+              "benchmarks/results/grow_at_scale.md")
     print(f"saved to {out}/ (plan.json, weights.safetensors, gallery.json, gallery.png); reload identical: {same}")
 
 

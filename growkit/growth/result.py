@@ -67,7 +67,9 @@ class GrowResult:
         d = 100 * ((1 - best.val_error) - ft.val_accuracy)
         verdict = (f"growth beat it by {d:.2f} points" if d > 0 else
                    f"growth did not beat it ({d:.2f} points): it did not pay for its compute here "
-                   "(result.finetune.model is the fine-tuned base)" if d < 0 else "a tie")
+                   "(result.finetune.model is the fine-tuned base). Growth adds capacity; while fine-tuning "
+                   "still gains, the model is not capacity-limited: train it further first, and grow once its "
+                   "training accuracy has stopped improving" if d < 0 else "a tie")
         return (f"fine-tuned for the same time ({ft.seconds:.1f} s, {ft.steps} steps): val acc "
                 f"{100 * ft.val_accuracy:.2f} %; {verdict}\n")
 
