@@ -170,7 +170,7 @@ def test_grow_with_tie_records_the_tie_and_save_load_replays_exactly(digits, cel
     plan = growkit.plan_of(grown_cells)
     tied = [e for e in plan.edits if e.tie]
     assert tied, f"expected a tied growth, got {plan.edits}"
-    cm = growkit.inject(cellnet, torch.zeros(1, 1, 16, 16), tie="stage")
+    cm = growkit.inject(cellnet, torch.zeros(1, 1, 16, 16), tie="stage", max_inputs=growkit.GrowConfig().max_inputs)
     groups = {frozenset(g.points) for g in cm.ties}
     by_tie: dict[str, set] = {}
     for e in tied:
@@ -403,7 +403,8 @@ def test_search_passes_grow_cells(method, digits, cellnet):
     grown = [e for e in res.gallery if e.kind == "grown"]
     assert len(grown) == 1
     plan = grown[0].plan
-    cm = growkit.inject(cellnet, torch.zeros(1, 1, 16, 16), tie="stage")
+    # tie groups as grow() forms them: with its max_inputs (relative inputs are part of a group's pattern)
+    cm = growkit.inject(cellnet, torch.zeros(1, 1, 16, 16), tie="stage", max_inputs=growkit.GrowConfig().max_inputs)
     groups = {g.points[0]: set(g.points) for g in cm.ties}
     for e in plan.edits:
         if e.point in {p for g in cm.ties for p in g.points}:
