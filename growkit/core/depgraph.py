@@ -1,0 +1,78 @@
+"""Torch-Pruning's dependency graph, shared by channel pruning and width growth.
+
+Growth is pruning's inverse: the channels that must be removed together (residual adds, concat,
+norms, depthwise convs) are the channels that must be added together, so both use Torch-Pruning's
+``DependencyGraph`` rather than a second dependency analysis.
+"""
+from __future__ import annotations
+
+import contextlib
+import warnings
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten
+
+from ..errors import InputError
+from .graph import as_args
+
+__all__ = ["torch_pruning", "quiet_tp", "output_layers", "dependency_graph"]
+
+
+def torch_pruning() -> Any:
+    """The ``torch_pruning`` module, or an :class:`InputError` saying how to install it."""
+    try:
+        import torch_pruning as tp
+    except ImportError as exc:  # pragma: no cover - depends on the environment
+        raise InputError("this needs Torch-Pruning: pip install 'growkit[prune]' (or torch-pruning>=1.5)") from exc
+    return tp
+
+
+@contextlib.contextmanager
+def quiet_tp() -> Iterator[None]:
+    """Silence Torch-Pruning's warning about "unwrapped" parameters: in growkit models those are the
+    branch gates eta, 0-d scalars with no channel to prune or grow."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"(?s).*[Uu]nwrapped parameters")
+        yield
+
+
+def output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[nn.Module]:
+    """The last conv / linear layer whose output carries the logits (never pruned or widened: that
+    would change the number of classes)."""
+    seen: list[tuple[nn.Module, torch.Tensor]] = []
+    hooks = [m.register_forward_hook(lambda mod, _i, o: seen.append((mod, o)))
+             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            flat = [t for t in tree_flatten(model(*example))[0] if isinstance(t, torch.Tensor)]
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was)
+    if not flat:
+        return []
+    logits = flat[0]
+    for mod, o in reversed(seen):
+        if isinstance(o, torch.Tensor) and o.dim() >= 2 and logits.dim() >= 2 and o.shape[1] == logits.shape[1] \
+                and o.shape[0] == logits.shape[0]:
+            return [mod]
+    return []
+
+
+def dependency_graph(model: nn.Module, example_input: Any) -> Any:
+    """Torch-Pruning's ``DependencyGraph`` of ``model`` (traced on ``example_input``; eval mode)."""
+    tp = torch_pruning()
+    args = as_args(example_input)
+    dev = next((p.device for p in model.parameters()), torch.device("cpu"))
+    was = model.training
+    model.eval()
+    try:
+        with quiet_tp():
+            return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(a.to(dev) for a in args),
+                                                         verbose=False)
+    finally:
+        model.train(was)
