@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def grow(
     val_loader: Iterable | None = None,
     *,
     example_input: Any = None,
-    method: str = "petridish",
+    method: str | Sequence[str] = "petridish",
     method_options: dict[str, Any] | None = None,
     budget: Budget | None = None,
     rounds: int = 2,
@@ -152,6 +152,10 @@ def grow(
     Raises:
         NonFiniteLoss: the model's outputs are already non-finite (it is not grown).
     """
+    if isinstance(method, (list, tuple)):
+        # Several methods: one is drawn each round (growkit.growth.resize.Mixed).
+        method_options = {"methods": list(method), **(method_options or {})}
+        method = "mixed"
     growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")
