@@ -218,6 +218,9 @@ def prune(
         if st is None or not st.plan.edits:
             raise InputError("method='branches' prunes grown branches, and this model has none; "
                              "use method='channels' to prune channels of any model")
+        if st.plan.resizes:
+            raise InputError("method='branches' cannot yet prune a model that was also widened or deepened (its "
+                             "base is no longer the model under the branches); use method='channels'")
     setup = set_up_run(model, loader, val_loader, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
                        device=device, seed=seed, progress=progress, selects="pruned models")
     dev, val_loader, example = setup.device, setup.val_loader, setup.example_on_device()

@@ -263,7 +263,13 @@ def refresh_shapes(gm: torch.fx.GraphModule, example_input: Any) -> None:
         ins = []
         for z in p.inputs:
             zp = resized.get(z.name)
-            ins.append(z if zp is None else dataclasses.replace(z, shape=zp.shape, channels=zp.channels))
+            if zp is not None:
+                ins.append(dataclasses.replace(z, shape=zp.shape, channels=zp.channels))
+                continue
+            # an input that is not a point itself: its channels sit where they sat before
+            zs = now(z.name, z.shape)
+            axis = 1 if len(z.shape) == 4 and z.shape[1] == z.channels else len(z.shape) - 1
+            ins.append(dataclasses.replace(z, shape=zs, channels=zs[axis]))
         pts.append(dataclasses.replace(p, inputs=tuple(ins)))
     st.points = pts
 

@@ -447,6 +447,7 @@ def _replay(gm: torch.fx.GraphModule, rec: Resize, example_input: Any) -> None:
     """Apply a recorded widen to growable ``gm`` in place (fresh weights; the state dict brings them)."""
     st = state_of(gm)
     assert st is not None
+    gm.recompile()  # replay inserts nodes without recompiling; the dependency graph runs the code
     dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
     args = tuple(a.to(dev) for a in as_args(example_input))
     dg = dependency_graph(gm, args)
