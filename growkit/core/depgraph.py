@@ -7,6 +7,8 @@ norms, depthwise convs) are the channels that must be added together, so both us
 from __future__ import annotations
 
 import contextlib
+import signal
+import threading
 import warnings
 from typing import Any, Iterator
 
@@ -17,7 +19,70 @@ from torch.utils._pytree import tree_flatten
 from ..errors import InputError
 from .graph import as_args
 
-__all__ = ["torch_pruning", "quiet_tp", "output_layers", "dependency_graph"]
+__all__ = ["torch_pruning", "quiet_tp", "output_layers", "dependency_graph", "out_channel_group", "out_channel_groups",
+           "GROUP_TIMEOUT_S", "GroupTimeout"]
+
+GROUP_TIMEOUT_S = 3.0
+"""Longest one dependency group may take to collect. Torch-Pruning's group search does not end on
+some graphs (timm's halo attention, an unfold feeding a reshape); such a group is skipped."""
+
+
+class GroupTimeout(Exception):
+    """Torch-Pruning's group search for one layer ran past :data:`GROUP_TIMEOUT_S`."""
+
+
+@contextlib.contextmanager
+def _deadline(seconds: float) -> Iterator[None]:
+    # A SIGALRM deadline needs the main thread (elsewhere the search runs unguarded).
+    if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
+        yield
+        return
+
+    def fire(_sig: int, _frame: Any) -> None:
+        raise GroupTimeout(f"the dependency search did not finish within {seconds:g} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def out_channel_group(dg: Any, module: nn.Module, timeout_s: float = GROUP_TIMEOUT_S) -> Any:
+    """Torch-Pruning's group of every output channel of ``module`` (raises :class:`GroupTimeout`,
+    or returns ``None`` when the module has no output channels)."""
+    pruner = dg.get_pruner_of_module(module)
+    n = pruner.get_out_channels(module) if pruner is not None else None
+    if n is None:
+        return None
+    with quiet_tp(), _deadline(timeout_s):
+        return dg.get_pruning_group(module, pruner.prune_out_channels, list(range(n)))
+
+
+def out_channel_groups(dg: Any, timeout_s: float = GROUP_TIMEOUT_S) -> Iterator[tuple[nn.Module, Any]]:
+    """``(root, group)`` for every coupled channel group rooted at a conv / linear layer, as
+    Torch-Pruning's ``get_all_groups`` finds them, each search under a deadline (``group`` is a
+    :class:`GroupTimeout` when it ran out)."""
+    tp = torch_pruning()
+    roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
+    visited: set[int] = set()
+    for m in list(dg.module2node.keys()):
+        if m in dg.IGNORED_LAYERS_IN_TRACING or not isinstance(m, roots) or id(m) in visited:
+            continue
+        try:
+            group = out_channel_group(dg, m, timeout_s)
+        except GroupTimeout as exc:
+            visited.add(id(m))
+            yield m, exc
+            continue
+        if group is None:
+            continue
+        for item in group:
+            if dg.is_out_channel_pruning_fn(item.dep.handler):
+                visited.add(id(item.dep.target.module))
+        yield m, group
 
 
 def torch_pruning() -> Any:

@@ -39,7 +39,7 @@ from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ..errors import InputError, PlanError, PointError
-from .depgraph import dependency_graph, output_layers, quiet_tp
+from .depgraph import GroupTimeout, dependency_graph, out_channel_group, out_channel_groups, output_layers, quiet_tp
 from .graph import as_args, outputs_equal
 from .plan import WIDEN_INITS, Resize
 from .surgery import growable, refresh_shapes, register_resize, state_of
@@ -167,10 +167,15 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
 
 def _groups(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[Any, list[WidthGroup]]:
     dg = dependency_graph(gm, args)
-    ignored = output_layers(gm, args)
+    ignored = {id(m) for m in output_layers(gm, args)}
     names = _names(gm)
+    found = []
     with quiet_tp():
-        found = [_group_of(dg, g, gm, names, {id(m) for m in ignored}) for g in dg.get_all_groups()]
+        for root, g in out_channel_groups(dg):
+            if isinstance(g, GroupTimeout):
+                found.append(WidthGroup(names[0].get(id(root), "?"), 0, reason=f"Torch-Pruning: {g}"))
+            else:
+                found.append(_group_of(dg, g, gm, names, ignored))
     return dg, found
 
 
@@ -182,14 +187,15 @@ def _group_at(dg: Any, gm: torch.fx.GraphModule, path: str, args: tuple[torch.Te
         m = None
     if m is None or m not in dg.module2node:
         raise PointError(f"{path!r} is not a layer of this model that the dependency graph sees")
-    pruner = dg.get_pruner_of_module(m)
-    n = pruner.get_out_channels(m) if pruner is not None else None
-    if n is None:
+    try:
+        g = out_channel_group(dg, m)
+    except GroupTimeout as exc:
+        raise InputError(f"{path!r}: Torch-Pruning could not collect its channel group ({exc})") from exc
+    if g is None:
         raise InputError(f"{path!r} ({type(m).__name__}) has no output channels to widen")
     ignored = {id(x) for x in output_layers(gm, args)}
     with quiet_tp():
-        g = dg.get_pruning_group(m, pruner.prune_out_channels, list(range(n)))
-    wg = _group_of(dg, g, gm, _names(gm), ignored)
+        wg = _group_of(dg, g, gm, _names(gm), ignored)
     wg.layer = path
     return wg
 
@@ -410,26 +416,45 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
                 chosen.append(wg)
     gen = torch.Generator().manual_seed(seed if seed is not None else int(torch.randint(2**62, (1,))))
     editor = _Editor(gm, init, gen, float(noise))
-    ref = _run(gm, args)
-    widened: list[tuple[str, int]] = []
-    skipped: dict[str, str] = {g.layer: g.reason for g in found if g.reason} if named is None else {}
-    for wg in chosen:
-        k = _added(wg.channels, ratio)
-        snap, inserted = _snapshot(gm, wg), {key: list(v) for key, v in editor.inserted.items()}
+    # Checked on the example and on a random input of its shape: a zero or constant example
+    # would hide a change.
+    probes = [args]
+    if all(a.is_floating_point() for a in args):
+        g0 = torch.Generator().manual_seed(0)
+        probes.append(tuple(torch.randn(a.shape, generator=g0, dtype=a.dtype).to(a.device) for a in args))
+    refs = [_run(gm, a) for a in probes]
+    sizes = {id(wg): _added(wg.channels, ratio) for wg in chosen}
+
+    def attempt(groups: list[WidthGroup]) -> str:
+        """Grow ``groups``; keep them if the output is unchanged, else undo them and say why."""
+        snaps = [s for wg in groups for s in _snapshot(gm, wg)]
+        inserted = {key: list(v) for key, v in editor.inserted.items()}
         try:
-            editor.grow(wg, k)
-            ok = outputs_equal(_run(gm, args), ref, rtol=WIDEN_RTOL)
+            for wg in groups:
+                editor.grow(wg, sizes[id(wg)])
+            ok = all(outputs_equal(_run(gm, a), r, rtol=WIDEN_RTOL) for a, r in zip(probes, refs))
             why = "" if ok else "the output changed (an op the dependency graph does not see mixes these channels)"
         except Exception as exc:  # noqa: BLE001 - a widened group that cannot run is undone and reported
             why = f"the widened model fails to run ({type(exc).__name__}: {str(exc)[:200]})"
         if why:
-            _restore(snap)
+            _restore(snaps)
             editor.inserted = inserted
-            if named is not None:
-                raise InputError(f"layer {wg.layer!r} cannot widen exactly: {why}")
-            skipped[wg.layer] = why
-            continue
-        widened.append((wg.layer, k))
+        return why
+
+    widened: list[tuple[str, int]] = []
+    skipped: dict[str, str] = {g.layer: g.reason for g in found if g.reason} if named is None else {}
+    # All groups at once (one check); only when that fails, one at a time to find the culprits.
+    if len(chosen) > 1 and not attempt(chosen):
+        widened = [(wg.layer, sizes[id(wg)]) for wg in chosen]
+    else:
+        for wg in chosen:
+            why = attempt([wg])
+            if why:
+                if named is not None:
+                    raise InputError(f"layer {wg.layer!r} cannot widen exactly: {why}")
+                skipped[wg.layer] = why
+                continue
+            widened.append((wg.layer, sizes[id(wg)]))
     if not widened:
         raise InputError("no layer of this model widened exactly: "
                          + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]))
