@@ -19,8 +19,10 @@ Which groups cannot widen exactly (and are skipped, or rejected when named): a g
 by LayerNorm / RMSNorm / GroupNorm (the norm's statistics would change: LEMON needs a
 mean-preserving expansion there, not done), grouped (non-depthwise) convs, transposed convs,
 channels that pass a split / reshape that does not keep them contiguous (attention heads), and
-the classifier's output. Every group is verified on the example input after it grows (eval mode,
-relative 1e-5); a group that changes the output or fails to run is undone and reported.
+the classifier's output. The chosen groups grow and are checked together on the example input and
+a random input of its shape (eval mode, relative 1e-5); when that check fails, each group is
+checked alone, and one that changes the output or fails to run is undone and reported. Torch-
+Pruning's group search runs under a deadline (:data:`growkit.core.depgraph.GROUP_TIMEOUT_S`).
 
 The widened model is a growable GraphModule whose plan records a ``widen`` :class:`Resize`
 (module paths and channel counts), so ``growkit.save`` / ``load`` replay it exactly.
