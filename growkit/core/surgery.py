@@ -16,6 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import InputError, OpError, PlanError, PointError
 from .branch import GrownBranch
@@ -232,8 +233,6 @@ def register_resize(kind: str, replay: ResizeReplay) -> None:
 def refresh_shapes(gm: torch.fx.GraphModule, example_input: Any) -> None:
     """Re-measure the shapes of a growable module's points and nodes after a resize changed them,
     so later edits (inject, finalize, replay) build their branches for the new widths."""
-    from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
-
     st = state_of(gm)
     assert st is not None
     was = gm.training
