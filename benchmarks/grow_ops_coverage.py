@@ -262,6 +262,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--max-params", type=float, default=60.0, help="torchvision: largest model in M params")
     ap.add_argument("--out", default=None)
+    ap.add_argument("--merge", default=None, help="comma-separated partial / result JSON files of runs over parts of "
+                    "the selection (run in parallel with --models): write the combined results")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:
@@ -281,8 +283,14 @@ def main(argv: list[str] | None = None) -> int:
     if part.exists():
         done = {r["model"]: r for r in json.loads(part.read_text())}
     t0 = time.perf_counter()
+    merged_wall = 0.0
+    for f in (args.merge.split(",") if args.merge else []):
+        d = json.loads(Path(f).read_text())
+        rows_f = d["models"] if isinstance(d, dict) else d
+        merged_wall += float(d["meta"]["wall_s"]) if isinstance(d, dict) else 0.0
+        done.update({r["model"]: r for r in rows_f})
     for i, s in enumerate(sel):
-        if s["model"] in done:
+        if s["model"] in done or args.merge:
             continue
         r = run_one(s["model"], args.source, args.timeout, args.threads)
         r["family"] = s["family"]
@@ -298,9 +306,9 @@ def main(argv: list[str] | None = None) -> int:
                "deepen_counts": dict(Counter(r.get("deepen") for r in rows))}
     meta = {"date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "source": args.source,
             "torch": torch.__version__, "timm": timm.__version__, "threads": args.threads,
-            "timeout_s": args.timeout, "wall_s": time.perf_counter() - t0, "rtol": RTOL,
+            "timeout_s": args.timeout, "wall_s": time.perf_counter() - t0 + merged_wall, "rtol": RTOL,
             "max_params_m": args.max_params if args.source == "torchvision" else 60.0,
-            "partial": args.models is not None}
+            "partial": args.models is not None, "merged_from": args.merge}
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, meta, summary))
     if not args.models:

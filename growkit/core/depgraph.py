@@ -63,8 +63,8 @@ def out_channel_group(dg: Any, module: nn.Module, timeout_s: float = GROUP_TIMEO
 
 def out_channel_groups(dg: Any, timeout_s: float = GROUP_TIMEOUT_S) -> Iterator[tuple[nn.Module, Any]]:
     """``(root, group)`` for every coupled channel group rooted at a conv / linear layer, as
-    Torch-Pruning's ``get_all_groups`` finds them, each search under a deadline (``group`` is a
-    :class:`GroupTimeout` when it ran out)."""
+    Torch-Pruning's ``get_all_groups`` finds them, each search under a deadline (``group`` is the
+    exception instead when the search ran out of time or failed)."""
     tp = torch_pruning()
     roots = (tp.ops.TORCH_CONV, tp.ops.TORCH_LINEAR)
     visited: set[int] = set()
@@ -73,7 +73,7 @@ def out_channel_groups(dg: Any, timeout_s: float = GROUP_TIMEOUT_S) -> Iterator[
             continue
         try:
             group = out_channel_group(dg, m, timeout_s)
-        except GroupTimeout as exc:
+        except Exception as exc:  # noqa: BLE001 - a deadline, or Torch-Pruning failing on this group
             visited.add(id(m))
             yield m, exc
             continue
@@ -139,5 +139,8 @@ def dependency_graph(model: nn.Module, example_input: Any) -> Any:
         with quiet_tp():
             return tp.DependencyGraph().build_dependency(model, example_inputs=tuple(a.to(dev) for a in args),
                                                          verbose=False)
+    except Exception as exc:  # noqa: BLE001 - Torch-Pruning's tracer fails in many ways on unusual graphs
+        raise InputError(f"Torch-Pruning cannot build this model's channel dependency graph ({type(exc).__name__}: "
+                         f"{str(exc)[:300]}); its channels cannot be grown or pruned as groups") from exc
     finally:
         model.train(was)

@@ -250,7 +250,7 @@ def refresh_shapes(gm: torch.fx.GraphModule, example_input: Any) -> None:
     def now(name: str, old: tuple[int, ...]) -> tuple[int, ...]:
         got = shapes.get(st.node_of.get(name, name))
         # Points keep the batch size they were traced with; only the other dimensions move.
-        return old if got is None or len(got) != len(old) else (old[0], *got[1:])
+        return old if got is None or len(got) != len(old) or not old else (old[0], *got[1:])
 
     for name in list(st.node_shapes):
         old = st.node_shapes[name]

@@ -89,6 +89,10 @@ def _names(gm: nn.Module) -> tuple[dict[int, str], dict[int, tuple[str, str]]]:
     return mods, params
 
 
+def _short_reason(text: str, n: int = 300) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
+
+
 def _module_reason(m: nn.Module) -> str:
     if isinstance(m, _ConvTransposeNd):
         return f"transposed conv {type(m).__name__} is not widened"
@@ -174,8 +178,9 @@ def _groups(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[A
     found = []
     with quiet_tp():
         for root, g in out_channel_groups(dg):
-            if isinstance(g, GroupTimeout):
-                found.append(WidthGroup(names[0].get(id(root), "?"), 0, reason=f"Torch-Pruning: {g}"))
+            if isinstance(g, Exception):
+                why = str(g) if isinstance(g, GroupTimeout) else f"its group search failed ({type(g).__name__}: {g})"
+                found.append(WidthGroup(names[0].get(id(root), "?"), 0, reason=_short_reason(f"Torch-Pruning: {why}")))
             else:
                 found.append(_group_of(dg, g, gm, names, ignored))
     return dg, found
@@ -191,8 +196,9 @@ def _group_at(dg: Any, gm: torch.fx.GraphModule, path: str, args: tuple[torch.Te
         raise PointError(f"{path!r} is not a layer of this model that the dependency graph sees")
     try:
         g = out_channel_group(dg, m)
-    except GroupTimeout as exc:
-        raise InputError(f"{path!r}: Torch-Pruning could not collect its channel group ({exc})") from exc
+    except Exception as exc:  # noqa: BLE001 - a deadline, or Torch-Pruning failing on this group
+        raise InputError(f"{path!r}: Torch-Pruning could not collect its channel group "
+                         f"({type(exc).__name__}: {str(exc)[:200]})") from exc
     if g is None:
         raise InputError(f"{path!r} ({type(m).__name__}) has no output channels to widen")
     ignored = {id(x) for x in output_layers(gm, args)}
