@@ -33,21 +33,22 @@ class GroupTimeout(Exception):
 
 @contextlib.contextmanager
 def _deadline(seconds: float) -> Iterator[None]:
-    # A SIGALRM deadline needs the main thread (elsewhere the search runs unguarded).
+    # Process CPU time (ITIMER_VIRTUAL), not wall time: a busy machine must not cut a normal search
+    # short. A signal deadline needs the main thread (elsewhere the search runs unguarded).
     if seconds <= 0 or threading.current_thread() is not threading.main_thread() or not hasattr(signal, "setitimer"):
         yield
         return
 
     def fire(_sig: int, _frame: Any) -> None:
-        raise GroupTimeout(f"the dependency search did not finish within {seconds:g} s")
+        raise GroupTimeout(f"the dependency search did not finish within {seconds:g} s of CPU time")
 
-    old = signal.signal(signal.SIGALRM, fire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
+    old = signal.signal(signal.SIGVTALRM, fire)
+    signal.setitimer(signal.ITIMER_VIRTUAL, seconds)
     try:
         yield
     finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, old)
+        signal.setitimer(signal.ITIMER_VIRTUAL, 0)
+        signal.signal(signal.SIGVTALRM, old)
 
 
 def out_channel_group(dg: Any, module: nn.Module, timeout_s: float = GROUP_TIMEOUT_S) -> Any:
