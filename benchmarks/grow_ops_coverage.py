@@ -219,7 +219,8 @@ def selection(source: str, max_params: float) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], summary: dict[str, Any]) -> str:
     lines = [f"# Width / depth growth coverage ({meta['source']})", "",
              f"{meta['date']}, torch {meta['torch']}, timm {meta['timm']}, {meta['threads']} thread(s), "
-             f"timeout {meta['timeout_s']:.0f} s per model, {meta['wall_s']:.0f} s in all.", "",
+             f"timeout {meta['timeout_s']:.0f} s per model, {meta['wall_s']:.0f} s in all"
+             + (f" ({meta['note']})" if meta.get("note") else "") + ".", "",
              "`widen`: `growkit.widen(model, x, ratio=1.25, init='split')` over every group that widens exactly; "
              f"output within {RTOL:g} relative (eval); ONNX (TorchScript exporter, dynamo where it fails) parity with onnxruntime. "
              "`deepen`: `growkit.deepen(model, x, block='copy')` (identity blocks where no copy fits), "
@@ -227,6 +228,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], summary: dict[str
              f"**widen exact + ONNX parity: {summary['widen_ok']} / {summary['models']}; "
              f"deepen exact + ONNX parity: {summary['deepen_ok']} / {summary['models']}.**", "",
              f"widen statuses: {summary['widen_counts']}; deepen statuses: {summary['deepen_counts']}", "",
+             (f"Not run (out of time): {len(summary['not_run'])} of {summary['selection']}: "
+              f"{', '.join(summary['not_run'])}." if summary.get("not_run") else
+              f"All {summary['selection']} models of the selection run."), "",
              "| family | model | params M | widen | groups widened / skipped | params x | widen rel diff | "
              "widen ONNX rel | deepen | block | blocks | deepen ONNX rel | why not / skipped because |",
              "|---|---|---:|---|---|---:|---:|---:|---|---|---:|---:|---|"]
@@ -299,7 +303,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[{i + 1}/{len(sel)}] {s['model']}: widen {r.get('widen')} ({r.get('widen_groups')} groups), "
               f"deepen {r.get('deepen')} ({r.get('deepen_blocks')} blocks) {r.get('wall_s')} s", flush=True)
     rows = [done[s["model"]] for s in sel if s["model"] in done]
-    summary = {"models": len(rows),
+    missing = [s["model"] for s in sel if s["model"] not in done]
+    summary = {"selection": len(sel), "not_run": missing, "models": len(rows),
                "widen_ok": sum(r.get("widen") == "ok" for r in rows),
                "deepen_ok": sum(r.get("deepen") == "ok" for r in rows),
                "widen_counts": dict(Counter(r.get("widen") for r in rows)),
@@ -309,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             "timeout_s": args.timeout, "wall_s": time.perf_counter() - t0 + merged_wall, "rtol": RTOL,
             "max_params_m": args.max_params if args.source == "torchvision" else 60.0,
             "partial": args.models is not None, "merged_from": args.merge}
+    if args.merge:
+        meta["wall_s"] = sum(float(r.get("wall_s") or 0.0) for r in rows)
+        meta["note"] = ("merged from runs over parts of the selection in parallel processes (1 thread each); wall_s is "
+                        "the sum of the models' own times")
     out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summary, "models": rows}, indent=1))
     out.with_suffix(".md").write_text(markdown(rows, meta, summary))
     if not args.models:
