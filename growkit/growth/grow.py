@@ -99,6 +99,9 @@ def grow(
         loader: training batches ``(x, y)`` or dicts (see ``batch_fn``).
         val_loader: batches for model selection (default: ``loader``, with a warning).
         example_input: batch-1 input for tracing (default: sliced from the first batch).
+        method: ``"petridish"`` (default), a search pass (``"darts"``, ``"enas"``, ``"pnas"``, ``"random"``,
+            ``"evolution"``), ``"widen"`` / ``"deepen"`` (width / depth growth, :mod:`growkit.growth.resize`),
+            or a list of them (one drawn per round); ``method_options`` are the method's own settings.
         budget: limits relative to (or absolute beside) the base cost; ``None`` = no limit.
             Points are taken by fit per added parameter while they fit; a point whose
             ``max_ops`` edges do not fit keeps its leading edges that do.
