@@ -7,7 +7,8 @@ base, data and budget, every growth method gets the same extra training: ``round
 way: weak learning, a supernet, briefly trained children) and ``finetune_epochs`` epochs of
 fine-tuning of the chosen plan, with the same learning rates:
 
-    petridish (the default), darts, enas, pnas, random (the baseline), evolution
+    petridish (the default), darts, enas, pnas, random (the baseline), evolution, widen, deepen
+    (width / depth growth, issue 21) and mixed (petridish, widen and deepen, one drawn per round)
 
 Reported per method: TEST accuracy of the model selected on validation (mean ± std and median over
 seeds, and per seed), added params / FLOPs over the base, search wall time, total wall time, the
@@ -65,7 +66,9 @@ from growkit.growth.methods import method_names  # noqa: E402
 logger = logging.getLogger("methods")
 
 RESULTS = Path(__file__).resolve().parent / "results"
-METHODS = ("petridish", "darts", "enas", "pnas", "random", "evolution")
+METHODS = ("petridish", "darts", "enas", "pnas", "random", "evolution", "widen", "deepen", "mixed")
+MIXED_DEFAULT = {"methods": ["petridish", "widen", "deepen"]}
+"""What the ``mixed`` row mixes unless ``--method-options`` says otherwise (one method drawn per round)."""
 PRUNERS = (("growkit_l1", "growkit.prune channels, L1"), ("tp_direct_l1", "Torch-Pruning directly, L1"),
            ("growkit_bn", "growkit.prune channels, BN scale"))
 
@@ -78,7 +81,8 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
     t = time.perf_counter()
     res = growkit.grow(
         copy.deepcopy(base), loader, data["val"], method=method,
-        method_options=json.loads(args.method_options).get(method, {}) if args.method_options else {},
+        method_options=(json.loads(args.method_options).get(method, {}) if args.method_options else {})
+        or (dict(MIXED_DEFAULT) if method == "mixed" else {}),
         rounds=args.rounds, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
         lr=args.lr, new_lr_mult=args.new_lr_mult, weight_decay=args.weight_decay,
         budget=growkit.Budget(params=args.budget), seed=seed, progress=False, ops=args.ops,
@@ -111,6 +115,7 @@ def run_method(method: str, base: nn.Module, data: dict[str, Any], seed: int, ar
         "edits": len(best.plan.edits),
         "atoms": sum(len(e.edges) for e in best.plan.edits),
         "tied_edits": sum(1 for e in best.plan.edits if e.tie),
+        "resizes": [r.to_dict() for r in best.plan.resizes],
         "plan": [{"point": e["point"], "edges": e["edges"], **({"tie": e["tie"]} if e.get("tie") else {})}
                  for e in best.plan.to_dict()["edits"]],
         "history": [{k: v for k, v in h.items() if k in (

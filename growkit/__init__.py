@@ -27,6 +27,8 @@ from .core.branch import GrownBranch
 from .core.finalize import finalize
 from .core.plan import Edge, Edit, GrowthPlan
 from .core.surgery import apply_plan, state_of
+from .core.widen import widen
+from .core.deepen import deepen
 
 # --- extension points: ops, growth methods, configuration -------------------------------------
 from .core.ops import DEFAULT_OPS, PAPER_OPS, TOKEN_OPS, WIDE_OPS, OpRegistry, OpSpec, register_op
@@ -80,7 +82,7 @@ __all__ = [
     "grow", "GrowResult", "prune", "Budget", "Cost", "Gallery", "Entry", "save", "load", "export_onnx", "ExportReport",
     # core primitives
     "trace", "LayerGraph", "GrowthPoint", "EligibleInput", "inject", "CandidateModel", "Candidate", "finalize",
-    "GrownBranch", "GrowthPlan", "Edit", "Edge", "apply_plan", "plan_of",
+    "GrownBranch", "GrowthPlan", "Edit", "Edge", "apply_plan", "plan_of", "widen", "deepen",
     # extension points
     "register_op", "OpRegistry", "OpSpec", "DEFAULT_OPS", "PAPER_OPS", "TOKEN_OPS", "WIDE_OPS",
     "GrowthMethod", "register_method", "GrowConfig", "search", "distributed", "cost",

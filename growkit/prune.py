@@ -21,12 +21,10 @@ when there is none. ``result.model`` is the most accurate model within the budge
 """
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx
@@ -34,6 +32,7 @@ from torch import nn
 
 from .checkpoint import snapshot
 from .core.cost import Budget, Cost, measure
+from .core.depgraph import output_layers, quiet_tp, torch_pruning
 from .core.graph import as_args
 from .core.plan import BRANCHES, GrowthPlan
 from .core.safecopy import copy_module
@@ -42,7 +41,7 @@ from .errors import InputError
 from .growth.gallery import Entry, Gallery
 from .growth.result import GrowResult
 from .runsetup import set_up_run
-from .train import BatchFn, NonFiniteLoss, cosine_schedule, evaluate, forward, iter_batches, logits_of, num_batches, train_steps
+from .train import BatchFn, NonFiniteLoss, cosine_schedule, evaluate, forward, iter_batches, num_batches, train_steps
 
 __all__ = ["prune", "PruneResult", "rebuild_pruned", "PRUNE_METHODS", "IMPORTANCES"]
 
@@ -75,15 +74,6 @@ class PruneResult(GrowResult):
 
 
 # ---------------------------------------------------------------------------------------- helpers
-def _torch_pruning():
-    try:
-        import torch_pruning as tp
-    except ImportError as exc:  # pragma: no cover - depends on the environment
-        raise InputError("method='channels' needs Torch-Pruning: pip install 'growkit[prune]' "
-                         "(or torch-pruning>=1.5)") from exc
-    return tp
-
-
 def _plain_copy(model: nn.Module) -> nn.Module:
     """A deep copy without growkit's plan metadata (a channel-pruned model no longer fits it)."""
     m = growable(model) if state_of(model) is not None else copy_module(model)
@@ -91,37 +81,6 @@ def _plain_copy(model: nn.Module) -> nn.Module:
     if isinstance(meta, dict):
         meta.pop(META_KEY, None)
     return m
-
-
-@contextlib.contextmanager
-def _quiet_tp() -> Iterator[None]:
-    # Torch-Pruning warns about "unwrapped" parameters; in growkit models those are the branch
-    # gates eta, 0-d scalars with no channel to prune.
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=r"(?s).*[Uu]nwrapped parameters")
-        yield
-
-
-def _output_layers(model: nn.Module, example: tuple[torch.Tensor, ...]) -> list[nn.Module]:
-    """The last conv / linear layer whose output carries the logits (kept: pruning it would
-    change the number of classes)."""
-    seen: list[tuple[nn.Module, torch.Tensor]] = []
-    hooks = [m.register_forward_hook(lambda mod, _i, o: seen.append((mod, o)))
-             for m in model.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))]
-    was = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            logits = logits_of(forward(model, example))
-    finally:
-        for h in hooks:
-            h.remove()
-        model.train(was)
-    for mod, o in reversed(seen):
-        if isinstance(o, torch.Tensor) and o.dim() >= 2 and logits.dim() >= 2 and o.shape[1] == logits.shape[1] \
-                and o.shape[0] == logits.shape[0]:
-            return [mod]
-    return []
 
 
 def _ungrown(model: torch.fx.GraphModule) -> torch.fx.GraphModule:
@@ -139,10 +98,10 @@ def rebuild_pruned(source: nn.Module, entry: Entry, example_input: Any) -> nn.Mo
     example = as_args(example_input)
     pruning = entry.pruning
     if pruning and pruning.get("method") == "channels":
-        tp = _torch_pruning()
+        tp = torch_pruning()
         m = _plain_copy(source)
         dev = next(m.parameters()).device
-        with _quiet_tp():
+        with quiet_tp():
             dg = tp.DependencyGraph().build_dependency(m, example_inputs=tuple(a.to(dev) for a in example))
         dg.load_pruning_history(pruning["history"])
     elif state_of(source) is not None:
@@ -259,6 +218,9 @@ def prune(
         if st is None or not st.plan.edits:
             raise InputError("method='branches' prunes grown branches, and this model has none; "
                              "use method='channels' to prune channels of any model")
+        if st.plan.resizes:
+            raise InputError("method='branches' cannot yet prune a model that was also widened or deepened (its "
+                             "base is no longer the model under the branches); use method='channels'")
     setup = set_up_run(model, loader, val_loader, example_input=example_input, loss_fn=loss_fn, batch_fn=batch_fn,
                        device=device, seed=seed, progress=progress, selects="pruned models")
     dev, val_loader, example = setup.device, setup.val_loader, setup.example_on_device()
@@ -387,19 +349,19 @@ def _prune_branches(source: torch.fx.GraphModule, base: Entry, val_loader: Itera
 def _prune_channels(source: nn.Module, base: Entry, example: tuple[torch.Tensor, ...], importance: str,
                     max_ratio: float, global_pruning: bool, ignored_layers: Iterable[str] | None, *, add, finetune,
                     limit: Budget | None, history: list[dict[str, Any]], steps: int | None) -> None:
-    tp = _torch_pruning()
+    tp = torch_pruning()
     n_steps = steps if steps is not None else 5
     m = _plain_copy(source)
     mods = dict(m.named_modules())
     if ignored_layers is None:
-        ignored = _output_layers(m, example)
+        ignored = output_layers(m, example)
     else:
         missing = [n for n in ignored_layers if n not in mods]
         if missing:
             raise InputError(f"ignored_layers {missing} are not modules of the model")
         ignored = [mods[n] for n in ignored_layers]
     imp = tp.importance.MagnitudeImportance(p=1) if importance == "l1" else tp.importance.BNScaleImportance()
-    with _quiet_tp():
+    with quiet_tp():
         pruner = tp.pruner.BasePruner(m, example, importance=imp, pruning_ratio=max_ratio, iterative_steps=n_steps,
                                       ignored_layers=ignored, global_pruning=global_pruning)
     parent = base

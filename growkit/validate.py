@@ -21,6 +21,7 @@ __all__ = [
     "MAX_INPUT_ELEMENTS",
     "MAX_EDITS",
     "MAX_EDGES",
+    "check_module_path",
     "MAX_NAME_LEN",
     "PLAN_DTYPES",
     "check_number",
@@ -109,6 +110,18 @@ def check_plan_name(v: Any, what: str) -> str:
     if not isinstance(v, str) or len(v) > MAX_NAME_LEN or not _NAME.match(v):
         shown = v if not isinstance(v, str) else v[:60]
         raise PlanError(f"plan {what} {shown!r} is not a node/op identifier (letters, digits, '_'; at most "
+                        f"{MAX_NAME_LEN} characters)")
+    return v
+
+
+_PATH_PART = re.compile(r"^(?:[A-Za-z_][A-Za-z0-9_]*|[0-9]+)$")
+
+
+def check_module_path(v: Any, what: str) -> str:
+    """A dotted module path (``layer1.0.conv1``) of bounded length: data, never resolved by getattr."""
+    if not isinstance(v, str) or not 0 < len(v) <= MAX_NAME_LEN or not all(_PATH_PART.match(p) for p in v.split(".")):
+        shown = v if not isinstance(v, str) else v[:60]
+        raise PlanError(f"plan {what} {shown!r} is not a module path (names or indices joined by '.'; at most "
                         f"{MAX_NAME_LEN} characters)")
     return v
 

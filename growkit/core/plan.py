@@ -1,9 +1,11 @@
 """Growth plans: the serialisable record of what was grown (data only).
 
 A plan is a list of edits against fx node names of the *base* model. Each edit adds one grown
-branch ``x_k <- x_k + eta * proj(concat(BN(op_e(z_e)) for e in edges))`` at point ``x_k``. The plan
-is data only (JSON): replaying it (:func:`growkit.core.surgery.apply_plan`) never executes anything
-from the file.
+branch ``x_k <- x_k + eta * proj(concat(BN(op_e(z_e)) for e in edges))`` at point ``x_k``. Width and
+depth growth (:mod:`growkit.core.widen`, :mod:`growkit.core.deepen`) are :class:`Resize` records
+beside the edits, each placed by ``after`` (how many edits came before it), so a replay applies
+edits and resizes in the order they were grown. The plan is data only (JSON): replaying it
+(:func:`growkit.core.surgery.apply_plan`) never executes anything from the file.
 """
 from __future__ import annotations
 
@@ -18,13 +20,22 @@ import torch
 import torch.fx
 
 from ..errors import PlanError
-from ..validate import MAX_EDGES, MAX_EDITS, check_edit_key, check_plan_inputs, check_plan_name, check_plan_size
+from ..validate import (MAX_EDGES, MAX_EDITS, check_edit_key, check_module_path, check_plan_inputs, check_plan_name,
+                        check_plan_size)
 from .dualgraph import all_nodes
 
-__all__ = ["Edge", "Atom", "ScoredEdge", "Edit", "GrowthPlan", "graph_fingerprint", "BRANCHES"]
+__all__ = ["Edge", "Atom", "ScoredEdge", "Edit", "Resize", "GrowthPlan", "graph_fingerprint", "BRANCHES",
+           "RESIZE_KINDS", "WIDEN_INITS", "DEEPEN_BLOCKS", "MAX_WIDEN_CHANNELS"]
 
 FORMAT = "growkit.plan"
 VERSION = 1
+RESIZE_VERSION = 2
+"""Plans with width / depth growth are written as version 2, so a growkit that cannot replay them
+refuses them instead of silently building the narrower model; plans without stay version 1."""
+RESIZE_KINDS = ("widen", "deepen")
+WIDEN_INITS = ("split", "zero")
+DEEPEN_BLOCKS = ("copy", "identity")
+MAX_WIDEN_CHANNELS = 1 << 20
 BRANCHES = "growkit_branches"
 """Name of the ModuleDict holding grown branches inside a grown GraphModule."""
 
@@ -93,6 +104,64 @@ class Edit:
         return tuple(Atom(self.point, e.input, e.op) for e in self.edges)
 
 
+@dataclass(frozen=True)
+class Resize:
+    """Width or depth growth recorded as data (see :mod:`growkit.core.widen` / :mod:`growkit.core.deepen`).
+
+    ``kind="widen"``: ``layers`` pairs a module path (a layer whose output channels root a coupled
+    channel group in the model as it was before this resize) with the number of channels added to
+    that group; ``init`` is how new units were initialised (weights come from the state dict on
+    load). ``kind="deepen"``: a new block at base growth point ``point`` (``block`` ``"copy"`` or
+    ``"identity"``), stored under ``key``. ``after``: the number of plan edits applied before it.
+    """
+
+    kind: str
+    key: str
+    after: int
+    layers: tuple[tuple[str, int], ...] = ()
+    init: str = ""
+    point: str = ""
+    block: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "key": self.key, "after": self.after}
+        if self.kind == "widen":
+            out.update(layers=[[m, k] for m, k in self.layers], init=self.init)
+        else:
+            out.update(point=self.point, block=self.block)
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Any, n_edits: int) -> "Resize":
+        """Validate one resize record (``n_edits``: the plan's number of edits)."""
+        if not isinstance(d, dict) or d.get("kind") not in RESIZE_KINDS:
+            raise PlanError(f"plan resize must be an object with kind one of {RESIZE_KINDS}: {str(d)[:200]}")
+        key = check_edit_key(d.get("key"))
+        after = d.get("after")
+        if isinstance(after, bool) or not isinstance(after, int) or not 0 <= after <= n_edits:
+            raise PlanError(f"plan resize {key!r}: 'after' must be an int in [0, {n_edits}] (edits before it), "
+                            f"got {after!r}")
+        if d["kind"] == "widen":
+            raw = d.get("layers")
+            if not isinstance(raw, list) or not 0 < len(raw) <= MAX_EDITS:
+                raise PlanError(f"plan resize {key!r}: 'layers' must be a non-empty list of [module path, channels]")
+            layers = []
+            for x in raw:
+                if not (isinstance(x, list) and len(x) == 2 and isinstance(x[1], int) and not isinstance(x[1], bool)
+                        and 0 < x[1] <= MAX_WIDEN_CHANNELS):
+                    raise PlanError(f"plan resize {key!r}: layer entry {str(x)[:100]} is not [module path, channels "
+                                    f"in 1..{MAX_WIDEN_CHANNELS}]")
+                layers.append((check_module_path(x[0], "widened layer"), int(x[1])))
+            init = d.get("init")
+            if init not in WIDEN_INITS:
+                raise PlanError(f"plan resize {key!r}: init must be one of {WIDEN_INITS}, got {init!r}")
+            return cls("widen", key, after, tuple(layers), init=init)
+        block = d.get("block")
+        if block not in DEEPEN_BLOCKS:
+            raise PlanError(f"plan resize {key!r}: block must be one of {DEEPEN_BLOCKS}, got {block!r}")
+        return cls("deepen", key, after, point=check_plan_name(d.get("point"), "point"), block=block)
+
+
 @dataclass
 class GrowthPlan:
     """Serialisable growth record (see module docstring)."""
@@ -102,6 +171,7 @@ class GrowthPlan:
     input_dtypes: list[str] = field(default_factory=list)
     fingerprint: str = ""
     edits: list[Edit] = field(default_factory=list)
+    resizes: list[Resize] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.edits)
@@ -115,16 +185,37 @@ class GrowthPlan:
         """An independent copy (a module's plan keeps changing as it grows; a record must not)."""
         return copy.deepcopy(self)
 
+    @property
+    def grown(self) -> bool:
+        """Whether anything was grown (branch edits or resizes)."""
+        return bool(self.edits or self.resizes)
+
+    def steps(self) -> list[Edit | Resize]:
+        """Edits and resizes in the order they were grown (the order a replay applies them)."""
+        out: list[Edit | Resize] = []
+        pending = sorted(range(len(self.resizes)), key=lambda i: (self.resizes[i].after, i))
+        j = 0
+        for i in range(len(self.edits) + 1):
+            while j < len(pending) and self.resizes[pending[j]].after == i:
+                out.append(self.resizes[pending[j]])
+                j += 1
+            if i < len(self.edits):
+                out.append(self.edits[i])
+        return out
+
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out = {
             "format": FORMAT,
-            "version": VERSION,
+            "version": RESIZE_VERSION if self.resizes else VERSION,
             "base": self.base,
             "input_shapes": self.input_shapes,
             "input_dtypes": self.input_dtypes,
             "fingerprint": self.fingerprint,
             "edits": [e.to_dict() for e in self.edits],
         }
+        if self.resizes:
+            out["resizes"] = [r.to_dict() for r in self.resizes]
+        return out
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2)
@@ -134,8 +225,9 @@ class GrowthPlan:
         """Validate and build a plan from parsed JSON; raises :class:`PlanError` on any defect."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise PlanError(f"not a growkit plan (expected format {FORMAT!r})")
-        if d.get("version") != VERSION:
-            raise PlanError(f"plan version {d.get('version')!r} is not supported (this growkit reads {VERSION})")
+        if d.get("version") not in (VERSION, RESIZE_VERSION):
+            raise PlanError(f"plan version {d.get('version')!r} is not supported (this growkit reads "
+                            f"{VERSION} and {RESIZE_VERSION})")
 
         raw_edits = d.get("edits", [])
         if not isinstance(raw_edits, list) or len(raw_edits) > MAX_EDITS:
@@ -166,7 +258,17 @@ class GrowthPlan:
         fp = d.get("fingerprint", "")
         if not isinstance(fp, str) or len(fp) > 128:
             raise PlanError("plan fingerprint must be a short string")
-        return cls(base, shapes, dtypes, fp, edits)
+        raw_resizes = d.get("resizes", [])
+        if not isinstance(raw_resizes, list) or len(raw_resizes) > MAX_EDITS:
+            raise PlanError(f"plan resizes must be a list of at most {MAX_EDITS} records")
+        if raw_resizes and d.get("version") != RESIZE_VERSION:
+            raise PlanError(f"plan has resizes but version {d.get('version')!r}; resizes need version {RESIZE_VERSION}")
+        resizes = [Resize.from_dict(r, len(edits)) for r in raw_resizes]
+        for r in resizes:
+            if r.key in keys:
+                raise PlanError(f"plan key {r.key!r} occurs twice; every edit and resize needs its own key")
+            keys.add(r.key)
+        return cls(base, shapes, dtypes, fp, edits, resizes)
 
     @classmethod
     def from_json(cls, text: str) -> "GrowthPlan":

@@ -11,22 +11,23 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx
 from torch import nn
+from torch.fx.passes.shape_prop import ShapeProp, TensorMetadata
 
 from ..errors import InputError, OpError, PlanError, PointError
 from .branch import GrownBranch
 from .dualgraph import graphs_of
 from .graph import GRANULARITIES, GrowthPoint, LayerGraph, as_args, find_point, model_name, trace
 from .ops import DEFAULT_REGISTRY, OpRegistry
-from .plan import BRANCHES, Edit, GrowthPlan, graph_fingerprint
+from .plan import BRANCHES, Edit, GrowthPlan, Resize, graph_fingerprint
 from .safecopy import copy_module
 
 __all__ = ["GrowState", "growable", "state_of", "insert_at_point", "remove_inserted", "apply_edit", "apply_plan",
-           "trace_options", "META_KEY"]
+           "trace_options", "META_KEY", "register_resize", "refresh_shapes", "ResizeReplay"]
 
 META_KEY = "growkit"
 
@@ -215,6 +216,63 @@ def apply_edit(gm: torch.fx.GraphModule, edit: Edit, registry: OpRegistry | None
     return branch
 
 
+ResizeReplay = Callable[[torch.fx.GraphModule, Resize, Any], None]
+"""Replays one :class:`Resize` record on a growable module (``(gm, record, example_input)``), in
+place, appending the record to the module's plan."""
+
+_RESIZE_REPLAY: dict[str, ResizeReplay] = {}
+
+
+def register_resize(kind: str, replay: ResizeReplay) -> None:
+    """Register how plan replay applies resize records of ``kind`` (the widen / deepen modules
+    register themselves: this module, which they build on, does not import them)."""
+    _RESIZE_REPLAY[kind] = replay
+
+
+@torch.no_grad()
+def refresh_shapes(gm: torch.fx.GraphModule, example_input: Any) -> None:
+    """Re-measure the shapes of a growable module's points and nodes after a resize changed them,
+    so later edits (inject, finalize, replay) build their branches for the new widths."""
+    st = state_of(gm)
+    assert st is not None
+    was = gm.training
+    gm.eval()
+    try:
+        ShapeProp(gm).propagate(*as_args(example_input))
+    finally:
+        gm.train(was)
+    shapes: dict[str, tuple[int, ...]] = {}
+    for n in gm.graph.nodes:
+        meta = n.meta.get("tensor_meta")
+        if isinstance(meta, TensorMetadata):
+            shapes[n.name] = tuple(int(v) for v in meta.shape)
+
+    def now(name: str, old: tuple[int, ...]) -> tuple[int, ...]:
+        got = shapes.get(st.node_of.get(name, name))
+        # Points keep the batch size they were traced with; only the other dimensions move.
+        return old if got is None or len(got) != len(old) or not old else (old[0], *got[1:])
+
+    for name in list(st.node_shapes):
+        old = st.node_shapes[name]
+        if old is not None and name in shapes:
+            st.node_shapes[name] = now(name, old)
+    resized = {p.name: dataclasses.replace(p, shape=now(p.name, p.shape)) for p in st.points}
+    pts = []
+    for p in resized.values():
+        ins = []
+        for z in p.inputs:
+            zp = resized.get(z.name)
+            if zp is not None:
+                ins.append(dataclasses.replace(z, shape=zp.shape, channels=zp.channels))
+                continue
+            # an input that is not a point itself: its channels sit where they sat before
+            zs = now(z.name, z.shape)
+            axis = 1 if len(z.shape) == 4 and z.shape[1] == z.channels else len(z.shape) - 1
+            ins.append(dataclasses.replace(z, shape=zs, channels=zs[axis]))
+        pts.append(dataclasses.replace(p, inputs=tuple(ins)))
+    st.points = pts
+
+
 def _trace_record(base: dict[str, Any]) -> dict[str, Any]:
     """The validated ``granularity`` / ``points`` a plan's base was traced with (data only)."""
     rec = base.get("trace")
@@ -257,7 +315,7 @@ def apply_plan(
     gm = growable(base_model, example_input, **trace_kwargs)
     st = state_of(gm)
     assert st is not None
-    if st.plan.edits:
+    if st.plan.grown:
         raise PlanError("apply_plan expects an ungrown base model; this one already carries a plan")
     if plan.fingerprint and st.plan.fingerprint != plan.fingerprint:
         raise PlanError(
@@ -266,8 +324,13 @@ def apply_plan(
         )
     if plan.base:
         st.plan.base = dict(plan.base)
-    for edit in plan.edits:
-        apply_edit(gm, edit, registry)
+    for step in plan.steps():
+        if isinstance(step, Resize):
+            if step.kind not in _RESIZE_REPLAY:
+                raise PlanError(f"plan resize {step.key!r} of kind {step.kind!r} cannot be replayed by this growkit")
+            _RESIZE_REPLAY[step.kind](gm, step, example_input)
+        else:
+            apply_edit(gm, step, registry)
     gm.graph.lint()
     gm.recompile()
     return gm

@@ -21,7 +21,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -52,7 +52,7 @@ def grow(
     val_loader: Iterable | None = None,
     *,
     example_input: Any = None,
-    method: str = "petridish",
+    method: str | Sequence[str] = "petridish",
     method_options: dict[str, Any] | None = None,
     budget: Budget | None = None,
     rounds: int = 2,
@@ -99,6 +99,9 @@ def grow(
         loader: training batches ``(x, y)`` or dicts (see ``batch_fn``).
         val_loader: batches for model selection (default: ``loader``, with a warning).
         example_input: batch-1 input for tracing (default: sliced from the first batch).
+        method: ``"petridish"`` (default), a search pass (``"darts"``, ``"enas"``, ``"pnas"``, ``"random"``,
+            ``"evolution"``), ``"widen"`` / ``"deepen"`` (width / depth growth, :mod:`growkit.growth.resize`),
+            or a list of them (one drawn per round); ``method_options`` are the method's own settings.
         budget: limits relative to (or absolute beside) the base cost; ``None`` = no limit.
             Points are taken by fit per added parameter while they fit; a point whose
             ``max_ops`` edges do not fit keeps its leading edges that do.
@@ -155,6 +158,10 @@ def grow(
     Raises:
         NonFiniteLoss: the model's outputs are already non-finite (it is not grown).
     """
+    if isinstance(method, (list, tuple)):
+        # Several methods: one is drawn each round (growkit.growth.resize.Mixed).
+        method_options = {"methods": list(method), **(method_options or {})}
+        method = "mixed"
     growth_method = get_method(method, **(method_options or {}))
     if not isinstance(model, nn.Module):
         raise InputError(f"model must be an nn.Module, got {type(model).__name__}")

@@ -27,6 +27,7 @@ from ..core.cost import Cost, measure
 from ..core.finalize import finalize
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.selection import choose_points
+from ..core.deepen import DEPTH
 from ..core.surgery import apply_plan, state_of
 from ..errors import NonFiniteLoss, ResourceError
 from ..newparams import growth_optimizer
@@ -92,7 +93,8 @@ class WeakResult:
 
 @dataclass
 class TuneJob:
-    """Fine-tuning of a finalized child; ``new_edits`` = edits grown in this round (start index)."""
+    """Fine-tuning of a finalized child; ``new_edits`` / ``new_resizes``: where the edits / resizes
+    grown in this round start in its plan (``new_resizes=None``: no resize is new)."""
 
     round: int
     index: int
@@ -101,6 +103,7 @@ class TuneJob:
     state: Any
     new_edits: int
     seed: int
+    new_resizes: int | None = None
 
 
 @dataclass
@@ -337,9 +340,15 @@ class ChildTrainer:
         cfg = self.cfg
         rec: dict[str, Any] = {}
         t = time.perf_counter()
-        branches = getattr(grown, BRANCHES)
-        new = state_of(grown).plan.edits[job.new_edits:]  # type: ignore[union-attr]
+        branches = getattr(grown, BRANCHES, {})
+        plan_now = state_of(grown).plan  # type: ignore[union-attr]
+        new = plan_now.edits[job.new_edits:]
         new_params = [p for e in new for p in branches[e.key].parameters()]
+        # New blocks of a deepening are new parameters too; widened tensors mix trained and new
+        # entries and train with the model (the rule sets learning rates per tensor).
+        blocks = getattr(grown, DEPTH, {})
+        start = len(plan_now.resizes) if job.new_resizes is None else job.new_resizes
+        new_params += [p for r in plan_now.resizes[start:] if r.kind == "deepen" for p in blocks[r.key].parameters()]
         epochs = cfg.finetune_epochs
         steps_per_epoch = num_batches(self.loader)
         rule = cfg.new_param_rule()

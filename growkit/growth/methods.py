@@ -38,6 +38,9 @@ BUILTIN: dict[str, str] = {
     "pnas": "growkit.search.pnas",
     "random": "growkit.search.random_search",
     "evolution": "growkit.search.evolution",
+    "widen": "growkit.growth.resize",
+    "deepen": "growkit.growth.resize",
+    "mixed": "growkit.growth.resize",
 }
 """Built-in method name -> the module that registers it (imported on first use)."""
 

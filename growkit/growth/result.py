@@ -77,4 +77,7 @@ class GrowResult:
         return "base", "best"
 
     def _report_detail(self, best: Entry) -> str:
-        return f", {len(best.plan)} grown branches"
+        kinds = [r.kind for r in best.plan.resizes]
+        extra = "".join(f", {kinds.count(k)} {k}{'s' if kinds.count(k) > 1 else ''}" for k in ("widen", "deepen")
+                        if k in kinds)
+        return f", {len(best.plan)} grown branches{extra}"

@@ -262,7 +262,7 @@ class GrowRun:
         A divergence is rolled back and retried once (:meth:`ChildTrainer.tune_with_rollback`).
         """
         plan = state_of(grown).plan.copy()  # type: ignore[union-attr]
-        job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan), 0)
+        job = TuneJob(rnd, 0, parent.id, plan, None, len(parent.plan), 0, new_resizes=len(parent.plan.resizes))
 
         def save(p: dict[str, Any], work: nn.Module | None = None, opts: Any = None, sched: Any = None) -> None:
             self.save({"round": rnd, "parent": parent.id, "plan": plan.to_dict(), **p}, work=work, opts=opts,

@@ -589,7 +589,7 @@ class Grower:
         from ..core.surgery import apply_plan
 
         plan = GrowthPlan.from_dict(meta["plan"])
-        start = apply_plan(model, plan, example_input) if plan.edits else model
+        start = apply_plan(model, plan, example_input) if plan.grown else model
         g = cls(start, example_input, **options)
         g.base_cost, g.cost = Cost(**meta["base_cost"]), Cost(**meta["cost"])
         g.steps, g._since_inject = int(meta["steps"]), int(meta["since_inject"])
