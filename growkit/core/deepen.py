@@ -26,10 +26,10 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..errors import InputError, PlanError, PointError
-from .graph import GrowthPoint, as_args, outputs_equal
+from .graph import GrowthPoint, outputs_equal
 from .plan import DEEPEN_BLOCKS, Resize
 from .safecopy import copy_module
-from .surgery import growable, insert_at_point, register_resize, state_of
+from .surgery import growable, growable_with_args, insert_at_point, register_resize, state_of
 
 __all__ = ["deepen", "DEPTH", "GatedBlock", "IdentityBlock", "deepenable_points"]
 
@@ -164,16 +164,9 @@ def deepen(model: nn.Module, example_input: Any = None, *, points: Iterable[str]
     """
     if block not in DEEPEN_BLOCKS:
         raise InputError(f"block must be one of {', '.join(DEEPEN_BLOCKS)}, got {block!r}")
-    named = [points] if isinstance(points, str) else None if points is None else list(points)
-    if named is not None and (not named or not all(isinstance(x, str) for x in named)):
-        raise InputError(f"points must be growth point names (strings) or None, got {points!r}")
-    gm = growable(model, example_input)
+    gm, args, named = growable_with_args(model, example_input, points, "points (growth point names)")
     st = state_of(gm)
     assert st is not None
-    if example_input is None:
-        example_input = st.plan.example_input()
-    dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    args = tuple(a.to(dev) for a in as_args(example_input))
     if named is None:
         chosen = list(st.points)
     else:

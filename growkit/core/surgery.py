@@ -98,6 +98,23 @@ def growable(model: nn.Module, example_input: Any = None, **trace_kwargs: Any) -
     return from_layer_graph(lg, example_input, base)
 
 
+def growable_with_args(model: nn.Module, example_input: Any, names: Any, what: str,
+                       ) -> tuple[torch.fx.GraphModule, tuple[torch.Tensor, ...], list[str] | None]:
+    """What a resize (widen, deepen) starts from: the growable copy of ``model``, the example input
+    (the plan's own when ``None``) as args on the model's device, and ``names`` (a string, strings
+    or ``None`` for all) checked and listed; ``what`` names them in the error."""
+    named = [names] if isinstance(names, str) else None if names is None else list(names)
+    if named is not None and (not named or not all(isinstance(x, str) for x in named)):
+        raise InputError(f"{what} must be names (strings) or None, got {names!r}")
+    gm = growable(model, example_input)
+    st = state_of(gm)
+    assert st is not None
+    if example_input is None:
+        example_input = st.plan.example_input()
+    dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
+    return gm, tuple(a.to(dev) for a in as_args(example_input)), named
+
+
 def trace_options(granularity: str | None, points: Any = None) -> dict[str, Any]:
     """The :func:`trace` keywords for a run's ``granularity`` and ``points`` settings."""
     out: dict[str, Any] = {"granularity": granularity or "block"}

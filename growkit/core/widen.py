@@ -44,7 +44,7 @@ from ..errors import InputError, PlanError, PointError
 from .depgraph import GroupTimeout, dependency_graph, out_channel_group, out_channel_groups, output_layers, quiet_tp
 from .graph import as_args, outputs_equal
 from .plan import WIDEN_INITS, Resize
-from .surgery import growable, refresh_shapes, register_resize, state_of
+from .surgery import growable, growable_with_args, refresh_shapes, register_resize, state_of
 
 __all__ = ["widen", "width_groups", "WidthGroup", "WIDEN_RTOL", "REPORT_KEY"]
 
@@ -395,16 +395,9 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
         raise InputError(f"init must be one of {', '.join(WIDEN_INITS)}, got {init!r}")
     if isinstance(noise, bool) or not isinstance(noise, (int, float)) or not 0 <= noise <= 1:
         raise InputError(f"noise must be a number in [0, 1], got {noise!r}")
-    named = [layers] if isinstance(layers, str) else None if layers is None else list(layers)
-    if named is not None and (not named or not all(isinstance(x, str) for x in named)):
-        raise InputError(f"layers must be module paths (strings) or None, got {layers!r}")
-    gm = growable(model, example_input)
+    gm, args, named = growable_with_args(model, example_input, layers, "layers (module paths)")
     st = state_of(gm)
     assert st is not None
-    if example_input is None:
-        example_input = st.plan.example_input()
-    dev = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    args = tuple(a.to(dev) for a in as_args(example_input))
     if ratio == 1:
         return gm
     dg, found = _groups(gm, args)
