@@ -26,7 +26,7 @@ from torch import nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from ..errors import InputError, PlanError, PointError
-from .graph import GrowthPoint, outputs_equal
+from .graph import GrowthPoint, eval_outputs, outputs_equal
 from .plan import DEEPEN_BLOCKS, Resize
 from .safecopy import copy_module
 from .surgery import growable, growable_with_args, insert_at_point, register_resize, state_of
@@ -124,16 +124,6 @@ def _new_block(gm: torch.fx.GraphModule, p: GrowthPoint, block: str) -> tuple[nn
     return (GatedBlock(sub), "") if sub is not None else (None, why)
 
 
-def _run(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> Any:
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return gm(*args)
-    finally:
-        gm.train(was)
-
-
 def _insert(gm: torch.fx.GraphModule, p: GrowthPoint, mod: nn.Module, key: str) -> None:
     insert_at_point(gm, p.name, [], mod, DEPTH, key)
 
@@ -189,14 +179,14 @@ def deepen(model: nn.Module, example_input: Any = None, *, points: Iterable[str]
         raise InputError("no growth point of this model can take a new block: "
                          + "; ".join(f"{k}: {v}" for k, v in list(skipped.items())[:10]) if skipped else
                          "this model has no growth points (see growkit.trace(model, x).skipped)")
-    ref = _run(gm, args)
+    ref = eval_outputs(gm, args)
     for p, mod in blocks:
         rec = Resize("deepen", f"d{len(st.plan.resizes)}", len(st.plan.edits), point=p.name, block=block)
         _insert(gm, p, mod, rec.key)
         st.plan.resizes.append(rec)
     gm.graph.lint()
     gm.recompile()
-    if not outputs_equal(_run(gm, args), ref):
+    if not outputs_equal(eval_outputs(gm, args), ref):
         # x + 0 * (copy(x) - x) is x unless the copy overflows on this input
         raise InputError("deepening changed the output on the example input (a copied block returns non-finite "
                          "values?); try block='identity'")

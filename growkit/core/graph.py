@@ -43,6 +43,7 @@ __all__ = [
     "trace",
     "as_args",
     "outputs_equal",
+    "eval_outputs",
     "GRANULARITIES",
 ]
 
@@ -221,6 +222,18 @@ def as_args(example_input: Any) -> tuple[torch.Tensor, ...]:
         f"example_input must be a torch.Tensor or a tuple of tensors (the model's positional "
         f"inputs), got {type(example_input).__name__}; pass e.g. torch.randn(1, 3, 224, 224)"
     )
+
+
+def eval_outputs(model: nn.Module, args: tuple[torch.Tensor, ...]) -> Any:
+    """``model(*args)`` in eval mode without gradients, its training flag restored: the outputs an
+    exactness check compares."""
+    was = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            return model(*args)
+    finally:
+        model.train(was)
 
 
 def outputs_equal(a: Any, b: Any, rtol: float = 0.0) -> bool:

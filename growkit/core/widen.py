@@ -42,7 +42,7 @@ from torch.nn.modules.conv import _ConvNd, _ConvTransposeNd
 
 from ..errors import InputError, PlanError, PointError
 from .depgraph import GroupTimeout, dependency_graph, out_channel_group, out_channel_groups, output_layers, quiet_tp
-from .graph import as_args, outputs_equal
+from .graph import as_args, eval_outputs, outputs_equal
 from .plan import WIDEN_INITS, Resize
 from .surgery import growable, growable_with_args, refresh_shapes, register_resize, state_of
 
@@ -358,16 +358,6 @@ def _check_ratio(ratio: Any) -> float:
     return float(ratio)
 
 
-def _run(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> Any:
-    was = gm.training
-    gm.eval()
-    try:
-        with torch.no_grad():
-            return gm(*args)
-    finally:
-        gm.train(was)
-
-
 # ---------------------------------------------------------------------------------------- widen()
 def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] | str | None = None,
           ratio: float = 1.25, init: str = "split", seed: int | None = None, noise: float = 0.01,
@@ -423,7 +413,7 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
     if all(a.is_floating_point() for a in args):
         g0 = torch.Generator().manual_seed(0)
         probes.append(tuple(torch.randn(a.shape, generator=g0, dtype=a.dtype).to(a.device) for a in args))
-    refs = [_run(gm, a) for a in probes]
+    refs = [eval_outputs(gm, a) for a in probes]
     sizes = {id(wg): _added(wg.channels, ratio) for wg in chosen}
 
     def attempt(groups: list[WidthGroup]) -> str:
@@ -433,7 +423,7 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
         try:
             for wg in groups:
                 editor.grow(wg, sizes[id(wg)])
-            ok = all(outputs_equal(_run(gm, a), r, rtol=WIDEN_RTOL) for a, r in zip(probes, refs))
+            ok = all(outputs_equal(eval_outputs(gm, a), r, rtol=WIDEN_RTOL) for a, r in zip(probes, refs))
             why = "" if ok else "the output changed (an op the dependency graph does not see mixes these channels)"
         except Exception as exc:  # noqa: BLE001 - a widened group that cannot run is undone and reported
             why = f"the widened model fails to run ({type(exc).__name__}: {str(exc)[:200]})"
