@@ -75,7 +75,7 @@ def main() -> None:
               + "; on this data that compute is better spent fine-tuning.\nWhat to try: growth adds capacity, "
               "so it pays once a model has stopped improving with more training (here fine-tuning still gains); "
               "train longer first (--base-epochs), then grow with compare_finetune=True to check. On full-width "
-              "timm models no grow() setting measured so far beats fine-tuning for the same time: see "
+              "timm models grow()'s defaults did not beat fine-tuning for the same time in any setting measured: see "
               "benchmarks/results/grow_at_scale.md")
     print(f"saved to {out}/ (plan.json, weights.safetensors, gallery.json, gallery.png); reload identical: {same}")
 
