@@ -114,9 +114,14 @@ def split(dataset: Dataset, sizes: Sequence[int], seed: int = 0) -> list[Subset]
 def make_loaders(
     parts: Sequence[Dataset], batch_size: int = 64, seed: int = 0, num_workers: int = 0
 ) -> list[DataLoader]:
-    """First part shuffled (seeded), the rest in order."""
+    """First part shuffled (seeded), the rest in order.
+
+    The training part drops its last incomplete batch when it has at least one full batch (as timm's
+    training loaders do): a last batch of one sample makes BatchNorm raise in train mode.
+    """
     g = torch.Generator().manual_seed(seed)
     return [
-        DataLoader(p, batch_size=batch_size, shuffle=(i == 0), generator=g if i == 0 else None, num_workers=num_workers)
+        DataLoader(p, batch_size=batch_size, shuffle=(i == 0), generator=g if i == 0 else None, num_workers=num_workers,
+                   drop_last=i == 0 and len(p) > batch_size)  # type: ignore[arg-type]
         for i, p in enumerate(parts)
     ]

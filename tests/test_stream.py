@@ -45,6 +45,25 @@ def test_class_incremental_partitions_classes(digits):
         growkit.class_incremental(digits, 2, class_order=[0, 1])
 
 
+def test_training_loaders_never_yield_a_one_sample_batch(digits):
+    """A last training batch of one sample makes BatchNorm raise in train mode (it did in the stability grid)."""
+    from growkit.data import make_loaders
+    from torch.utils.data import Subset
+
+    for bs in (8, 16, 32, 64):
+        s = growkit.class_incremental(digits, 3, batch_size=bs, seed=9)
+        sizes = [len(x) for e in s for x, _ in e.train]
+        assert min(sizes) > 1
+        # the first experience still sees every full batch
+        assert sum(sizes[: len(s[0].train)]) >= len(s[0].train.dataset) - bs + 1
+    part = Subset(digits, list(range(65)))  # 65 = 2 full batches of 32 + 1
+    train, val = make_loaders([part, part], batch_size=32)
+    assert [len(x) for x, _ in train] == [32, 32]
+    assert sum(len(x) for x, _ in val) == 65  # evaluation keeps every sample
+    small = Subset(digits, list(range(5)))  # fewer samples than a batch: keep them all
+    assert [len(x) for x, _ in make_loaders([small], batch_size=32)[0]] == [5]
+
+
 def test_domain_incremental_permutes_pixels(digits):
     s = growkit.domain_incremental(digits, 3, kind="permuted", batch_size=64, seed=0)
     assert [e.classes for e in s] == [list(range(10))] * 3
