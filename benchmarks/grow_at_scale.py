@@ -13,7 +13,11 @@ same measured wall-clock as ``grow`` took:
                  with random edges, no weak learning, then fine-tuned (new-parameter rule) for the
                  rest of grow's wall-clock;
   wider          grow's largest child's architecture (the base's if nothing grew) re-initialised
-                 and trained from scratch for the base's training time plus grow's wall-clock.
+                 and trained from scratch for the base's training time plus grow's wall-clock;
+  widen, deepen, mixed
+                 growkit.grow(method="widen" | "deepen" | ["petridish", "widen", "deepen"]) with the
+                 same settings; each is paired with its own same-time fine-tuning control
+                 (``finetune@widen`` ...), because its wall-clock is its own, not grow's.
 
 TEST accuracy (a held-out split never used for any choice) is reported; validation accuracy is
 what grow's gallery selects on. The protocol of the reported run is written in
@@ -58,6 +62,24 @@ from growkit.train import evaluate, train_steps
 logger = logging.getLogger("grow_at_scale")
 RESULTS = Path(__file__).resolve().parent / "results"
 ARMS = ("grow", "finetune", "random_edges", "random_points", "wider")
+# growth methods other than Petridish; each gets a fine-tuning control at its own wall-clock
+RESIZE_ARMS: dict[str, Any] = {"widen": "widen", "deepen": "deepen", "mixed": ["petridish", "widen", "deepen"]}
+ALL_ARMS = ARMS + tuple(RESIZE_ARMS)
+
+
+def shown_arms(arms: tuple[str, ...]) -> tuple[str, ...]:
+    """The arms in the order of the tables, each resize arm followed by its fine-tuning control."""
+    return tuple(x for a in arms for x in ((a, f"finetune@{a}") if a in RESIZE_ARMS else (a,)))
+
+
+def pairs(arms: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(arm, control) pairs whose per-seed differences are reported."""
+    out = [("grow", b) for b in ("finetune", "random_points", "random_edges", "wider", "base")
+           if "grow" in arms and (b in arms or b == "base")]
+    for a in arms:
+        if a in RESIZE_ARMS:
+            out += [(a, f"finetune@{a}"), (a, "base")] + ([("grow", a)] if "grow" in arms else [])
+    return out
 
 
 @dataclass(frozen=True)
@@ -205,18 +227,31 @@ def run_seed(name: str, s: Setting, seed: int, grow_kwargs: dict[str, Any], arms
     out: dict[str, Any] = {"seed": seed, "base": describe(base, example, parts, base_s)}
     logger.info("%s seed %d base: %s", name, seed, out["base"])
 
+    cfg = growkit.GrowConfig(**{k: v for k, v in grow_kwargs.items() if k in set(growkit.GrowConfig.field_names())})
+
+    def finetune_arm(seconds: float) -> dict[str, Any]:
+        setup = set_up_run(base, loader(train, seed), loader(val, None), example_input=example)
+        ft = finetune_for(base, setup, cfg, seconds)
+        return describe(ft.model, example, parts, ft.seconds, steps=ft.steps)
+
+    for a in (a for a in arms if a in RESIZE_ARMS):
+        t = time.perf_counter()
+        r = growkit.grow(base, loader(train, seed), loader(val, None), seed=seed,
+                         **{**grow_kwargs, "method": RESIZE_ARMS[a]})
+        out[a] = describe(r.model, example, parts, time.perf_counter() - t, returned_base=not r.plan.grown)
+        out[f"finetune@{a}"] = finetune_arm(out[a]["wall_s"])
+    if not set(arms) & set(ARMS):
+        out["loadavg_1min_at_end"] = os.getloadavg()[0]
+        return out
     t = time.perf_counter()
     res = growkit.grow(base, loader(train, seed), loader(val, None), seed=seed, **grow_kwargs)
     wall = time.perf_counter() - t
     plan = largest_plan(res)
     out["grow"] = describe(res.model, example, parts, wall, returned_base=not res.plan.edits,
                            grown_points=0 if plan is None else len(plan.edits))
-    cfg = growkit.GrowConfig(**{k: v for k, v in grow_kwargs.items() if k in set(growkit.GrowConfig.field_names())})
     logger.info("%s seed %d grow: %s", name, seed, out["grow"])
     if "finetune" in arms:
-        setup = set_up_run(base, loader(train, seed), loader(val, None), example_input=example)
-        ft = finetune_for(base, setup, cfg, wall)
-        out["finetune"] = describe(ft.model, example, parts, ft.seconds, steps=ft.steps)
+        out["finetune"] = finetune_arm(wall)
     if "random_edges" in arms:
         t = time.perf_counter()
         r = growkit.grow(base, loader(train, seed), loader(val, None), seed=seed, **{**grow_kwargs, "selection": "random"})
@@ -226,7 +261,7 @@ def run_seed(name: str, s: Setting, seed: int, grow_kwargs: dict[str, Any], arms
     if "wider" in arms:
         out["wider"] = wider_arm(base, plan, s, parts, seed, base_s + wall, example)
     out["loadavg_1min_at_end"] = os.getloadavg()[0]  # other work on the machine while the arms ran
-    for a in arms:
+    for a in shown_arms(arms):
         if a in out:
             logger.info("%s seed %d %s: test %.4f params %d wall %.1f", name, seed, a, out[a]["test_acc"],
                         out[a]["params"], out[a]["wall_s"])
@@ -243,7 +278,7 @@ def t_test_p(diffs: list[float]) -> float | None:
 
 def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, Any]:
     s: dict[str, Any] = {}
-    for a in ("base",) + arms:
+    for a in ("base",) + shown_arms(arms):
         xs = [r[a]["test_acc"] for r in runs if a in r]
         if not xs:
             continue
@@ -252,13 +287,14 @@ def summarize(runs: list[dict[str, Any]], arms: tuple[str, ...]) -> dict[str, An
                 "params": statistics.mean(r[a]["params"] for r in runs),
                 "flops": statistics.mean(r[a]["flops"] for r in runs),
                 "wall_s": statistics.mean(r[a]["wall_s"] for r in runs)}
-    for b in ("finetune", "random_points", "random_edges", "wider", "base"):
-        if b in s and "grow" in s:
-            d = [r["grow"]["test_acc"] - r[b]["test_acc"] for r in runs]
-            s[f"grow-{b}"] = {"per_seed": d, "mean": statistics.mean(d),
-                              "std": statistics.stdev(d) if len(d) > 1 else 0.0, "p": t_test_p(d),
-                              "wins": sum(x > 0 for x in d)}
-    s["grow_returned_base"] = sum(bool(r["grow"].get("returned_base")) for r in runs)
+    for a, b in pairs(arms):
+        if a in s and b in s:
+            d = [r[a]["test_acc"] - r[b]["test_acc"] for r in runs]
+            s[f"{a}-{b}"] = {"per_seed": d, "mean": statistics.mean(d),
+                             "std": statistics.stdev(d) if len(d) > 1 else 0.0, "p": t_test_p(d),
+                             "wins": sum(x > 0 for x in d)}
+    s["returned_base"] = {a: sum(bool(r[a].get("returned_base")) for r in runs)
+                          for a in ("grow",) + tuple(RESIZE_ARMS) if a in s}
     s["loadavg"] = statistics.mean(r.get("loadavg_1min_at_end", float("nan")) for r in runs)
     return s
 
@@ -272,29 +308,30 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [f"# Growth at scale: grow() defaults vs fine-tuning at equal wall-clock ({meta['threads']} thread(s), "
              f"{meta['device']}, torch {meta['torch']}, {meta['date']})", "",
              f"grow() settings: `{json.dumps(meta['grow_kwargs'])}` over the defaults. Seeds: {meta['seeds']}. "
-             "TEST accuracy, mean ± sd over seeds; paired differences are per seed (grow − arm), p from a "
+             "TEST accuracy, mean ± sd over seeds; paired differences are per seed (first arm − second), p from a "
              "two-sided one-sample t-test. See benchmarks/grow_at_scale_protocol.md.", ""]
     for name, block in result["settings"].items():
         s = block["summary"]
         lines += [f"## {name}", "", "| arm | test acc % | train acc % | params | MFLOPs | wall s |", "|---|---|---|---|---|---|"]
-        for a in ("base",) + tuple(result["meta"]["arms"]):
+        for a in ("base",) + shown_arms(tuple(result["meta"]["arms"])):
             if a in s:
                 r = s[a]
                 lines.append(f"| {a} | {_pct(r['test_acc'], r['test_acc_std'])} | {100 * r['train_acc']:.2f} | "
                              f"{r['params']:,.0f} | {r['flops'] / 1e6:.1f} | {r['wall_s']:.1f} |")
-        lines += ["", "| paired difference | mean ± sd (points) | grow wins | p |", "|---|---|---|---|"]
-        for b in ("finetune", "random_points", "random_edges", "wider", "base"):
-            d = s.get(f"grow-{b}")
+        lines += ["", "| paired difference | mean ± sd (points) | first arm wins | p |", "|---|---|---|---|"]
+        for a, b in pairs(tuple(result["meta"]["arms"])):
+            d = s.get(f"{a}-{b}")
             if d:
                 p = "-" if d["p"] is None else ("< 0.001" if d["p"] < 0.001 else f"{d['p']:.3f}")
-                lines.append(f"| grow − {b} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} | "
+                lines.append(f"| {a} − {b} | {100 * d['mean']:+.2f} ± {100 * d['std']:.2f} | "
                              f"{d['wins']}/{len(d['per_seed'])} | {p} |")
         div = sum(bool(r.get("wider", {}).get("diverged")) for r in block["runs"])
         lines += ["", f"Seeds: {[r['seed'] for r in block['runs']]}."
                       + (f" The wider arm's from-scratch training diverged (NaN) in {div} seed(s); it scores as "
                          "a constant prediction there." if div else "")]
-        lines += ["", f"grow() returned the base (nothing grown beat it on validation) in "
-                      f"{s['grow_returned_base']} of {len(block['runs'])} seeds. Base train accuracy per seed: "
+        returned = ", ".join(f"{a} {n} of {len(block['runs'])}" for a, n in s["returned_base"].items())
+        lines += ["", f"Returned the base (nothing grown beat it on validation): {returned} seeds. "
+                      "Base train accuracy per seed: "
                       f"{', '.join(format(100 * r['base']['train_acc'], '.1f') for r in block['runs'])} %. "
                       f"1-minute load average at the end of a seed: {s['loadavg']:.2f} (2 cores).", ""]
     return "\n".join(lines)
@@ -309,7 +346,7 @@ def plot(result: dict[str, Any], prefix: Path) -> list[str]:
     files = []
     for name, block in result["settings"].items():
         fig, ax = plt.subplots(figsize=(6, 4))
-        for i, a in enumerate(result["meta"]["arms"]):
+        for i, a in enumerate(shown_arms(tuple(result["meta"]["arms"]))):
             pts = [(r[a]["wall_s"], 100 * r[a]["test_acc"]) for r in block["runs"] if a in r]
             if a == "wider":
                 pts = [(w - r["base"]["wall_s"], acc) for (w, acc), r in zip(pts, block["runs"])]
@@ -364,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--settings", default=",".join(SETTINGS))
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--arms", default=",".join(ARMS))
+    p.add_argument("--arms", default=",".join(ARMS), help=f"any of {','.join(ALL_ARMS)}")
     p.add_argument("--grow-kwargs", default="{}", help="JSON: grow() arguments over its defaults")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="tiny sizes and 1 base epoch: a smoke run")
@@ -380,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     grow_kwargs = json.loads(args.grow_kwargs)
     arms = tuple(a for a in args.arms.split(",") if a)
+    if set(arms) - set(ALL_ARMS):
+        raise SystemExit(f"--arms: unknown {sorted(set(arms) - set(ALL_ARMS))}; choose from {','.join(ALL_ARMS)}")
     seeds = [int(x) for x in args.seeds.split(",")]
     settings = {n: SETTINGS[n] for n in args.settings.split(",")}
     if args.quick:
