@@ -243,9 +243,23 @@ def train_batches(
     return st
 
 
-def cosine_schedule(opt: torch.optim.Optimizer, steps: int) -> torch.optim.lr_scheduler.LRScheduler:
-    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase)."""
-    return torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, steps) / max(steps, 1))))
+def cosine_schedule(opt: torch.optim.Optimizer, steps: int, warmup_steps: int = 0) -> torch.optim.lr_scheduler.LRScheduler:
+    """Per-step cosine decay to 0 over ``steps`` (restarted for every phase).
+
+    ``warmup_steps`` > 0 first ramps the rate linearly from ``1/warmup_steps`` of its peak to the peak
+    (the re-warmed, shorter schedule LEMON trains expanded models with); the cosine then spans the
+    remaining ``steps - warmup_steps``.
+    """
+    if warmup_steps < 0 or steps < 0:
+        raise InputError(f"schedule lengths must be >= 0, got steps={steps}, warmup_steps={warmup_steps}")
+    decay = max(steps - warmup_steps, 1)
+
+    def factor(s: int) -> float:
+        if s < warmup_steps:
+            return (s + 1) / warmup_steps
+        return 0.5 * (1 + math.cos(math.pi * min(s - warmup_steps, decay) / decay))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
 
 
 def num_batches(loader: Iterable) -> int:

@@ -2,6 +2,8 @@
 within budget, bad input rejected."""
 from __future__ import annotations
 
+import math
+
 import pytest
 import timm
 import torch
@@ -143,3 +145,23 @@ def test_mixed_method_resumes_with_the_same_draws(digits, trained, tmp_path):
     part = growkit.grow(trained, train_l, val_l, rounds=3, checkpoint_dir=tmp_path / "c", resume=True, **kw)
     assert [h.get("method") for h in part.history] == [h.get("method") for h in full.history]
     assert part.plan.to_dict() == full.plan.to_dict()
+
+
+def test_re_warmed_cosine_schedule_by_hand():
+    """The expanded model's schedule (LEMON: same peak, re-warmed, shorter): linear ramp, then cosine to 0."""
+    from growkit.train import cosine_schedule
+
+    p = torch.nn.Parameter(torch.zeros(1))
+    opt = torch.optim.SGD([p], lr=0.1)
+    sched = cosine_schedule(opt, 10, warmup_steps=2)
+    lrs = []
+    for _ in range(11):
+        lrs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    want = [0.05, 0.1] + [0.05 * (1 + math.cos(math.pi * k / 8)) for k in range(9)]
+    assert lrs == pytest.approx(want, rel=1e-12, abs=1e-15)
+    plain = cosine_schedule(torch.optim.SGD([p], lr=0.1), 4)
+    assert plain.get_last_lr() == [0.1]
+    with pytest.raises(growkit.InputError, match="warmup_steps"):
+        cosine_schedule(opt, 10, warmup_steps=-1)
