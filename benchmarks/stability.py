@@ -267,6 +267,9 @@ def markdown(result: dict[str, Any]) -> str:
         f"{result['date']}, growkit at `{result.get('commit', '?')}`, torch {torch.__version__}, timm {timm.__version__}, "
         f"CPU, {a['threads']} thread(s); total wall time {result['wall_s'] / 60:.1f} min.",
         "",
+        *([("Merged from runs over disjoint parts of the grid: " + "; ".join(
+            f"{m['args']['models']} x {m['args']['modes']} ({m['date']}, `{m['commit']}`)" for m in result["merged"])
+            + "."), ""] if result.get("merged") else []),
         f"Data: sklearn digits at 16 px, {a['samples']} samples per seed. `grow`: pretrained {a['pretrain_epochs']} "
         f"epoch(s) at lr {a['pretrain_lr']}, then `growkit.grow` (1 round, 1 + 1 epochs, ops {a['ops']}) vs "
         f"fine-tuning 2 epochs (SGD momentum 0.9, cosine) at the row's lr; accuracy on a held-out test split. "
@@ -307,7 +310,9 @@ def merge(paths: list[Path], out: Path) -> int:
     if len(set(keys)) != len(keys):
         raise SystemExit("--merge: the runs overlap (a cell appears twice)")
     result = {**parts[0], "cells": cells, "summary": summarize(cells), "wall_s": sum(r["wall_s"] for r in parts),
-              "merged": [{"date": r["date"], "commit": r["commit"], "args": r["args"]} for r in parts]}
+              # a part that is itself a merge lists its own parts
+              "merged": [m for r in parts for m in (r.get("merged") or [{"date": r["date"], "commit": r["commit"],
+                                                                        "args": r["args"]}])]}
     Path(f"{out}.json").write_text(json.dumps(result, indent=1, default=str))
     Path(f"{out}.md").write_text(markdown(result))
     print(markdown(result))
