@@ -398,3 +398,22 @@ def test_evaluate_with_classes_masks_the_other_logits():
     assert evaluate(Fixed(), ld, classes=[0, 2])["accuracy"] == pytest.approx(1 / 3)  # argmax 0, 2, 2
     with pytest.raises(growkit.InputError, match="beyond"):
         evaluate(Fixed(), ld, classes=[4])
+
+
+def test_rollback_of_a_freezing_growth_unfreezes_what_it_froze(stream3, pretrained):
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0, freeze_base=True,
+                       keep_trainable=["head"])
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    _train(g, opt, stream3[1].train)
+    base = [p for n, p in g.model.module.named_parameters() if n.startswith("stem.")]
+    ev = g.end_experience(1)
+    assert ev.chosen and g.base_frozen and not any(p.requires_grad for p in base)
+    assert g.rollback("diverged (test)")  # restored, grown again at half rate: frozen again
+    assert g.base_frozen and not any(p.requires_grad for p in base)
+    assert g.rollback("diverged again (test)")  # restored, continues without the growth
+    assert not g.base_frozen and all(p.requires_grad for p in base)
+    in_opt = {id(p) for grp in opt.param_groups for p in grp["params"]}
+    assert all(id(p) in in_opt for p in base)
+    momenta = {m.momentum for n, m in g.model.module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert 0.0 not in momenta
