@@ -19,8 +19,9 @@ again, then 1..4) with the same epochs, batch size, SGD settings and replay buff
   growkit+replay              Avalanche Replay + growkit.GrowPlugin (same loop and buffer as replay)
   grow-stream                 growkit.grow_stream (its own loop), no replay
   grow-stream+replay          growkit.grow_stream with its reservoir replay buffer
-  der+replay                  grow_stream + replay with DER-like isolation (freeze_grown, freeze_base,
-                              the classifier head kept trainable)
+  der+replay                  grow_stream + replay with DER-like isolation: freeze_grown (earlier
+                              branches frozen at each growth); --der-freeze-base also freezes the
+                              base but the classifier head (off: chosen on the pilot seed)
 
 Every strategy's accuracy matrix is filled by the same function after each experience
 (``growkit.train.evaluate`` on each experience's test split): class-incremental (all 10 logits
@@ -352,8 +353,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"every strategy of a seed starts from that model and runs the 5 experiences, {a['epochs']} epoch(s) each, "
         f"SGD lr {a['lr']}, momentum 0.9, weight decay {a['wd']}, batch {a['batch_size']}, replay buffer "
         f"{a['replay']} samples (Avalanche: its ReplayPlugin's experience-balanced buffer; grow_stream: its "
-        f"reservoir buffer), EWC λ {a['ewc_lambda']}, LwF α {a['lwf_alpha']} T {a['lwf_temperature']} (common "
-        f"values, not tuned). Growth: budget params x{a['budget']}, candidate warm-up a quarter of an experience, "
+        f"reservoir buffer), EWC λ {a['ewc_lambda']}, LwF α {a['lwf_alpha']} T {a['lwf_temperature']}. Growth: budget params x{a['budget']}, candidate warm-up a quarter of an experience, "
         f"growth at every inner boundary. `growkit+replay` = Avalanche Replay + `GrowPlugin` (the same loop and "
         f"buffer as `replay`). `wider-replay` = Avalanche Replay on SmallCNN with a width multiplier chosen per seed "
         f"to match `growkit+replay`'s final parameter count, pretrained the same way (a wider model trained as "
@@ -363,8 +363,12 @@ def markdown(result: dict[str, Any]) -> str:
         "Every accuracy matrix is filled by the same function (`growkit.train.evaluate` on each experience's test "
         "split after each experience). Class-IL: all 10 logits compete; task-IL (split streams only): the "
         "experience's classes mask the shared head's logits. Average accuracy and forgetting after the last "
-        f"experience, in %/points; mean ± std over seeds {a['seeds']}. Choices (ewc/lwf/lr/epochs/sizes) were fixed "
-        f"before the run; the only pilot was seed {a['pilot_seed']} (a --quick run), not a reported seed.",
+        f"experience, in %/points; mean ± std over seeds {a['seeds']}. Choices made on the pilot seed "
+        f"{a['pilot_seed']} only (same sizes, all three streams, never a reported seed): EWC λ from {{100, 1000, "
+        f"10000}} and LwF α from {{0.5, 1, 3}} (best mean class-IL average accuracy over the three streams), and "
+        f"`der+replay`'s freeze_base (True: 80.4 / 50.3 / 38.1 %, False: 77.5 / 48.5 / 67.9 % on Split-MNIST / "
+        f"Split-KMNIST / Permuted-MNIST: a frozen base leaves too little to learn a new permutation). lr, epochs, "
+        f"batch, buffer, budget and sizes were set before any run (sizes to fit ~30 min at 1 thread).",
         "",
     ]
     goals = []
@@ -425,8 +429,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", default="0,1,2,3,4")
     p.add_argument("--pilot-seed", type=int, default=100, help="recorded: the seed any choice was made on")
     p.add_argument("--size", type=int, default=16)
-    p.add_argument("--per-exp", type=int, default=600, help="samples per experience (80/20 train/test)")
-    p.add_argument("--epochs", type=int, default=1)
+    p.add_argument("--per-exp", type=int, default=1000, help="samples per experience (80/20 train/test)")
+    p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--pretrain-epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=0.03)
     p.add_argument("--wd", type=float, default=5e-4)
@@ -434,9 +438,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--replay", type=int, default=200)
     p.add_argument("--budget", type=float, default=2.0)
     p.add_argument("--ewc-lambda", type=float, default=100.0)
-    p.add_argument("--lwf-alpha", type=float, default=1.0)
+    p.add_argument("--lwf-alpha", type=float, default=3.0)
     p.add_argument("--lwf-temperature", type=float, default=2.0)
-    p.add_argument("--der-freeze-base", action=argparse.BooleanOptionalAction, default=True,
+    p.add_argument("--der-freeze-base", action=argparse.BooleanOptionalAction, default=False,
                    help="der+replay also freezes the base at the first growth (the head stays trainable)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--quick", action="store_true", help="1 seed, 200 samples per experience: a smoke run")
