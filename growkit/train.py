@@ -18,7 +18,7 @@ from .errors import InputError, NonFiniteLoss
 from .outputs import check_logits_targets
 
 __all__ = ["BatchFn", "LossFn", "default_batch_fn", "default_loss", "iter_batches", "train_steps", "train_batches",
-           "evaluate", "NonFiniteLoss", "PhaseStats", "loader_length", "num_batches", "cosine_schedule",
+           "mask_logits", "evaluate", "NonFiniteLoss", "PhaseStats", "loader_length", "num_batches", "cosine_schedule",
            "forward", "forward_checked", "logits_of", "first_batch", "first_input"]
 
 logger = logging.getLogger(__name__)
@@ -284,10 +284,20 @@ def evaluate(
     loss_fn: LossFn | None = None,
     batch_fn: BatchFn | None = None,
     device: torch.device | None = None,
+    classes: Sequence[int] | None = None,
 ) -> dict[str, float]:
-    """Mean loss and top-1 accuracy (eval mode; the training flag is restored)."""
+    """Mean loss and top-1 accuracy (eval mode; the training flag is restored).
+
+    ``classes``: task-incremental evaluation of a single shared head: only these logits compete
+    (the others are set to ``-inf`` before the argmax and the loss), as when a task id tells
+    which classes the sample can be. ``None``: class-incremental, all logits compete.
+    """
     device = device or next(model.parameters()).device
     loss_fn = loss_fn or default_loss
+    if classes is not None:
+        classes = [int(c) for c in classes]
+        if not classes or min(classes) < 0:
+            raise InputError(f"classes must be a non-empty list of class indices >= 0, got {classes!r}")
     was = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
@@ -297,6 +307,8 @@ def evaluate(
             out = forward_checked(model, x, first, i)
             first = first or _shapes(x)
             b = int(y.shape[0]) if y.dim() else 1
+            if classes is not None:
+                out = mask_logits(logits_of(out, loss_fn), classes)
             total += float(loss_fn(out, y)) * b
             n += b
             logits = logits_of(out, loss_fn)
@@ -306,6 +318,17 @@ def evaluate(
         model.train(was)
     loss = total / max(n, 1)
     return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
+
+
+def mask_logits(logits: torch.Tensor, classes: Sequence[int]) -> torch.Tensor:
+    """``logits`` (batch, n_classes) with every column outside ``classes`` set to ``-inf``."""
+    if logits.dim() != 2:
+        raise InputError(f"task-incremental evaluation needs (batch, classes) logits, got shape {tuple(logits.shape)}")
+    if max(classes) >= logits.shape[1]:
+        raise InputError(f"classes {list(classes)} go beyond the model's {logits.shape[1]} outputs")
+    keep = torch.zeros(logits.shape[1], dtype=torch.bool, device=logits.device)
+    keep[torch.as_tensor(list(classes), device=logits.device)] = True
+    return logits.masked_fill(~keep, float("-inf"))
 
 
 def first_batch(loader: Iterable, batch_fn: BatchFn | None) -> tuple[Any, torch.Tensor]:

@@ -327,3 +327,51 @@ def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits
     assert strategy.evaluator.get_last_metrics()["Grow/params"] == g.cost.params
     assert "make_optimizer" not in strategy.__dict__  # the override lives only while training
     assert_replays(base, g, probe)
+
+
+def test_avalanche_plugin_freeze_options_isolate_experiences(av, digits, probe):
+    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+    from avalanche.core import SupervisedPlugin
+    from avalanche.training import Naive
+
+    x, y = digits
+    bench = class_incremental_benchmark({"train": TensorDataset(x[:450], y[:450]),
+                                         "test": TensorDataset(x[450:750], y[450:750])},
+                                        class_order=list(range(10)), num_classes_per_exp=[4, 3, 3])
+    torch.manual_seed(0)
+    net = TinyResNet(widths=WIDTHS)
+    grow = make_recording_plugin(probe, warmup_steps=2, min_steps=5, seed=0, freeze_grown=True, freeze_base=True,
+                                 keep_trainable=["head"])
+
+    class Snap(SupervisedPlugin):
+        """The frozen parameters and the optimizer's parameters at the start of each experience."""
+
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def after_training_iteration(self, strategy, **kwargs):
+            if strategy.clock.train_exp_iterations == 0:
+                g = grow.grower
+                frozen = {n: p.detach().clone() for n, p in g.model.module.named_parameters() if g.is_frozen(n)}
+                self.seen.append((frozen, param_ids(strategy.optimizer)))
+
+    snap = Snap()
+    opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
+    strategy = Naive(model=net, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32,
+                     train_epochs=2, eval_mb_size=128, device="cpu", plugins=[grow, snap])
+    for exp in bench.train_stream:
+        strategy.train(exp, eval_streams=[])
+    g = grow.grower
+    chosen = [r for r in grow.records if r["ev"].chosen]
+    assert chosen and g.base_frozen, [e.note for e in g.events]
+    assert all(r["ev"].exact and torch.equal(r["before"], r["after"]) for r in chosen)
+    frozen, opt_ids = snap.seen[-1]
+    assert frozen  # the base (but the head) froze at the first growth
+    named = dict(g.model.module.named_parameters())
+    # the frozen parameters are out of the optimizer Avalanche rebuilt, and the last experience left them as they were
+    assert not {id(named[n]) for n in frozen} & set(opt_ids)
+    assert all(torch.equal(named[n], v) for n, v in frozen.items())
+    assert sorted(opt_ids) == sorted(id(p) for p in g.parameters())
+    # what the last experience trained did change
+    assert any(not torch.equal(p.detach(), at) for p, at in chosen[-1]["new"])

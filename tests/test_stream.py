@@ -251,3 +251,169 @@ def test_grow_stream_refuses_a_checkpoint_dir_held_by_another_run(stream3, pretr
             growkit.grow_stream(pretrained, stream3, epochs=1, checkpoint_dir=ckpt, progress=False)
     assert not (ckpt / "LATEST").exists()  # nothing was written beside the holder's checkpoints
     assert all(torch.equal(v, pretrained.state_dict()[k]) for k, v in before.items())
+
+
+# ---------------------------------------------------------------- DER-like isolation (freeze_grown / freeze_base)
+def _bn_buffers(module, prefix):
+    return {n: b.clone() for n, b in module.named_buffers() if n.startswith(prefix)}
+
+
+def test_freeze_grown_freezes_earlier_branches_and_trains_the_new_ones(stream3, pretrained):
+    from growkit.core.plan import BRANCHES
+
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0, freeze_grown=True)
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    x = next(iter(stream3[1].test))[0]
+    _train(g, opt, stream3[1].train)
+    ev1 = g.end_experience(1)
+    assert ev1.chosen and ev1.exact, ev1.note
+    first = set(getattr(g.model.module, BRANCHES).keys())
+    _train(g, opt, stream3[2].train)
+    before = run_eval(g.model, x)
+    ev2 = g.end_experience(2)
+    assert ev2.chosen, ev2.note
+    assert ev2.exact and torch.equal(run_eval(g.model, x), before)  # freezing leaves the function exact
+    assert g.frozen_branches == first
+    named = dict(g.model.module.named_parameters())
+    frozen = {n: p.detach().clone() for n, p in named.items() if n.split(".")[1:2] and n.startswith(BRANCHES)
+              and n.split(".")[1] in first}
+    fresh = {n: named[n].detach().clone() for n in ev2.new_params if n.startswith(BRANCHES)}
+    base = {n: p.detach().clone() for n, p in named.items() if not n.startswith((BRANCHES, "growkit_candidates"))}
+    assert frozen and fresh and base
+    stats = _bn_buffers(g.model.module, f"{BRANCHES}.{sorted(first)[0]}.")
+    in_opt = {id(p) for grp in opt.param_groups for p in grp["params"]}
+    assert all(not named[n].requires_grad and id(named[n]) not in in_opt for n in frozen)
+    _train(g, opt, stream3[0].train)
+    named = dict(g.model.module.named_parameters())
+    assert all(torch.equal(named[n], v) for n, v in frozen.items())  # earlier branches: not a bit changed
+    assert all(torch.equal(b, _bn_buffers(g.model.module, "")[n]) for n, b in stats.items() if "running" in n)
+    assert any(not torch.equal(named[n], v) for n, v in fresh.items())  # the new branches learn
+    assert any(not torch.equal(named[n], v) for n, v in base.items())  # freeze_base=False: the base learns
+
+
+def test_freeze_base_leaves_only_new_branches_and_kept_modules_training(stream3, pretrained):
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0, freeze_grown=True,
+                       freeze_base=True, keep_trainable=["head"])
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    _train(g, opt, stream3[1].train)
+    x = next(iter(stream3[1].test))[0]
+    before = run_eval(g.model, x)
+    ev = g.end_experience(1)
+    assert ev.chosen and ev.exact and torch.equal(run_eval(g.model, x), before)
+    named = dict(g.model.module.named_parameters())
+    base = {n: p.detach().clone() for n, p in named.items()
+            if not n.startswith(("growkit_branches", "growkit_candidates", "head."))}
+    head = {n: p.detach().clone() for n, p in named.items() if n.startswith("head.")}
+    fresh = {n: named[n].detach().clone() for n in ev.new_params if n.startswith("growkit_branches")}
+    stats = {n: b.clone() for n, b in g.model.module.named_buffers() if n.startswith("stem.") and "running" in n}
+    assert g.trainable_count() == sum(v.numel() for v in head.values()) + sum(v.numel() for v in fresh.values())
+    _train(g, opt, stream3[2].train)
+    named = dict(g.model.module.named_parameters())
+    assert all(torch.equal(named[n], v) for n, v in base.items())
+    assert all(torch.equal(dict(g.model.module.named_buffers())[n], v) for n, v in stats.items())
+    assert any(not torch.equal(named[n], v) for n, v in head.items())
+    assert any(not torch.equal(named[n], v) for n, v in fresh.items())
+
+
+def test_freeze_options_reject_bad_values(pretrained, stream3):
+    ex = torch.zeros(1, 1, 16, 16)
+    with pytest.raises(growkit.InputError, match="freeze_grown"):
+        growkit.Grower(pretrained, ex, freeze_grown="yes")
+    with pytest.raises(growkit.InputError, match="freeze_base"):
+        growkit.Grower(pretrained, ex, freeze_base=1)
+    with pytest.raises(growkit.InputError, match="keep_trainable"):
+        growkit.Grower(pretrained, ex, keep_trainable="head")
+    with pytest.raises(growkit.InputError, match="not modules"):
+        growkit.Grower(pretrained, ex, freeze_base=True, keep_trainable=["classifier"])
+    with pytest.raises(growkit.InputError, match="freeze_grown"):
+        growkit.grow_stream(pretrained, stream3, progress=False, grower_options={"freeze_grown": "experience"})
+    with pytest.raises(growkit.InputError, match="task_incremental"):
+        growkit.grow_stream(pretrained, stream3, progress=False, task_incremental="yes")
+
+
+def test_grow_stream_passes_freeze_options_and_reports_growth_per_experience(stream3, pretrained):
+    res = growkit.grow_stream(pretrained, stream3, epochs=1, lr=0.05, seed=0, progress=False,
+                              grower_options={"warmup_steps": 2, "min_steps": 5, "freeze_grown": True,
+                                              "freeze_base": True, "keep_trainable": ["head"]})
+    growth = res.growth()
+    assert [r["experience"] for r in growth] == [0, 1, 2]
+    total = sum(p.numel() for p in pretrained.parameters())
+    head = sum(p.numel() for p in pretrained.head.parameters())
+    ev0 = res.events[0]
+    assert ev0.chosen and growth[0]["params_grown"] == ev0.params_after - ev0.params_before > 0
+    # after the first growth only the head and the branch just grown train
+    assert growth[0]["trainable_params"] == head + growth[0]["params_grown"] < total
+    assert [r["params"] for r in growth] == [c["params"] for c in res.matrix.costs]
+
+
+# ---------------------------------------------------------------- task-incremental evaluation
+def test_task_incremental_matrix_matches_hand_computed(stream3, pretrained):
+    # As test_grow_stream_matrix_matches_hand_computed, with the logits outside each experience's
+    # classes masked: the model never changes, so every row is the masked accuracy by hand.
+    pretrained = copy.deepcopy(pretrained)
+    for m in pretrained.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.momentum = 0.0
+    res = growkit.grow_stream(pretrained, stream3, grow=False, lr=0.0, momentum=0.0, weight_decay=0.0,
+                              progress=False, seed=0, task_incremental=True)
+    pretrained.eval()
+    masked, plain = [], []
+    for e in stream3:
+        c_m = c_p = total = 0
+        with torch.no_grad():
+            for x, y in e.test:
+                logits = pretrained(x)
+                sub = logits[:, e.classes]  # the task's columns only
+                pred = torch.tensor(e.classes)[sub.argmax(1)]
+                c_m += int((pred == y).sum())
+                c_p += int((logits.argmax(1) == y).sum())
+                total += int(y.numel())
+        masked.append(c_m / total)
+        plain.append(c_p / total)
+    assert res.task_matrix is not None
+    assert res.task_matrix.rows == [pytest.approx(masked, abs=0)] * 3
+    assert res.matrix.rows == [pytest.approx(plain, abs=0)] * 3  # the class-incremental matrix is unchanged
+    assert all(m >= p for m, p in zip(masked, plain)) and masked != plain
+    assert growkit.grow_stream(pretrained, stream3, grow=False, lr=0.0, progress=False, seed=0).task_matrix is None
+
+
+def test_evaluate_with_classes_masks_the_other_logits():
+    from torch.utils.data import DataLoader, TensorDataset
+
+    class Fixed(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x):
+            return x + self.w  # the inputs are the logits
+
+    logits = torch.tensor([[5.0, 1.0, 2.0, 0.0], [0.0, 3.0, 1.0, 9.0], [1.0, 0.0, 4.0, 2.0]])
+    y = torch.tensor([2, 1, 2])
+    ld = DataLoader(TensorDataset(logits, y), batch_size=2)
+    assert evaluate(Fixed(), ld)["accuracy"] == pytest.approx(1 / 3)  # argmax 0, 3, 2
+    assert evaluate(Fixed(), ld, classes=[1, 2])["accuracy"] == pytest.approx(1.0)  # argmax 2, 1, 2
+    assert evaluate(Fixed(), ld, classes=[0, 2])["accuracy"] == pytest.approx(1 / 3)  # argmax 0, 2, 2
+    with pytest.raises(growkit.InputError, match="beyond"):
+        evaluate(Fixed(), ld, classes=[4])
+
+
+def test_rollback_of_a_freezing_growth_unfreezes_what_it_froze(stream3, pretrained):
+    g = growkit.Grower(pretrained, torch.zeros(1, 1, 16, 16), warmup_steps=2, min_steps=5, seed=0, freeze_base=True,
+                       keep_trainable=["head"])
+    opt = torch.optim.SGD(g.parameters(), lr=0.05, momentum=0.9)
+    g.attach(opt)
+    _train(g, opt, stream3[1].train)
+    base = [p for n, p in g.model.module.named_parameters() if n.startswith("stem.")]
+    ev = g.end_experience(1)
+    assert ev.chosen and g.base_frozen and not any(p.requires_grad for p in base)
+    assert g.rollback("diverged (test)")  # restored, grown again at half rate: frozen again
+    assert g.base_frozen and not any(p.requires_grad for p in base)
+    assert g.rollback("diverged again (test)")  # restored, continues without the growth
+    assert not g.base_frozen and all(p.requires_grad for p in base)
+    in_opt = {id(p) for grp in opt.param_groups for p in grp["params"]}
+    assert all(id(p) in in_opt for p in base)
+    momenta = {m.momentum for n, m in g.model.module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    assert 0.0 not in momenta

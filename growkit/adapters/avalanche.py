@@ -69,7 +69,8 @@ class GrowPlugin(SupervisedPlugin):
             of the first experience, with a batch dimension added).
         grow_after_last: also grow after the last experience of a stream (nothing trains the new
             branches then unless more experiences follow in a later ``train`` call).
-        **grower_kwargs: options of :class:`growkit.Grower` (``budget``, ``warmup_steps``, ...).
+        **grower_kwargs: options of :class:`growkit.Grower` (``budget``, ``warmup_steps``,
+            ``freeze_grown`` / ``freeze_base`` for DER-like isolation of experiences, ...).
 
     ``plugin.grower`` is the :class:`growkit.Grower` once training started:
     ``grower.grown_model()``, ``grower.plan`` and ``grower.events``.
@@ -121,10 +122,11 @@ class GrowPlugin(SupervisedPlugin):
 
     def _make_optimizer(self, strategy: Any, reset_optimizer_state: bool = False, remove_params: bool = False,
                         verbose_optimizer: bool = False, **kwargs: Any) -> None:
-        """``BatchObservation.make_optimizer`` over the model's parameters without the candidates."""
+        """``BatchObservation.make_optimizer`` over the model's parameters without the candidates
+        (and without what ``freeze_grown`` / ``freeze_base`` froze)."""
         assert self.grower is not None
-        cands = {id(p) for p in self.grower.candidate_parameters()}
-        named = {n: p for n, p in strategy.model.named_parameters() if id(p) not in cands}
+        mine = {id(p) for p in self.grower.parameters()}
+        named = {n: p for n, p in strategy.model.named_parameters() if id(p) in mine}
         strategy.optimized_param_id = update_optimizer(strategy.optimizer, named, strategy.optimized_param_id,
                                                        reset_state=reset_optimizer_state, remove_params=remove_params,
                                                        verbose=verbose_optimizer)

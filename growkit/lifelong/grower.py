@@ -130,6 +130,15 @@ class Grower:
         tie: ``"none"`` (each point on its own), ``"stage"`` or ``"all"``: cell mode, tied blocks
             grow one pattern (see :func:`growkit.inject` and :mod:`growkit.core.tie`).
         seed: seeds random edge selection.
+        freeze_grown: DER-like isolation of experiences: at each growth, the branches grown by
+            earlier growths are frozen (``requires_grad=False``, removed from attached optimizers,
+            their BatchNorm statistics fixed with ``momentum=0``), so the next experience trains
+            only the branches just grown (and whatever else is not frozen). Growth stays exact:
+            freezing changes what trains, not the function.
+        freeze_base: also freeze the model's own (pre-growth) parameters at the first growth that
+            grows something, so after it only fresh branches (and ``keep_trainable``) learn.
+        keep_trainable: module paths of the original model (e.g. ``["fc"]``, the classifier head
+            of a single-head class-incremental stream) that ``freeze_base`` leaves trainable.
     """
 
     def __init__(
@@ -160,6 +169,9 @@ class Grower:
         selection: str = "alpha",
         tie: str = "none",
         seed: int | None = None,
+        freeze_grown: bool = False,
+        freeze_base: bool = False,
+        keep_trainable: Iterable[str] = (),
     ) -> None:
         if isinstance(model, CandidateModel):
             raise InputError("model already carries candidates; pass the plain (or grown) model")
@@ -167,6 +179,17 @@ class Grower:
             raise InputError(f"budget must be a growkit.Budget, got {type(budget).__name__}")
         if min_steps < 1 or warmup_steps < 0 or warmup_steps >= min_steps:
             raise InputError(f"need 0 <= warmup_steps < min_steps, got {warmup_steps}, {min_steps}")
+        for name, v in (("freeze_grown", freeze_grown), ("freeze_base", freeze_base)):
+            if not isinstance(v, bool):
+                raise InputError(f"{name} must be True or False, got {v!r}")
+        if isinstance(keep_trainable, str) or not all(isinstance(k, str) and k for k in keep_trainable):
+            raise InputError(f"keep_trainable must be a list of module paths (non-empty strings), got {keep_trainable!r}")
+        self.freeze_grown, self.freeze_base = freeze_grown, freeze_base
+        self.keep_trainable = [k.rstrip(".") for k in keep_trainable]
+        # What is frozen, as regions of the module tree (kept by name: parameter objects change
+        # only for new branches, and a rollback restores these sets with the rest of the state).
+        self.frozen_branches: set[str] = set()
+        self.base_frozen = False
         self.budget = budget
         self.ops = ops
         self.max_inputs, self.max_ops, self.l1 = max_inputs, max_ops, l1
@@ -191,6 +214,12 @@ class Grower:
         self.selection = selection
         self.tie = check_tie(tie)
         self.rng = random.Random(seed)
+        if self.keep_trainable:
+            names = {n for n, _ in model.named_modules()}
+            unknown = [k for k in self.keep_trainable if k not in names]
+            if unknown:
+                raise InputError(f"keep_trainable names {unknown} are not modules of the model; use module paths "
+                                 "from model.named_modules()")
         if example_input is not None:
             mdev = next(model.parameters()).device
             check_finite_outputs(model, tuple(a.to(mdev) for a in as_args(example_input)), "the model passed to Grower")
@@ -220,8 +249,40 @@ class Grower:
         return cm
 
     def parameters(self) -> Iterator[nn.Parameter]:
-        """Base and grown parameters (what your optimizer should train); candidates excluded."""
-        return self.model.base_parameters()
+        """Base and grown parameters (what your optimizer should train); candidates and what
+        ``freeze_grown`` / ``freeze_base`` froze are excluded."""
+        frozen = {id(p) for p in self.frozen_parameters()}
+        return (p for p in self.model.base_parameters() if id(p) not in frozen)
+
+    def is_frozen(self, name: str) -> bool:
+        """Whether the parameter or module ``name`` (a path in ``grower.model.module``) is frozen."""
+        if name.startswith(CANDIDATES + ".") or name == CANDIDATES:
+            return False
+        if any(name == k or name.startswith(k + ".") for k in self.keep_trainable):
+            return False
+        if name.startswith(BRANCHES + "."):
+            return name.split(".")[1] in self.frozen_branches
+        return self.base_frozen and name != BRANCHES
+
+    def frozen_parameters(self) -> list[nn.Parameter]:
+        """Parameters frozen by ``freeze_grown`` / ``freeze_base`` (see the class docstring)."""
+        if not self.frozen_branches and not self.base_frozen:
+            return []
+        return [p for n, p in self.model.module.named_parameters() if self.is_frozen(n)]
+
+    def trainable_count(self) -> int:
+        """Number of scalars in :meth:`parameters` (what the next experience trains)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def _apply_freeze(self) -> None:
+        for n, p in self.model.module.named_parameters():
+            if self.is_frozen(n):
+                p.requires_grad_(False)
+        for n, m in self.model.module.named_modules():
+            # A frozen region's BatchNorm keeps its running statistics (momentum 0): in train mode
+            # they would otherwise drift with the new experience's batches and change its outputs.
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and self.is_frozen(n):
+                m.momentum = 0.0
 
     def candidate_parameters(self) -> Iterator[nn.Parameter]:
         return self.model.candidate_parameters()
@@ -334,7 +395,8 @@ class Grower:
 
     def _sync(self, opt: torch.optim.Optimizer, schedulers: list[Any], new: list[nn.Parameter],
               retired: Iterable[nn.Parameter] = ()) -> None:
-        drop = {id(p) for p in self.model.candidate_parameters()} | {id(p) for p in retired}
+        drop = ({id(p) for p in self.model.candidate_parameters()} | {id(p) for p in retired}
+                | {id(p) for p in self.frozen_parameters()})
         for g in opt.param_groups:
             for p in g["params"]:
                 if id(p) in drop:
@@ -468,6 +530,12 @@ class Grower:
         ev.new_params = new_names
         ev.note = note
         self.cost = after_cost
+        if self.freeze_grown or self.freeze_base:
+            fresh_keys = {n.split(".")[1] for n in new_names if n.startswith(BRANCHES + ".")}
+            if self.freeze_grown:
+                self.frozen_branches |= set(getattr(cm.module, BRANCHES).keys()) - fresh_keys
+            self.base_frozen = self.base_frozen or self.freeze_base
+            self._apply_freeze()
         named = dict(cm.module.named_parameters())
         new_params = [named[n] for n in new_names if n in named and n.startswith(BRANCHES)]
         branches = getattr(cm.module, BRANCHES)
@@ -504,7 +572,11 @@ class Grower:
             values={k: v.detach().clone() for k, v in cm.module.state_dict().items()},
             cand_opt=self._cand_opt, cand_state=copy.deepcopy(self._cand_opt.state_dict()), optimizers=opts,
             scalars={k: copy.copy(getattr(self, k)) for k in ("steps", "_since_inject", "cost", "_best_val",
-                                                             "_bad_vals", "experience", "_l1_in_loss")},
+                                                             "_bad_vals", "experience", "_l1_in_loss",
+                                                             "frozen_branches", "base_frozen")},
+            # freezing flips flags on parameter / module objects the restored model shares
+            flags=[(p, p.requires_grad) for p in cm.module.parameters()],
+            momenta=[(m, m.momentum) for m in cm.module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)],
             n_events=len(self.events), rng=self.rng.getstate(), torch_rng=torch.get_rng_state(),
         )
 
@@ -538,6 +610,10 @@ class Grower:
             mgr.entries[:] = [e for e in mgr.entries if any(g is e["group"] for g in mgr.optimizer.param_groups)]
         for k, v in snap.scalars.items():
             setattr(self, k, copy.copy(v))
+        for p, flag in snap.flags:
+            p.requires_grad_(flag)
+        for m, mom in snap.momenta:
+            m.momentum = mom
         del self.events[snap.n_events:]
         self.rng.setstate(snap.rng)
         torch.set_rng_state(snap.torch_rng)
@@ -580,6 +656,7 @@ class Grower:
             "steps": self.steps, "since_inject": self._since_inject, "best_val": self._best_val,
             "bad_vals": self._bad_vals, "experience": self.experience, "events": [e.to_dict() for e in self.events],
             "rng": [r[0], list(r[1]), r[2]], "cand_opt": meta,
+            "frozen_branches": sorted(self.frozen_branches), "base_frozen": self.base_frozen,
         }, tensors
 
     @classmethod
@@ -598,6 +675,9 @@ class Grower:
         r = meta["rng"]
         g.rng.setstate((r[0], tuple(r[1]), r[2]))
         load_full_state(g.model, tensors, "grower.model.")
+        g.frozen_branches = {str(k) for k in meta.get("frozen_branches", [])}
+        g.base_frozen = bool(meta.get("base_frozen", False))
+        g._apply_freeze()
         optimizer_from_flat(g._cand_opt, meta["cand_opt"], tensors)
         return g
 
@@ -627,4 +707,6 @@ class _Snapshot:
     n_events: int
     rng: Any
     torch_rng: torch.Tensor
+    flags: list[tuple[nn.Parameter, bool]] = field(default_factory=list)
+    momenta: list[tuple[nn.Module, float | None]] = field(default_factory=list)
     retried: bool = False

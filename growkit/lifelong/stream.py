@@ -118,6 +118,13 @@ class StreamResult:
     events: list[GrowthEvent] = field(default_factory=list)
     plan: GrowthPlan | None = None
     history: list[dict[str, Any]] = field(default_factory=list)
+    task_matrix: AccuracyMatrix | None = None
+
+    def growth(self) -> list[dict[str, Any]]:
+        """Per experience: parameters after its boundary (``params``), how many that boundary's
+        growth added (``params_grown``) and how many the next experience trains (``trainable_params``)."""
+        keys = ("experience", "params", "params_grown", "trainable_params")
+        return [{k: h.get(k) for k in keys} for h in self.history]
 
     def save(self, path: str | Path) -> Path:
         """``metrics.json``, ``accuracy.png`` and the final model (plan + safetensors)."""
@@ -126,7 +133,9 @@ class StreamResult:
         out = Path(path)
         out.mkdir(parents=True, exist_ok=True)
         write_json_atomic(out / "metrics.json", {**self.matrix.to_dict(), "events": [e.to_dict() for e in self.events],
-                                                 "history": self.history})
+                                                 "history": self.history, "growth": self.growth(),
+                                                 "task_incremental": None if self.task_matrix is None
+                                                 else self.task_matrix.to_dict()})
         self.matrix.plot(out / "accuracy.png")
         save(self.model, out / "model")
         return out
@@ -153,6 +162,7 @@ def grow_stream(
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
     eval_split: str = "test",
+    task_incremental: bool = False,
 ) -> StreamResult:
     """Train ``model`` (not modified) through ``stream``, growing at experience boundaries.
 
@@ -164,7 +174,8 @@ def grow_stream(
             optimizer for the whole stream, grown parameters added by the grower).
         replay: reservoir buffer size; each batch gets as many replayed samples appended.
         budget: growth limits relative to ``model``.
-        grower_options: passed to :class:`growkit.Grower` (ops, max_ops, l1, points, granularity, ...).
+        grower_options: passed to :class:`growkit.Grower` (ops, max_ops, l1, points, granularity,
+            ``freeze_grown`` / ``freeze_base`` / ``keep_trainable`` for DER-like isolation, ...).
         checkpoint_dir / resume: write the run state after every experience / continue from it.
 
     When training diverges (a non-finite loss, an exploding grown gate) in the experience after a
@@ -173,6 +184,12 @@ def grow_stream(
     without it; the event and the history say so. A divergence without growth to undo (or after
     a resume from a checkpoint) raises :class:`growkit.NonFiniteLoss`.
         eval_split: ``"test"`` or ``"val"`` loaders fill the accuracy matrix.
+        task_incremental: also fill ``result.task_matrix`` with task-incremental accuracies: on
+            experience ``j``'s test data only the logits of ``stream[j].classes`` compete (the task id
+            picks the classes of the single shared head, the usual protocol for one head; see
+            :func:`growkit.train.evaluate`'s ``classes``). ``result.matrix`` stays class-incremental
+            (all logits compete). On a domain-incremental stream every experience has every class, so
+            the two matrices agree.
     """
     if not isinstance(stream, Stream):
         raise InputError(f"stream must be a growkit.lifelong.streams.Stream, got {type(stream).__name__}")
@@ -181,6 +198,10 @@ def grow_stream(
     evals = [getattr(e, eval_split) for e in stream]
     if any(ld is None for ld in evals):
         raise InputError(f"every experience needs a {eval_split} loader to fill the accuracy matrix")
+    if not isinstance(task_incremental, bool):
+        raise InputError(f"task_incremental must be True or False, got {task_incremental!r}")
+    if task_incremental and any(not e.classes for e in stream):
+        raise InputError("task_incremental=True needs every experience's classes (Experience.classes)")
     if resume and checkpoint_dir is None:
         raise InputError("resume=True needs checkpoint_dir=")
     fn = batch_fn or default_batch_fn
@@ -196,7 +217,7 @@ def grow_stream(
     with ckpt.lock() if ckpt is not None else contextlib.nullcontext():
         config = {"grow": grow, "epochs": epochs, "lr": lr, "momentum": momentum, "weight_decay": weight_decay,
                   "replay": replay, "budget": repr(budget), "grower_options": repr(sorted((grower_options or {}).items())),
-                  "seed": seed, "experiences": [e.id for e in stream]}
+                  "seed": seed, "experiences": [e.id for e in stream], "task_incremental": task_incremental}
         saved = None
         if ckpt is not None:
             if ckpt.latest_name() is not None and not resume:
@@ -237,11 +258,19 @@ def grow_stream(
 
         n = len(stream)
         matrix = AccuracyMatrix(n)
+        task_matrix = AccuracyMatrix(n) if task_incremental else None
+
+        def task_accs() -> list[float]:
+            return [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev, classes=e.classes)["accuracy"]
+                    for ld, e in zip(evals, stream)]
+
         history: list[dict[str, Any]] = []
         start = 0
         if saved is not None:
             st = saved[0]
             matrix = AccuracyMatrix.from_dict(st["matrix"])
+            if task_matrix is not None:
+                task_matrix = AccuracyMatrix.from_dict(st["task_matrix"])
             history = st["history"]
             if buffer is not None:
                 buffer.load(st["replay"], saved[1])
@@ -250,6 +279,8 @@ def grow_stream(
             logger.info("resuming the stream at experience %d of %d", start, n)
         else:
             matrix.initial = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
+            if task_matrix is not None:
+                task_matrix.initial = task_accs()
 
         grew = False  # whether the last boundary grew: only then can a divergence be rolled back
         for i in range(start, n):
@@ -274,10 +305,13 @@ def grow_stream(
                     _restore_stream(start_state, rng, stream, buffer)
                     net = grower.model
                     ev = grower.events[-1]
-                    history[-1].update(grown=ev.chosen, note=ev.note)
+                    history[-1].update(grown=ev.chosen, note=ev.note, params=grower.cost.params,
+                                       params_grown=ev.params_after - ev.params_before,
+                                       trainable_params=grower.trainable_count())
                     matrix.costs[-1] = {"params": grower.cost.params, "flops": grower.cost.flops}
                     logger.warning("experience %s: %s", exp.id, ev.note)
             accs = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
+            taccs = task_accs() if task_matrix is not None else None
             ev = None
             if grower is not None and i < n - 1:
                 ev = grower.end_experience(exp.id)
@@ -285,16 +319,24 @@ def grow_stream(
                 grew = bool(ev.chosen)
             cost = grower.cost if grower is not None else measure(net, tuple(a.to(dev) for a in example))
             matrix.add_row(accs, {"params": cost.params, "flops": cost.flops})
+            if task_matrix is not None and taccs is not None:
+                task_matrix.add_row(taccs, {"params": cost.params, "flops": cost.flops})
+            trainable = (grower.trainable_count() if grower is not None
+                         else sum(p.numel() for p in net.parameters() if p.requires_grad))
             history.append({"experience": exp.id, "train_s": time.perf_counter() - t0, "accuracies": accs,
-                            "grown": ev.chosen if ev is not None else [], "note": ev.note if ev is not None else ""})
+                            "grown": ev.chosen if ev is not None else [], "note": ev.note if ev is not None else "",
+                            "params": cost.params,
+                            "params_grown": ev.params_after - ev.params_before if ev is not None else 0,
+                            "trainable_params": trainable})
             logger.info("after experience %s: accuracies %s, avg %.2f %%, %s params", exp.id,
                         " / ".join(f"{100 * a:.2f} %" for a in accs), 100 * matrix.average_accuracy(), f"{cost.params:,}")
             if ckpt is not None:
-                _save(ckpt, config, i, matrix, history, grower, net, opt, buffer, rng, stream)
+                _save(ckpt, config, i, matrix, history, grower, net, opt, buffer, rng, stream, task_matrix)
 
         final = grower.grown_model() if grower is not None else net
         plan = state_of(final).plan if state_of(final) is not None else None  # type: ignore[union-attr]
-        return StreamResult(final, matrix, list(grower.events) if grower is not None else [], plan, history)
+        return StreamResult(final, matrix, list(grower.events) if grower is not None else [], plan, history,
+                            task_matrix)
 
 
 def _len(loader: Iterable) -> int | None:
@@ -320,12 +362,13 @@ def _restore_stream(state: tuple[Any, ...], rng: random.Random, stream: Stream, 
 
 def _save(ckpt: CheckpointDir, config: dict[str, Any], i: int, matrix: AccuracyMatrix, history: list,
           grower: Grower | None, net: nn.Module, opt: torch.optim.Optimizer, buffer: ReplayBuffer | None,
-          rng: random.Random, stream: Stream) -> None:
+          rng: random.Random, stream: Stream, task_matrix: AccuracyMatrix | None = None) -> None:
     names = {id(p): n for n, p in net.named_parameters()}
     groups = [[names[id(p)] for p in g["params"]] for g in opt.param_groups]
     opt_meta, tensors = optimizer_to_flat(opt, "opt")
     state: dict[str, Any] = {"format": "growkit.stream-checkpoint", "config": config, "progress": {"experience": i},
-                             "matrix": matrix.to_dict(), "history": history, "opt_groups": groups, "optimizer": opt_meta,
+                             "matrix": matrix.to_dict(), "history": history,
+                             "task_matrix": None if task_matrix is None else task_matrix.to_dict(), "opt_groups": groups, "optimizer": opt_meta,
                              "rng": capture_rng(rng, [e.train for e in stream])}
     if grower is not None:
         gmeta, gt = grower.state_dict()
