@@ -301,21 +301,25 @@ def evaluate(
     was = model.training
     model.eval()
     total, n, correct = 0.0, 0, 0
-    try:
-        first = None
-        for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
-            out = forward_checked(model, x, first, i)
-            first = first or _shapes(x)
-            b = int(y.shape[0]) if y.dim() else 1
-            if classes is not None:
-                out = mask_logits(logits_of(out, loss_fn), classes)
-            total += float(loss_fn(out, y)) * b
-            n += b
-            logits = logits_of(out, loss_fn)
-            if logits.dim() == 2 and y.dim() == 1:
-                correct += int((logits.argmax(1) == y).sum())
-    finally:
-        model.train(was)
+    # A DataLoader iterator draws its base seed from torch's global generator: without the fork, every
+    # evaluation would shift the random stream of the training that follows it (a run's result would
+    # depend on how often it is evaluated).
+    with torch.random.fork_rng(devices=[]):
+        try:
+            first = None
+            for i, (x, y) in enumerate(iter_batches(loader, batch_fn, device)):
+                out = forward_checked(model, x, first, i)
+                first = first or _shapes(x)
+                b = int(y.shape[0]) if y.dim() else 1
+                if classes is not None:
+                    out = mask_logits(logits_of(out, loss_fn), classes)
+                total += float(loss_fn(out, y)) * b
+                n += b
+                logits = logits_of(out, loss_fn)
+                if logits.dim() == 2 and y.dim() == 1:
+                    correct += int((logits.argmax(1) == y).sum())
+        finally:
+            model.train(was)
     loss = total / max(n, 1)
     return {"loss": loss if math.isfinite(loss) else float("inf"), "accuracy": correct / max(n, 1), "n": n}
 

@@ -417,3 +417,17 @@ def test_rollback_of_a_freezing_growth_unfreezes_what_it_froze(stream3, pretrain
     assert all(id(p) in in_opt for p in base)
     momenta = {m.momentum for n, m in g.model.module.named_modules() if isinstance(m, torch.nn.BatchNorm2d)}
     assert 0.0 not in momenta
+
+
+def test_evaluation_leaves_the_random_stream_of_training_alone(digits):
+    """A DataLoader iterator draws its seed from torch's global generator; evaluating must not shift it,
+    or a run's result depends on how often it is evaluated (seen in the streams-vs-Avalanche study)."""
+    from torch.utils.data import DataLoader
+
+    m = TinyResNet(widths=(4, 8, 16))
+    loader = DataLoader(digits, batch_size=256)
+    torch.manual_seed(3)
+    before = torch.get_rng_state()
+    evaluate(m, loader)
+    evaluate(m, loader, classes=[0, 1])
+    assert torch.equal(torch.get_rng_state(), before)
