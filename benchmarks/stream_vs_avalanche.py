@@ -41,7 +41,6 @@ import copy
 import datetime as _dt
 import json
 import logging
-import math
 import os
 import statistics
 import sys

@@ -13,7 +13,7 @@ from growkit.core.deepen import DEPTH, GatedBlock, IdentityBlock
 from growkit.core.plan import GrowthPlan
 from growkit.core.surgery import apply_plan
 
-from .conftest import TinyResNet, run_eval
+from .conftest import run_eval
 
 
 def _timm(name: str, **kw):
