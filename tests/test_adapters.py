@@ -262,17 +262,23 @@ def make_recording_plugin(probe_x, **kw):
     return Recording()
 
 
-def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits, probe):
+def digits_split3(x: torch.Tensor, y: torch.Tensor):
+    """Avalanche class-incremental benchmark over digits: 450 train / 300 test samples, classes 4 + 3 + 3."""
     from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
+
+    return class_incremental_benchmark({"train": TensorDataset(x[:450], y[:450]),
+                                        "test": TensorDataset(x[450:750], y[450:750])},
+                                       class_order=list(range(10)), num_classes_per_exp=[4, 3, 3])
+
+
+def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits, probe):
     from avalanche.core import SupervisedPlugin
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
 
     x, y = digits
-    bench = class_incremental_benchmark({"train": TensorDataset(x[:450], y[:450]),
-                                         "test": TensorDataset(x[450:750], y[450:750])},
-                                        class_order=list(range(10)), num_classes_per_exp=[4, 3, 3])
+    bench = digits_split3(x, y)
     torch.manual_seed(0)
     net = TinyResNet(widths=WIDTHS)
     base = copy.deepcopy(net)
@@ -330,14 +336,11 @@ def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits
 
 
 def test_avalanche_plugin_freeze_options_isolate_experiences(av, digits, probe):
-    from avalanche.benchmarks.scenarios.supervised import class_incremental_benchmark
     from avalanche.core import SupervisedPlugin
     from avalanche.training import Naive
 
     x, y = digits
-    bench = class_incremental_benchmark({"train": TensorDataset(x[:450], y[:450]),
-                                         "test": TensorDataset(x[450:750], y[450:750])},
-                                        class_order=list(range(10)), num_classes_per_exp=[4, 3, 3])
+    bench = digits_split3(x, y)
     torch.manual_seed(0)
     net = TinyResNet(widths=WIDTHS)
     grow = make_recording_plugin(probe, warmup_steps=2, min_steps=5, seed=0, freeze_grown=True, freeze_base=True,
