@@ -111,17 +111,18 @@ def split(dataset: Dataset, sizes: Sequence[int], seed: int = 0) -> list[Subset]
     return out
 
 
+def make_loader(part: Dataset, batch_size: int, *, train: bool, generator: torch.Generator | None = None,
+                num_workers: int = 0) -> DataLoader:
+    """A loader over ``part``: a training one shuffles (with ``generator``) and drops its last incomplete
+    batch when it has at least one full batch (as timm's training loaders do: a last batch of one sample
+    makes BatchNorm raise in train mode); an evaluation one keeps every sample, in order."""
+    return DataLoader(part, batch_size=batch_size, shuffle=train, generator=generator if train else None,
+                      num_workers=num_workers, drop_last=train and len(part) > batch_size)  # type: ignore[arg-type]
+
+
 def make_loaders(
     parts: Sequence[Dataset], batch_size: int = 64, seed: int = 0, num_workers: int = 0
 ) -> list[DataLoader]:
-    """First part shuffled (seeded), the rest in order.
-
-    The training part drops its last incomplete batch when it has at least one full batch (as timm's
-    training loaders do): a last batch of one sample makes BatchNorm raise in train mode.
-    """
+    """First part for training (shuffled, seeded; see :func:`make_loader`), the rest in order."""
     g = torch.Generator().manual_seed(seed)
-    return [
-        DataLoader(p, batch_size=batch_size, shuffle=(i == 0), generator=g if i == 0 else None, num_workers=num_workers,
-                   drop_last=i == 0 and len(p) > batch_size)  # type: ignore[arg-type]
-        for i, p in enumerate(parts)
-    ]
+    return [make_loader(p, batch_size, train=i == 0, generator=g, num_workers=num_workers) for i, p in enumerate(parts)]

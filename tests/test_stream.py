@@ -214,15 +214,20 @@ def test_grow_stream_resumes_to_the_uninterrupted_result(digits, pretrained, tmp
     assert set(sa) == set(sb) and all(torch.equal(sa[k], sb[k]) for k in sa)
 
 
-def test_grow_stream_matrix_matches_hand_computed(stream3, pretrained):
-    # With lr = 0, frozen BatchNorm statistics and no growth the model never changes, so every row
-    # of R is the model's accuracy on each experience's test split, computed here by hand.
+def run_frozen(pretrained, stream, **kw):
+    """grow_stream on a copy that cannot change (lr 0, BatchNorm statistics fixed, no growth)."""
     pretrained = copy.deepcopy(pretrained)
     for m in pretrained.modules():
         if isinstance(m, torch.nn.BatchNorm2d):
             m.momentum = 0.0
-    res = growkit.grow_stream(pretrained, stream3, grow=False, lr=0.0, momentum=0.0, weight_decay=0.0,
-                              progress=False, seed=0)
+    return pretrained, growkit.grow_stream(pretrained, stream, grow=False, lr=0.0, momentum=0.0, weight_decay=0.0,
+                                           progress=False, seed=0, **kw)
+
+
+def test_grow_stream_matrix_matches_hand_computed(stream3, pretrained):
+    # With lr = 0, frozen BatchNorm statistics and no growth the model never changes, so every row
+    # of R is the model's accuracy on each experience's test split, computed here by hand.
+    pretrained, res = run_frozen(pretrained, stream3)
     pretrained.eval()
     by_hand = []
     for e in stream3:
@@ -352,12 +357,7 @@ def test_grow_stream_passes_freeze_options_and_reports_growth_per_experience(str
 def test_task_incremental_matrix_matches_hand_computed(stream3, pretrained):
     # As test_grow_stream_matrix_matches_hand_computed, with the logits outside each experience's
     # classes masked: the model never changes, so every row is the masked accuracy by hand.
-    pretrained = copy.deepcopy(pretrained)
-    for m in pretrained.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.momentum = 0.0
-    res = growkit.grow_stream(pretrained, stream3, grow=False, lr=0.0, momentum=0.0, weight_decay=0.0,
-                              progress=False, seed=0, task_incremental=True)
+    pretrained, res = run_frozen(pretrained, stream3, task_incremental=True)
     pretrained.eval()
     masked, plain = [], []
     for e in stream3:

@@ -260,9 +260,10 @@ def grow_stream(
         matrix = AccuracyMatrix(n)
         task_matrix = AccuracyMatrix(n) if task_incremental else None
 
-        def task_accs() -> list[float]:
-            return [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev, classes=e.classes)["accuracy"]
-                    for ld, e in zip(evals, stream)]
+        def accuracies(task: bool = False) -> list[float]:
+            """The current model's accuracy on every experience (task-incremental: its classes only)."""
+            return [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev,
+                             classes=e.classes if task else None)["accuracy"] for ld, e in zip(evals, stream)]
 
         history: list[dict[str, Any]] = []
         start = 0
@@ -278,9 +279,9 @@ def grow_stream(
             start = st["progress"]["experience"] + 1
             logger.info("resuming the stream at experience %d of %d", start, n)
         else:
-            matrix.initial = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
+            matrix.initial = accuracies()
             if task_matrix is not None:
-                task_matrix.initial = task_accs()
+                task_matrix.initial = accuracies(task=True)
 
         grew = False  # whether the last boundary grew: only then can a divergence be rolled back
         for i in range(start, n):
@@ -310,8 +311,8 @@ def grow_stream(
                                        trainable_params=grower.trainable_count())
                     matrix.costs[-1] = {"params": grower.cost.params, "flops": grower.cost.flops}
                     logger.warning("experience %s: %s", exp.id, ev.note)
-            accs = [evaluate(net, ld, loss_fn=loss_fn, batch_fn=batch_fn, device=dev)["accuracy"] for ld in evals]
-            taccs = task_accs() if task_matrix is not None else None
+            accs = accuracies()
+            taccs = accuracies(task=True) if task_matrix is not None else None
             ev = None
             if grower is not None and i < n - 1:
                 ev = grower.end_experience(exp.id)

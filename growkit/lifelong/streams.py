@@ -14,6 +14,7 @@ from typing import Any, Iterable, Iterator, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from ..data import make_loader
 from ..errors import InputError
 
 __all__ = ["Experience", "Stream", "class_incremental", "domain_incremental", "dataset_targets"]
@@ -91,10 +92,7 @@ def _loaders(parts: list[Dataset], batch_size: int, gen: torch.Generator, num_wo
             out.append(None)
             continue
         g = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=gen)))
-        # a last training batch of one sample makes BatchNorm raise in train mode: drop the incomplete
-        # batch when there is at least one full one (timm's training loaders drop it always)
-        out.append(DataLoader(p, batch_size=batch_size, shuffle=i == 0, generator=g if i == 0 else None,
-                              num_workers=num_workers, drop_last=i == 0 and len(p) > batch_size))  # type: ignore[arg-type]
+        out.append(make_loader(p, batch_size, train=i == 0, generator=g, num_workers=num_workers))
     return out
 
 
