@@ -9,7 +9,9 @@ Per dataset and seed, one capacity-limited timm backbone (``resnet10t`` with nar
       end-of-round checkpoint by validation accuracy, as grow's gallery does),
   (c) ``growkit.grow`` with ``selection="random"`` (the paper's ablation),
   (d) a wider model of the same family, params closest to (a)'s grown model, trained from
-      scratch for base + E epochs (the ceiling).
+      scratch for base + E epochs (the ceiling),
+  (e), (f), (g) ``growkit.grow`` with ``method="widen"``, ``"deepen"`` and the three mixed
+      (petridish, widen, deepen: one drawn per round), with (a)'s budget, epochs and rates.
 
 E = rounds * (search_epochs + finetune_epochs). Validation accuracy is used for every choice
 (tuning, checkpoint selection); TEST accuracy is reported. With ``--tune`` the learning rate of
@@ -20,6 +22,9 @@ with the same number of configurations for each; (c) uses (a)'s choice.
     python benchmarks/grow_vs_finetune.py --tune --ops paper --threads 1    # the reported run (~60 min on CPU)
     python benchmarks/grow_vs_finetune.py --datasets kmnist --lr 0.1 --new-lr-mult 2 --ft-lr 0.3 \
         --variants grow,finetune,random --threads 1 --out benchmarks/results/grow_vs_finetune_kmnist_extgrid
+    python benchmarks/grow_vs_finetune.py --datasets kmnist --seeds 0,1,2,3,4 --lr 0.1 --new-lr-mult 2 \
+        --ft-lr 0.3 --ops paper --variants grow,finetune,wider,widen,deepen,mixed --threads 1 \
+        --out benchmarks/results/grow_vs_finetune_resize_kmnist      # width / depth growth (issue 21)
 
 --threads 1 was used for the reported numbers: on this shared 2-core machine two intra-op threads
 made steps up to ~80x slower whenever another process was busy (OpenMP spinning); with these
@@ -211,14 +216,19 @@ def finetune(base: nn.Module, data: dict[str, Any], seed: int, lr: float, args: 
     return {"model": model, "selected_round": best_round, "rounds": rounds}
 
 
+MIXED = ("petridish", "widen", "deepen")
+"""What the ``mixed`` variant mixes: one of these methods drawn per round (issue 21)."""
+
+
 def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: dict[str, Any],
-         args: argparse.Namespace) -> dict[str, Any]:
+         args: argparse.Namespace, method: str = "petridish") -> dict[str, Any]:
     loader = train_loader(data, seed)
     extra = {}
     if args.candidate_lr is not None and "candidate_lr" in inspect.signature(growkit.grow).parameters:
         extra["candidate_lr"] = args.candidate_lr
     res = growkit.grow(
         copy.deepcopy(base), loader, data["val"],
+        method=list(MIXED) if method == "mixed" else method,
         rounds=args.rounds, search_epochs=args.search_epochs, finetune_epochs=args.finetune_epochs,
         lr=hp["lr"], new_lr_mult=hp["new_lr_mult"], weight_decay=args.weight_decay,
         budget=growkit.Budget(params=args.budget), selection=selection, seed=seed, progress=False,
@@ -231,7 +241,7 @@ def grow(base: nn.Module, data: dict[str, Any], seed: int, selection: str, hp: d
             continue
         hist.append({k: v for k, v in h.items() if k in (
             "round", "parent", "chosen", "scores", "etas", "val_accuracy", "params", "flops",
-            "search_train_acc", "finetune_train_acc", "search_s", "finetune_s", "note", "entry")})
+            "search_train_acc", "finetune_train_acc", "search_s", "finetune_s", "note", "entry", "method")})
     return {
         "model": res.model,
         "selected_entry": best.id,
@@ -258,6 +268,8 @@ def run_seed(name: str, seed: int, hp_grow: dict[str, Any], hp_ft: dict[str, Any
         t = time.perf_counter()
         if v == "grow" or v == "random":
             r = grow(base, data, seed, "alpha" if v == "grow" else "random", hp_grow, args)
+        elif v in ("widen", "deepen", "mixed"):
+            r = grow(base, data, seed, "alpha", hp_grow, args, method=v)
         elif v == "finetune":
             r = finetune(base, data, seed, hp_ft["lr"], args)
         elif v == "wider":
@@ -313,7 +325,12 @@ def tune(name: str, args: argparse.Namespace) -> dict[str, Any]:
 # -------------------------------------------------------------------------------------- report
 VARIANTS = [("base", "base (trained to plateau)"), ("grow", "(a) grow, top-|alpha|"),
             ("finetune", "(b) fine-tune, same extra epochs"), ("random", "(c) grow, random edges"),
-            ("wider", "(d) wider from scratch")]
+            ("wider", "(d) wider from scratch"), ("widen", "(e) grow, method=widen"),
+            ("deepen", "(f) grow, method=deepen"), ("mixed", "(g) grow, petridish + widen + deepen mixed")]
+PAIRS = [("grow", "finetune", "(a) - (b)"), ("grow", "random", "(a) - (c)"), ("grow", "base", "(a) - base"),
+         ("wider", "finetune", "(d) - (b)")] + [
+    (v, b, f"({t}) - ({bt})") for v, t in (("widen", "e"), ("deepen", "f"), ("mixed", "g"))
+    for b, bt in (("grow", "a"), ("finetune", "b"), ("wider", "d"))]
 
 
 def _ms(xs: list[float]) -> str:
@@ -338,7 +355,7 @@ def summarize(runs: list[dict[str, Any]]) -> dict[str, Any]:
     for k in present:
         s[k] = {f: statistics.mean(r[k][f] for r in runs) for f in ("train_acc", "val_acc", "test_acc", "params", "flops", "wall_s")}
         s[k]["test_acc_std"] = statistics.stdev([r[k]["test_acc"] for r in runs]) if len(runs) > 1 else 0.0
-    for a, b in (("grow", "finetune"), ("grow", "random"), ("grow", "base"), ("wider", "finetune")):
+    for a, b, _ in PAIRS:
         if a in present and b in present:
             d = [r[a]["test_acc"] - r[b]["test_acc"] for r in runs]
             s[f"{a}-{b}"] = {"per_seed": d, "mean": statistics.mean(d),
@@ -396,8 +413,8 @@ def markdown(result: dict[str, Any]) -> str:
         L.append("")
         L += ["| paired difference (test points) | per seed | mean ± std | wins/ties of seeds | mean > std (goal) "
               "| paired t-test p |", "|---|---|---|---|---|---|"]
-        for key, label in (("grow-finetune", "(a) - (b)"), ("grow-random", "(a) - (c)"), ("grow-base", "(a) - base"),
-                           ("wider-finetune", "(d) - (b)")):
+        for a_, b_, label in PAIRS:
+            key = f"{a_}-{b_}"
             if key in s:
                 x = s[key]
                 L.append(f"| {label} | {', '.join(f'{100 * v:+.2f}' for v in x['per_seed'])} | "
@@ -414,14 +431,15 @@ def markdown(result: dict[str, Any]) -> str:
         L += ["| seed | variant | round | parent | chosen points | etas | scores | val acc % after round |",
               "|---|---|---|---|---|---|---|---|"]
         for r in runs:
-            for k in ("grow", "random"):
+            for k in ("grow", "random", "widen", "deepen", "mixed"):
                 if k not in r:
                     continue
                 for h in r[k]["history"]:
                     et = ", ".join(f"{p}: {v:+.3f}" for p, v in (h.get("etas") or {}).items()) or "-"
                     sc = ", ".join(f"{p}: {v:.3f}" for p, v in (h.get("scores") or {}).items() if v is not None)
                     va = f"{100 * h['val_accuracy']:.2f}" if "val_accuracy" in h else (h.get("note") or "-")
-                    L.append(f"| {r['seed']} | {k} (sel. entry {r[k]['selected_entry']}, {r[k]['selected_kind']}) | "
+                    drawn = f", drew {h['method']}" if k == "mixed" and h.get("method") else ""
+                    L.append(f"| {r['seed']} | {k} (sel. entry {r[k]['selected_entry']}, {r[k]['selected_kind']}{drawn}) | "
                              f"{h['round']} | {h['parent']} | {', '.join(h.get('chosen') or []) or '-'} | {et} | {sc} | {va} |")
         if d.get("tuning"):
             t = d["tuning"]
@@ -520,7 +538,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch-size", type=int, default=128)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--variants", default="grow,finetune,random,wider",
-                   help="subset of grow,finetune,random,wider (wider needs grow first for its size target)")
+                   help="subset of grow,finetune,random,wider,widen,deepen,mixed (wider needs grow first for its size "
+                        "target)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke run")
     p.add_argument("--out", default=None, help="output prefix (default benchmarks/results/grow_vs_finetune)")
     p.add_argument("--render", default=None, metavar="JSON",
