@@ -136,13 +136,35 @@ def test_grow_where_random_and_tight_budget(digits, trained):
         growkit.grow(trained, train_l, val_l, method="widen", method_options={"where": "everywhere"}, rounds=1)
 
 
-def test_mixed_method_resumes_with_the_same_draws(digits, trained, tmp_path):
+@pytest.mark.parametrize("method", ["widen", "deepen"])
+def test_a_round_grows_every_location_that_fits_the_budget(digits, trained, method):
+    """Like Petridish, a widen / deepen round spends its budget (greedy in score order); count caps it."""
     train_l, val_l = digits
+    kw = dict(method=method, rounds=1, seed=0, progress=False, search_epochs=1, finetune_epochs=1)
+    budget = growkit.Budget(params=1.6)
+    res = growkit.grow(trained, train_l, val_l, budget=budget, **kw)
+    one = growkit.grow(trained, train_l, val_l, budget=budget, method_options={"count": 1}, **kw)
+    many, single = res.history[0]["chosen"], one.history[0]["chosen"]
+    assert len(single) == 1 and len(many) >= 2, (single, many)
+    assert many[0] == single[0]  # the same best-scored location leads both
+    grown = [e for e in res.gallery if e.kind == "grown"]
+    assert grown and all(budget.allows(e.cost, res.gallery[0].cost) for e in grown)
+    assert grown[-1].cost.params > [e for e in one.gallery if e.kind == "grown"][-1].cost.params
+    with pytest.raises(growkit.InputError, match="count"):
+        growkit.grow(trained, train_l, val_l, method_options={"count": 0}, **kw)
+
+
+def test_mixed_method_resumes_with_the_same_draws(trained, tmp_path):
+    from growkit.data import digits_dataset, make_loaders, split
+
+    def loaders():  # every run sees the same batches (a shared loader's generator would move on)
+        return make_loaders(split(digits_dataset(16), [320, 160], seed=0), batch_size=32, seed=0)
+
     kw = dict(method=["widen", "deepen"], seed=3, progress=False, finetune_epochs=1)
-    full = growkit.grow(trained, train_l, val_l, rounds=3, **kw)
-    growkit.grow(trained, train_l, val_l, rounds=2, checkpoint_dir=tmp_path / "c", **kw)
+    full = growkit.grow(trained, *loaders(), rounds=3, **kw)
+    growkit.grow(trained, *loaders(), rounds=2, checkpoint_dir=tmp_path / "c", **kw)
     # a run stopped after round 2 continues to round 3 with the draws and models of the full run
-    part = growkit.grow(trained, train_l, val_l, rounds=3, checkpoint_dir=tmp_path / "c", resume=True, **kw)
+    part = growkit.grow(trained, *loaders(), rounds=3, checkpoint_dir=tmp_path / "c", resume=True, **kw)
     assert [h.get("method") for h in part.history] == [h.get("method") for h in full.history]
     assert part.plan.to_dict() == full.plan.to_dict()
 

@@ -1,7 +1,8 @@
 """Width and depth growth as grow() methods: ``method="widen"``, ``"deepen"``, or several mixed.
 
 Each round draws a parent from the gallery's epsilon-hull (as Petridish does), scores where to
-grow on a few training batches, grows the best location that fits the budget with
+grow on a few training batches, grows the best locations that fit the budget together (greedy in
+score order, as Petridish grows every point that fits) with
 :func:`growkit.widen` / :func:`growkit.deepen` (exact: the child starts as the parent's
 function), fine-tunes it (new blocks under the new-parameter rule; the cosine schedule restarts
 each round, LEMON's shorter re-warmed schedule) and adds it to the gallery.
@@ -88,8 +89,10 @@ class _Resize(GrowthMethod):
             raise InputError(f"{self.name}: where must be one of {WHERE}, got {self.opts['where']!r}")
         for k in ("count", "score_batches", "tries"):
             v = self.opts[k]
+            if k == "count" and v is None:
+                continue
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-                raise InputError(f"{self.name}: {k} must be an int >= 1, got {v!r}")
+                raise InputError(f"{self.name}: {k} must be an int >= 1{' or None' if k == 'count' else ''}, got {v!r}")
         self.validate()
 
     def validate(self) -> None:
@@ -131,19 +134,25 @@ class _Resize(GrowthMethod):
             order = [c for c, _ in sorted(cands, key=lambda c: (-c[1], c[0]))]
         rec["scores"] = {c: s for c, s in sorted(cands, key=lambda c: -c[1])[:10]}
         seed = run.rng.getrandbits(62)
-        grown, chosen = None, []
-        for i in range(0, min(len(order), self.opts["tries"] * self.opts["count"]), self.opts["count"]):
-            where = order[i:i + self.opts["count"]]
+        # Greedy fill, as Petridish grows every point that fits: locations in score order join the
+        # round while the whole child stays within the budget; `tries` misses in a row end it.
+        limit = self.opts["count"] or run.cfg.points_per_round or len(order)
+        grown, chosen, misses = None, [], 0
+        for loc in order:
+            if len(chosen) >= limit or misses >= self.opts["tries"]:
+                break
             try:
-                g = self.grow_at(model, run, where, seed)
+                g = self.grow_at(model, run, chosen + [loc], seed)
             except GrowkitError as exc:
-                logger.info("round %d: %s at %s failed: %s", rnd, self.name, where, exc)
+                logger.info("round %d: %s at %s failed: %s", rnd, self.name, loc, exc)
+                misses += 1
                 continue
             cost = measure(g, run.example, latency=run.cfg.wants_latency)
             assert run.base_cost is not None
             if run.budget is None or run.budget.allows(cost, run.base_cost):
-                grown, chosen = g, where
-                break
+                grown, chosen, misses = g, chosen + [loc], 0
+            else:
+                misses += 1
         rec["search_s"] = time.perf_counter() - t
         rec["chosen"] = chosen
         if grown is None:
@@ -158,12 +167,13 @@ class _Resize(GrowthMethod):
 @register_method
 class Widen(_Resize):
     """Width growth (:func:`growkit.widen`). Options: ``ratio`` (channels x ratio at each chosen
-    group, default 1.5), ``init`` (``"split"``/``"zero"``), ``count`` (groups per round, 1),
-    ``where`` (``"score"``/``"random"``), ``score_batches`` (4), ``tries`` (locations tried
-    against the budget, 8)."""
+    group, default 1.5), ``init`` (``"split"``/``"zero"``), ``count`` (most groups per round;
+    None: every group that fits the budget, capped by ``points_per_round``), ``where``
+    (``"score"``/``"random"``), ``score_batches`` (4), ``tries`` (locations in a row that fail or
+    exceed the budget before the round stops adding, 8)."""
 
     name = "widen"
-    defaults = {"ratio": 1.5, "init": "split", "count": 1, "where": "score", "score_batches": 4, "tries": 8}
+    defaults = {"ratio": 1.5, "init": "split", "count": None, "where": "score", "score_batches": 4, "tries": 8}
 
     def validate(self) -> None:
         r = self.opts["ratio"]
@@ -209,11 +219,11 @@ def _added_params(model: nn.Module, g: WidthGroup, ratio: float) -> int:
 @register_method
 class Deepen(_Resize):
     """Depth growth (:func:`growkit.deepen`). Options: ``block`` (``"copy"``/``"identity"``),
-    ``count`` (blocks per round, 1), ``where`` (``"score"``/``"random"``), ``score_batches`` (4),
-    ``tries`` (8)."""
+    ``count`` (most blocks per round; None: every point that fits, as for widen), ``where``
+    (``"score"``/``"random"``), ``score_batches`` (4), ``tries`` (8)."""
 
     name = "deepen"
-    defaults = {"block": "identity", "count": 1, "where": "score", "score_batches": 4, "tries": 8}
+    defaults = {"block": "identity", "count": None, "where": "score", "score_batches": 4, "tries": 8}
 
     def validate(self) -> None:
         if self.opts["block"] not in DEEPEN_BLOCKS:
