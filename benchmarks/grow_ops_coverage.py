@@ -38,6 +38,7 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 RTOL = 1e-5
+OPS = ("widen", "deepen")
 
 
 def _short(text: Any, n: int = 300) -> str:
@@ -90,6 +91,7 @@ def widen_stage(model: Any, x: tuple[Any, ...], eager: Any, res: dict[str, Any],
         res["widen_s"] = round(time.perf_counter() - t0, 2)
         rep = w.meta[REPORT_KEY]
         res["widen_groups"] = len(rep["widened"])
+        res["widen_layer_norm_groups"] = len(rep.get("layer_norm", []))
         res["widen_skipped"] = len(rep["skipped"])
         res["widen_skip_reasons"] = dict(Counter(_short(re.sub(r"^[\w.]+: ", "", v), 120)
                                                  for v in rep["skipped"].values()).most_common(4))
@@ -154,7 +156,7 @@ def deepen_stage(model: Any, x: tuple[Any, ...], eager: Any, res: dict[str, Any]
         res["deepen_reason"] = _short(f"{type(exc).__name__}: {exc}")
 
 
-def worker(name: str, source: str, out: Path, threads: int) -> None:
+def worker(name: str, source: str, out: Path, threads: int, ops: tuple[str, ...] = OPS) -> None:
     warnings.filterwarnings("ignore")
     import torch
 
@@ -162,7 +164,7 @@ def worker(name: str, source: str, out: Path, threads: int) -> None:
     sys.path.insert(0, str(HERE))
     from trace_coverage import make_model
 
-    res: dict[str, Any] = {"model": name, "widen": "timeout", "deepen": "timeout"}
+    res: dict[str, Any] = {"model": name, "ops": list(ops), **{op: "timeout" for op in ops}}
 
     def dump() -> None:
         out.write_text(json.dumps(res))
@@ -176,28 +178,31 @@ def worker(name: str, source: str, out: Path, threads: int) -> None:
     res["input_size"] = list(x[0].shape[1:])
     with torch.no_grad():
         eager = model(*x)
-    widen_stage(model, x, eager, res, dump)
-    dump()
-    deepen_stage(model, x, eager, res, dump)
+    if "widen" in ops:
+        widen_stage(model, x, eager, res, dump)
+        dump()
+    if "deepen" in ops:
+        deepen_stage(model, x, eager, res, dump)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     dump()
 
 
-def run_one(name: str, source: str, timeout: float, threads: int) -> dict[str, Any]:
+def run_one(name: str, source: str, timeout: float, threads: int, ops: tuple[str, ...] = OPS) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gk_opscov_") as tmp:
         out = Path(tmp) / "r.json"
         env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONPATH": str(HERE.parent)}
         cmd = [sys.executable, __file__, "--worker", name, "--source", source, "--out", str(out),
-               "--threads", str(threads)]
+               "--threads", str(threads), "--ops", ",".join(ops)]
         try:
             p = subprocess.run(cmd, env=env, timeout=timeout, capture_output=True, text=True)
             err = p.stderr[-1500:] if p.returncode else ""
         except subprocess.TimeoutExpired:
             err = f"timeout after {timeout:.0f} s"
-        res = json.loads(out.read_text()) if out.exists() else {"model": name, "widen": "timeout", "deepen": "timeout"}
+        res = json.loads(out.read_text()) if out.exists() else {"model": name, "ops": list(ops),
+                                                                **{op: "timeout" for op in ops}}
         if err:
             res["worker_error"] = _short(err, 600)
-            for op in ("widen", "deepen"):
+            for op in ops:
                 if res.get(op) == "timeout":
                     res[op] = "timeout" if err.startswith("timeout") else "crash"
         return res
@@ -231,9 +236,12 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], summary: dict[str
              (f"Not run (out of time): {len(summary['not_run'])} of {summary['selection']}: "
               f"{', '.join(summary['not_run'])}." if summary.get("not_run") else
               f"All {summary['selection']} models of the selection run."), "",
-             "| family | model | params M | widen | groups widened / skipped | params x | widen rel diff | "
+             "`LN groups`: widened groups normalised by LayerNorm, which take LEMON's average expansion (exact by "
+             "construction; the same output check applies). Rows marked * had their widen columns re-run "
+             "(`rerun` in the JSON) after that expansion landed; their deepen columns are from the earlier run.", "",
+             "| family | model | params M | widen | groups widened / skipped | LN groups | params x | widen rel diff | "
              "widen ONNX rel | deepen | block | blocks | deepen ONNX rel | why not / skipped because |",
-             "|---|---|---:|---|---|---:|---:|---:|---|---|---:|---:|---|"]
+             "|---|---|---:|---|---|---:|---:|---:|---:|---|---|---:|---:|---|"]
 
     def f(v: Any) -> str:
         if isinstance(v, float):
@@ -251,8 +259,9 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any], summary: dict[str
             why.append("skipped: " + "; ".join(f"{k} (x{v})" for k, v in r["widen_skip_reasons"].items()))
         why_s = " / ".join(why).replace("|", "\\|")
         lines.append(
-            f"| {r.get('family', '')} | {r['model']} | {f(r.get('params_m'))} | {r.get('widen')} | "
-            f"{f(r.get('widen_groups'))} / {f(r.get('widen_skipped'))} | {f(r.get('widen_param_ratio'))} | "
+            f"| {r.get('family', '')} | {r['model']}{'*' if r.get('rerun') else ''} | {f(r.get('params_m'))} | "
+            f"{r.get('widen')} | {f(r.get('widen_groups'))} / {f(r.get('widen_skipped'))} | "
+            f"{f(r.get('widen_layer_norm_groups'))} | {f(r.get('widen_param_ratio'))} | "
             f"{f(r.get('widen_rel'))} | {f(r.get('widen_onnx_rel'))} | {r.get('deepen')} | {f(r.get('deepen_block'))} | "
             f"{f(r.get('deepen_blocks'))} | {f(r.get('deepen_onnx_rel'))} | {why_s} |")
     return "\n".join(lines) + "\n"
@@ -268,10 +277,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default=None)
     ap.add_argument("--merge", default=None, help="comma-separated partial / result JSON files of runs over parts of "
                     "the selection (run in parallel with --models): write the combined results")
+    ap.add_argument("--ops", default="widen,deepen", help="which of widen,deepen to run; with --merge, a file "
+                    "whose rows ran fewer ops updates only those ops' columns of the rows before it")
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
+    ops = tuple(o for o in args.ops.split(",") if o)
+    if not ops or set(ops) - set(OPS):
+        ap.error(f"--ops: a subset of {','.join(OPS)}")
     if args.worker:
-        worker(args.worker, args.source, Path(args.out), args.threads)
+        worker(args.worker, args.source, Path(args.out), args.threads, ops)
         return 0
     import timm
     import torch
@@ -292,11 +306,18 @@ def main(argv: list[str] | None = None) -> int:
         d = json.loads(Path(f).read_text())
         rows_f = d["models"] if isinstance(d, dict) else d
         merged_wall += float(d["meta"]["wall_s"]) if isinstance(d, dict) else 0.0
-        done.update({r["model"]: r for r in rows_f})
+        for r in rows_f:
+            ran = tuple(r.get("ops") or OPS)
+            if r["model"] in done and ran != OPS:  # a re-run of some ops: replace only their columns
+                old = {k: v for k, v in done[r["model"]].items() if not any(k.startswith(op) for op in ran)}
+                new = {k: v for k, v in r.items() if any(k.startswith(op) for op in ran) or k == "worker_error"}
+                done[r["model"]] = {**old, **new, "rerun": {op: Path(f).name for op in ran}}
+            else:
+                done[r["model"]] = r
     for i, s in enumerate(sel):
         if s["model"] in done or args.merge:
             continue
-        r = run_one(s["model"], args.source, args.timeout, args.threads)
+        r = run_one(s["model"], args.source, args.timeout, args.threads, ops)
         r["family"] = s["family"]
         done[s["model"]] = r
         part.write_text(json.dumps(list(done.values())))

@@ -43,14 +43,80 @@ def test_widen_is_exact_on_timm_models(name, kw, size, init):
     assert all(not k.startswith("growkit") for k in m.state_dict())
 
 
-def test_vit_widens_mlp_hidden_only_with_reasons_for_the_rest():
+def test_vit_widens_mlp_hidden_and_residual_stream_with_reasons_for_the_rest():
     m = _timm("vit_tiny_patch16_224", img_size=32, depth=2)
     groups = {g.layer: g for g in width_groups(m, torch.randn(1, 3, 32, 32))}
-    assert not groups["blocks.0.mlp.fc1"].reason
+    assert not groups["blocks.0.mlp.fc1"].reason and groups["blocks.0.mlp.fc1"].norm == ""
     assert "attention heads" in groups["blocks.0.attn.qkv"].reason
-    # the residual stream is LayerNorm-normalised: not widened by copies (LEMON's treatment is not done)
+    # the residual stream is LayerNorm-normalised: it widens by LEMON's average expansion
     stream = [g for g in groups.values() if "patch_embed.proj" in g.layers]
-    assert stream and "LayerNorm" in stream[0].reason
+    assert stream and stream[0].reason == "" and stream[0].norm == "layer"
+
+
+def _layer_norm_calls(gm: torch.fx.GraphModule) -> list[tuple[tuple[int, ...], float]]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and getattr(n.target, "__name__", "") == "layer_norm":
+            out.append((tuple(n.args[1]), n.args[4] if len(n.args) > 4 else n.kwargs.get("eps", 1e-5)))
+    return out
+
+
+def test_layer_norm_stream_takes_lemons_average_expansion_exactly():
+    """ViT residual stream 192 -> 288: every writer adds the mean channel, every LayerNorm gets
+    gamma x sqrt(C / d*), new bias 0, eps x C / d*; the output is unchanged, and after one step the
+    new channels learn different things (symmetry broken)."""
+    m = _timm("vit_tiny_patch16_224", img_size=32, depth=2)
+    x = torch.randn(4, 3, 32, 32)
+    w = growkit.widen(m, x[:1], layers=["blocks.1.mlp.fc2"], ratio=1.5, seed=0)
+    assert w.meta[REPORT_KEY]["widened"] == {"blocks.1.mlp.fc2": 96}
+    assert _rel(run_eval(w, x), run_eval(m, x)) <= 1e-5
+    c, d = 192, 288
+    calls = _layer_norm_calls(w)
+    assert len(calls) == 5 and all(shape == (d,) and eps == pytest.approx(1e-6 * c / d, rel=1e-12)
+                                   for shape, eps in calls)
+    old_g, old_b = m.blocks[0].norm1.weight.detach(), m.blocks[0].norm1.bias.detach()
+    g, b = w.get_submodule("blocks.0.norm1").weight.detach(), w.get_submodule("blocks.0.norm1").bias.detach()
+    assert torch.allclose(g[:c], old_g * (c / d) ** 0.5, rtol=1e-6) and torch.equal(b[:c], old_b)
+    assert torch.equal(b[c:], torch.zeros(d - c))
+    # the writers' new rows are the mean of the old ones: every new stream channel carries the mean
+    fc2 = w.get_submodule("blocks.0.mlp.fc2").weight.detach()
+    assert torch.allclose(fc2[c:], m.blocks[0].mlp.fc2.weight.detach().mean(0, keepdim=True).expand(d - c, -1),
+                          rtol=1e-6, atol=1e-7)
+    assert w.get_submodule("blocks.0.mlp.fc1").in_features == d and w.get_submodule("head").in_features == d
+    # train mode: gradients reach the new units and differ between them
+    w.train()
+    loss = torch.nn.functional.cross_entropy(w(x), torch.randint(0, 10, (4,)))
+    loss.backward()
+    gb = w.get_submodule("blocks.0.norm1").bias.grad[c:]
+    grows = w.get_submodule("blocks.0.mlp.fc2").weight.grad[c:]
+    assert gb.abs().max() > 0 and grows.abs().max() > 0
+    assert not torch.allclose(grows[0], grows[1])
+
+
+class _RawReader(torch.nn.Module):
+    """A LayerNorm module (an fx leaf) and a layer reading the raw, un-normalised sum."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp, self.ln, self.norm_reader, self.raw_reader = (
+            torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3), torch.nn.Linear(8, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inp(x)
+        return self.norm_reader(self.ln(h)) + self.raw_reader(h)
+
+
+def test_layer_norm_module_and_a_raw_reader_widen_exactly():
+    torch.manual_seed(0)
+    m = _RawReader().eval()
+    x = torch.randn(16, 4)
+    w = growkit.widen(m, x[:1], layers=["inp"], ratio=1.5, seed=0)
+    assert _rel(run_eval(w, x), run_eval(m, x)) <= 1e-5
+    ln = w.get_submodule("ln")
+    assert ln.normalized_shape == (12,) and ln.eps == pytest.approx(1e-5 * 8 / 12, rel=1e-12)
+    raw, normed = w.get_submodule("raw_reader").weight.detach(), w.get_submodule("norm_reader").weight.detach()
+    assert torch.equal(raw[:, 8:], torch.zeros(3, 4))  # it sees the mean: new weights must start at 0
+    assert normed[:, 8:].abs().min() > 0  # it sees exact zeros: new weights are free (random)
 
 
 def _source_of(w_new: torch.Tensor, w_old: torch.Tensor, row: int) -> int:
@@ -128,6 +194,25 @@ def test_plan_replay_save_load_and_onnx_are_exact(tmp_path):
     assert report.max_rel_diff <= 1e-5
 
 
+def test_layer_norm_widening_replays_exactly_twice_over(tmp_path):
+    """The LayerNorm shapes and eps are code, not weights: replay must redo them, and a second
+    widening of the same stream scales from the first one's values."""
+    m = _timm("vit_tiny_patch16_224", img_size=32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    w = growkit.widen(m, x[:1], layers=["blocks.1.mlp.fc2"], ratio=1.25, seed=0)
+    w = growkit.widen(w, layers=["blocks.1.mlp.fc2"], ratio=1.2, seed=1)
+    assert _rel(run_eval(w, x), run_eval(m, x)) <= 1e-5
+    assert {shape for shape, _ in _layer_norm_calls(w)} == {(288,)}
+    assert all(eps == pytest.approx(1e-6 * 192 / 288, rel=1e-9) for _, eps in _layer_norm_calls(w))
+    again = apply_plan(m, GrowthPlan.from_json(growkit.plan_of(w).to_json()), x[:1])
+    again.load_state_dict(w.state_dict())
+    assert torch.equal(run_eval(again, x), run_eval(w, x))
+    growkit.save(w, tmp_path / "w")
+    back = growkit.load(tmp_path / "w", base_model=m)
+    assert torch.equal(run_eval(back, x), run_eval(w, x))
+    assert growkit.export_onnx(w, tmp_path / "w.onnx", x[:1]).max_rel_diff <= 1e-5
+
+
 def test_widen_after_petridish_branch_replays(tiny_resnet, tmp_path):
     x = torch.randn(2, 1, 16, 16)
     cm = growkit.inject(tiny_resnet, x[:1], ops=["identity"], max_inputs=1)
@@ -165,9 +250,9 @@ def test_bad_input_gives_growkit_errors(tiny_resnet):
         growkit.widen(tiny_resnet, x, layers=["no_such.layer"])
     with pytest.raises(growkit.InputError, match="logits"):
         growkit.widen(tiny_resnet, x, layers=["head"])
-    ln = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8), torch.nn.Linear(8, 3))
-    with pytest.raises(growkit.InputError, match="LayerNorm"):
-        growkit.widen(ln, torch.randn(1, 4), layers=["0"])
+    rms = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.RMSNorm(8), torch.nn.Linear(8, 3))
+    with pytest.raises(growkit.InputError, match="RMSNorm"):
+        growkit.widen(rms, torch.randn(1, 4), layers=["0"])
     assert isinstance(growkit.widen(tiny_resnet, x, ratio=1), torch.nn.Module)  # ratio 1: nothing to add
 
 

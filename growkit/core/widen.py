@@ -15,9 +15,13 @@ Two initialisations, both exact:
 * ``"zero"``: new writer rows random (the tensor's own scale), new reader columns zero. The new
   units compute something new that no reader uses yet; the readers' zero columns get gradient.
 
+A LayerNorm-normalised group (a transformer's residual stream) takes LEMON's average expansion
+instead, whatever ``init`` says (see "LayerNorm groups" below): new channels carry the mean of the
+old ones, each LayerNorm's gamma and eps are rescaled, and the new units learn from the first step.
+
 Which groups cannot widen exactly (and are skipped, or rejected when named): a group normalised
-by LayerNorm / RMSNorm / GroupNorm (the norm's statistics would change: LEMON needs a
-mean-preserving expansion there, not done), grouped (non-depthwise) convs, transposed convs,
+by RMSNorm / GroupNorm (the norm's statistics would change), a LayerNorm group that also passes a
+BatchNorm, a depthwise conv or a per-channel scale (LayerScale), grouped (non-depthwise) convs, transposed convs,
 channels that pass a split / reshape that does not keep them contiguous (attention heads), and
 the classifier's output. The chosen groups grow and are checked together on the example input and
 a random input of its shape (eval mode, relative 1e-5); when that check fails, each group is
@@ -53,7 +57,8 @@ logger = logging.getLogger(__name__)
 WIDEN_RTOL = 1e-5
 """Largest relative output change a widened group may cause on the example input (eval mode)."""
 REPORT_KEY = "growkit_widen_report"
-"""``gm.meta`` key of the last :func:`widen` call's report: widened groups and skipped ones with why."""
+"""``gm.meta`` key of the last :func:`widen` call's report: widened groups, skipped ones with why, and
+``layer_norm``: the widened groups that took LEMON's average expansion."""
 
 
 @dataclass
@@ -70,13 +75,15 @@ class _Member:
 @dataclass
 class WidthGroup:
     """A coupled channel group: ``layer`` (a module path writing it), ``channels`` (its width now),
-    ``layers`` (every module path in it) and ``reason`` (why it cannot widen; ``""``: it can)."""
+    ``layers`` (every module path in it), ``reason`` (why it cannot widen; ``""``: it can) and
+    ``norm`` (``"layer"`` when a LayerNorm normalises the channels)."""
 
     layer: str
     channels: int
     layers: tuple[str, ...] = ()
     reason: str = ""
     members: list[_Member] = field(default_factory=list, repr=False)
+    norm: str = ""  # "layer": LayerNorm-normalised channels (LEMON's average expansion)
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -102,11 +109,17 @@ def _module_reason(m: nn.Module) -> str:
         return ""
     if isinstance(m, nn.Linear) or isinstance(m, _BatchNorm):
         return ""
-    if isinstance(m, (nn.LayerNorm, nn.GroupNorm)) or "rmsnorm" in type(m).__name__.lower() \
-            or "layernorm" in type(m).__name__.lower():
+    if _is_layer_norm(m):
+        return ""
+    if isinstance(m, nn.GroupNorm) or "norm" in type(m).__name__.lower():
         return (f"{type(m).__name__}-normalised channels: copies would change the norm's statistics "
-                "(LEMON's mean-preserving expansion is not implemented)")
+                "(only LayerNorm has an exact expansion, LEMON's average expansion)")
     return f"{type(m).__name__} layers are not widened"
+
+
+def _is_layer_norm(m: Any) -> bool:
+    """A LayerNorm over the last dimension (torch's, timm's and their subclasses; not RMSNorm)."""
+    return isinstance(m, nn.LayerNorm) and len(m.normalized_shape) == 1
 
 
 def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], dict[int, tuple[str, str]]],
@@ -118,6 +131,7 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
     seen: set[tuple[str, str, str]] = set()
     layers: list[str] = []
     reasons: list[str] = []
+    ln_ops = 0
     for item in group:
         dep, target = item.dep, item.dep.target.module
         if isinstance(target, nn.Parameter):
@@ -127,6 +141,12 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
             owner, attr = params[id(target)]
             dim = item.dep.target.pruning_dim
             role, key = "param", (owner, attr, "param")
+            om = gm.get_submodule(owner) if owner else gm
+            if attr in ("weight", "bias") and (_is_layer_norm(om) or _layer_norm_nodes(gm, owner)):
+                role, key, attr = "ln", (owner, "", "ln"), ""  # a functional LayerNorm's affine parameters
+            elif "norm" in type(om).__name__.lower() and not isinstance(om, _BatchNorm):
+                reasons.append(f"{owner}: {_module_reason(om)}")  # e.g. RMSNorm's scale
+                continue
         elif id(target) in mods:
             owner, attr = mods[id(target)], ""
             if id(target) in ignored and dg.is_out_channel_pruning_fn(dep.handler):
@@ -141,6 +161,8 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
                 role = "dw"
             elif isinstance(target, _BatchNorm):
                 role = "out"
+            elif _is_layer_norm(target):
+                role = "ln"
             else:
                 role = "out" if dg.is_out_channel_pruning_fn(dep.handler) else "in"
             key = (owner, "", role)
@@ -149,9 +171,10 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
             # Torch-Pruning's stand-ins for functional ops (add, cat, flatten) have no weights; a
             # functional layer / group norm over these channels (a traced LayerNorm2d) does matter.
             op = str(getattr(dep.target, "name", ""))
-            if "LayerNormBackward" in op or "GroupNormBackward" in op:
-                reasons.append(f"{'LayerNorm' if 'Layer' in op else 'GroupNorm'}-normalised channels: copies would "
-                               "change the norm's statistics (LEMON's mean-preserving expansion is not implemented)")
+            if "LayerNormBackward" in op:
+                ln_ops += 1
+            elif "GroupNormBackward" in op:
+                reasons.append("GroupNorm-normalised channels: copies would change the norm's statistics")
             continue
         pairs = sorted(zip(item.root_idxs, item.idxs))
         roots = [r for r, _ in pairs]
@@ -167,8 +190,139 @@ def _group_of(dg: Any, group: Any, gm: nn.Module, names: tuple[dict[int, str], d
     wg.layers = tuple(dict.fromkeys(layers))
     if not any(m.role in ("out", "dw", "param") for m in wg.members) and not reasons:
         reasons.append("no layer writes these channels")
+    lns = [m for m in wg.members if m.role == "ln"]
+    if lns or ln_ops:
+        wg.norm = "layer"
+        reasons += _layer_norm_reasons(gm, wg, ln_ops)
     wg.reason = "; ".join(dict.fromkeys(reasons))
     return wg
+
+
+# ------------------------------------------------------------------------------ LayerNorm groups
+# LEMON's average expansion (Wang et al., ICLR 2024, Prop. 1). Every writer of a LayerNorm-
+# normalised group gives each new channel the mean of the group's C channels, so every residual
+# sum keeps that form: y* = [y, mean(y), ...] with d* = C + k entries. Then mean(y*) = mean(y) and
+# var(y*) = (C / d*) var(y), so LayerNorm(y*) with eps* = eps C / d* and gamma* = gamma
+# sqrt(C / d*) on the old entries returns the old outputs, and bias 0 on the new entries makes the
+# new outputs exactly 0 (whatever their gamma). Readers of the LayerNorm's output may then take
+# any new input weights (random: symmetry breaking); readers of the raw sum get zero new weights.
+
+_PASS_METHODS = {"flatten", "transpose", "permute", "reshape", "view", "contiguous", "mean", "to", "float", "type_as"}
+_PASS_FUNCTIONS = {"getitem", "flatten", "transpose", "permute", "reshape", "mean", "dropout"}
+_ADD_FUNCTIONS = {"add", "iadd", "cat", "concat"}
+
+
+def _ln_param_name(owner: str) -> str:
+    return f"{owner}.weight" if owner else "weight"
+
+
+def _layer_norm_nodes(gm: nn.Module, owner: str) -> list[torch.fx.Node]:
+    """The fx nodes computing LayerNorm ``owner``: its ``call_module`` nodes, or the functional
+    ``layer_norm`` calls that read its weight (timm's LayerNorm traces through)."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return []
+    out = []
+    for n in graph.nodes:
+        if n.op == "call_module" and n.target == owner:
+            if _is_layer_norm(gm.get_submodule(owner)):
+                out.append(n)
+        elif n.op == "call_function" and getattr(n.target, "__name__", "") == "layer_norm":
+            w = n.args[2] if len(n.args) > 2 else n.kwargs.get("weight")
+            if isinstance(w, torch.fx.Node) and w.op == "get_attr" and w.target == _ln_param_name(owner):
+                out.append(n)
+    return out
+
+
+def _layer_norm_size(gm: nn.Module, owner: str) -> tuple[int, float] | None:
+    """LayerNorm ``owner``'s normalised size and eps: the module's, or (traced through, its
+    parameters held by a bare module) those its ``layer_norm`` calls pass; ``None`` if unknown."""
+    m = gm.get_submodule(owner) if owner else gm
+    if _is_layer_norm(m):
+        return m.normalized_shape[0], m.eps
+    sizes = set()
+    for n in _layer_norm_nodes(gm, owner):
+        shape = n.args[1] if len(n.args) > 1 else n.kwargs.get("normalized_shape")
+        eps = n.args[4] if len(n.args) > 4 else n.kwargs.get("eps", 1e-5)
+        if not isinstance(shape, (tuple, list)) or len(shape) != 1 or not isinstance(shape[0], int) \
+                or not isinstance(eps, (int, float)):
+            return None
+        sizes.add((shape[0], float(eps)))
+    return sizes.pop() if len(sizes) == 1 else None
+
+
+def _additive(gm: nn.Module, owner: str, attr: str) -> bool:
+    """Whether parameter ``owner.attr`` only enters the graph through sums / concats (a
+    position embedding, a class token), not as a per-channel scale (LayerScale)."""
+    graph = getattr(gm, "graph", None)
+    name = f"{owner}.{attr}" if owner else attr
+    starts = [n for n in graph.nodes if n.op == "get_attr" and n.target == name] if graph is not None else []
+    if not starts:
+        return False  # used inside a leaf module: its role is unknown
+    todo = list(starts)
+    while todo:
+        n = todo.pop()
+        for u in n.users:
+            t = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+            if u.op == "call_method" and t in ("expand", "reshape", "view", "to", "type_as", "contiguous", "repeat"):
+                todo.append(u)
+            elif u.op not in ("call_function", "call_method") or t.strip("_") not in _ADD_FUNCTIONS:
+                return False
+    return True
+
+
+def _layer_norm_reasons(gm: nn.Module, wg: WidthGroup, ln_ops: int) -> list[str]:
+    """Why a LayerNorm-normalised group cannot take the average expansion (empty: it can)."""
+    out = []
+    for m in wg.members:
+        owner = gm.get_submodule(m.owner) if m.owner else gm
+        if m.role == "dw" or isinstance(owner, _BatchNorm):
+            out.append(f"{m.owner}: a LayerNorm-normalised group also passes a "
+                       f"{'depthwise conv' if m.role == 'dw' else 'BatchNorm'}, which does not keep new channels "
+                       "at the mean of the old ones (LEMON's average expansion)")
+        elif m.role == "ln":
+            size = _layer_norm_size(gm, m.owner)
+            if size is None or not (_is_layer_norm(owner) or _layer_norm_nodes(gm, m.owner)):
+                out.append(f"{m.owner}: its LayerNorm call is not in the traced graph with a constant shape")
+            elif m.offset != 0 or size[0] != wg.channels:
+                out.append(f"{m.owner}: the LayerNorm normalises more than this channel group")
+        elif m.role == "param" and not _additive(gm, m.owner, m.attr):
+            out.append(f"{m.owner + '.' if m.owner else ''}{m.attr}: a per-channel scale (e.g. LayerScale) "
+                       "in a LayerNorm-normalised group is not average-expanded")
+    lns = sum(1 for m in wg.members if m.role == "ln")
+    calls = sum(max(1, len(_layer_norm_nodes(gm, m.owner))) for m in wg.members if m.role == "ln")
+    if ln_ops > calls or not lns:
+        out.append("a LayerNorm without affine parameters normalises these channels (its call cannot be found)")
+    return out
+
+
+def _reads_normalized(gm: nn.Module, path: str) -> bool:
+    """Whether layer ``path`` reads its input from a LayerNorm's output (through pooling,
+    indexing, reshapes or dropout), found in the fx graph; a layer inside a leaf module reads
+    that module's input."""
+    graph = getattr(gm, "graph", None)
+    if graph is None:
+        return False
+    node = next((n for n in graph.nodes if n.op == "call_module"
+                 and (n.target == path or path.startswith(str(n.target) + "."))), None)
+    x = node.args[0] if node is not None and node.args else None
+    while isinstance(x, torch.fx.Node):
+        if x.op == "call_module":
+            m = gm.get_submodule(str(x.target))
+            if _is_layer_norm(m):
+                return True
+            if not isinstance(m, (nn.Identity, nn.Dropout)) and type(m).__name__ != "DropPath":
+                return False
+        elif x.op == "call_function":
+            name = getattr(x.target, "__name__", "")
+            if name == "layer_norm":
+                return True
+            if name not in _PASS_FUNCTIONS:
+                return False
+        elif x.op != "call_method" or x.target not in _PASS_METHODS:
+            return False
+        x = x.args[0] if x.args else None
+    return False
 
 
 def _groups(gm: torch.fx.GraphModule, args: tuple[torch.Tensor, ...]) -> tuple[Any, list[WidthGroup]]:
@@ -222,6 +376,13 @@ class _Editor:
     def __init__(self, gm: nn.Module, init: str, generator: torch.Generator, noise: float) -> None:
         self.gm, self.init, self.gen, self.noise = gm, init, generator, noise
         self.inserted: dict[tuple[str, str, int], list[tuple[int, int]]] = {}
+        self.node_edits: list[tuple[torch.fx.Node, tuple[Any, ...], dict[str, Any]]] = []  # (node, old args, kwargs)
+
+    def undo_nodes(self, keep: int) -> None:
+        """Restore the fx nodes edited after the first ``keep`` edits."""
+        while len(self.node_edits) > keep:
+            node, a, kw = self.node_edits.pop()
+            node.args, node.kwargs = a, kw
 
     def now(self, key: tuple[str, str, int], pos: int) -> int:
         return pos + sum(c for q, c in self.inserted.get(key, []) if q <= pos)
@@ -278,6 +439,94 @@ class _Editor:
                     t[:, c] -= eps[:, j]
             self._set(owner, "weight", self._insert(t, 1, self.now(key, at), new))
 
+    def mean_rows(self, owner: nn.Module, attr: str, key: tuple[str, str, int], dim: int, at: int, c: int,
+                  k: int) -> None:
+        """Insert at ``at`` ``k`` copies of the mean of entries ``at - c .. at - 1`` along ``dim``."""
+        t = getattr(owner, attr, None)
+        if t is None:
+            return
+        with torch.no_grad():
+            start = self.now(key, at - c)
+            mean = t.detach().narrow(dim, start, c).float().mean(dim, keepdim=True).to(t.dtype)
+            new = mean.expand(*[k if d == dim else -1 for d in range(t.dim())]).clone()
+            self._set(owner, attr, self._insert(t.detach(), dim, start + c, new))
+
+    def grow_layer_norm(self, owner: nn.Module, path: str, key: tuple[str, str, int], at: int, c: int,
+                        src: list[int], k: int) -> None:
+        """LEMON's LayerNorm for average-expanded inputs: old gamma x sqrt(C / d*), new gamma
+        copies of the sources' (scaled likewise), new bias 0, eps x C / d*."""
+        scale = math.sqrt(c / (c + k))
+        size = _layer_norm_size(self.gm, path)
+        assert size is not None  # checked when the group was found
+        shape, eps = (size[0] + k,), size[1] * c / (c + k)
+        with torch.no_grad():
+            w = getattr(owner, "weight", None)
+            if w is not None:
+                w = w.detach()
+                new = w.index_select(0, torch.tensor([self.now(key, i) for i in src], device=w.device)) * scale
+                self._set(owner, "weight", self._insert(w * scale, 0, self.now(key, at), new))
+            b = getattr(owner, "bias", None)
+            if b is not None:
+                b = b.detach()
+                self._set(owner, "bias", self._insert(b, 0, self.now(key, at), torch.zeros(k, dtype=b.dtype,
+                                                                                            device=b.device)))
+        if _is_layer_norm(owner):
+            owner.normalized_shape, owner.eps = shape, eps
+        for n in _layer_norm_nodes(self.gm, path):
+            if n.op != "call_function":
+                continue
+            self.node_edits.append((n, n.args, dict(n.kwargs)))
+            args, kw = list(n.args), dict(n.kwargs)
+            if len(args) > 1:
+                args[1] = shape
+            else:
+                kw["normalized_shape"] = shape
+            if len(args) > 4:
+                args[4] = eps
+            else:
+                kw["eps"] = eps
+            n.args, n.kwargs = tuple(args), kw
+
+    def grow_averaged(self, wg: WidthGroup, k: int, src: list[int]) -> list[tuple[tuple[str, str, int], int]]:
+        """A LayerNorm-normalised group: LEMON's average expansion (see above)."""
+        c = wg.channels
+        done = []
+        for m in wg.members:
+            owner = self.gm.get_submodule(m.owner) if m.owner else self.gm
+            at = m.offset + c
+            if m.role == "param":
+                key = (m.owner, m.attr, m.dim)
+                self.mean_rows(owner, m.attr, key, m.dim, at, c, k)
+            elif m.role == "ln":
+                key = (m.owner, "", 0)
+                self.grow_layer_norm(owner, m.owner, key, at, c, [m.offset + i for i in src], k)
+            elif m.role == "in":
+                key = (m.owner, "", 1)
+                w = owner.weight.detach()
+                shape = list(w.shape)
+                shape[1] = k
+                if _reads_normalized(self.gm, m.owner):  # its new inputs are exactly 0
+                    std = float(w.float().std()) if w.numel() > 1 else 0.0
+                    new = self._randn(tuple(shape), w) * std
+                else:  # its new inputs are the mean of the old ones
+                    new = torch.zeros(shape, dtype=w.dtype, device=w.device)
+                with torch.no_grad():
+                    self._set(owner, "weight", self._insert(w, 1, self.now(key, at), new))
+                if isinstance(owner, _ConvNd):
+                    owner.in_channels += k
+                else:
+                    owner.in_features += k
+            else:
+                key = (m.owner, "", 0)
+                self.mean_rows(owner, "weight", key, 0, at, c, k)
+                self.mean_rows(owner, "bias", key, 0, at, c, k)
+                if isinstance(owner, _ConvNd):
+                    owner.out_channels += k
+                else:
+                    owner.out_features += k
+            done.append((key, at))
+        return done
+
     def grow(self, wg: WidthGroup, k: int) -> None:
         """Widen group ``wg`` by ``k`` channels (in place)."""
         c = wg.channels
@@ -286,6 +535,10 @@ class _Editor:
             src = [perm[i % c] for i in range(k)]
         else:
             src = torch.randint(c, (k,), generator=self.gen).tolist()
+        if wg.norm == "layer":
+            for key, at in self.grow_averaged(wg, k, src):
+                self.inserted.setdefault(key, []).append((at, k))
+            return
         random = self.init == "zero"
         done: list[tuple[tuple[str, str, int], int]] = []
         for m in wg.members:
@@ -329,7 +582,7 @@ def _snapshot(gm: nn.Module, wg: WidthGroup) -> list[tuple[nn.Module, dict[str, 
         owner = gm.get_submodule(m.owner) if m.owner else gm
         keep = {a: getattr(owner, a) for a in ("weight", "bias", "running_mean", "running_var", "in_channels",
                                                "out_channels", "groups", "in_features", "out_features",
-                                               "num_features") if hasattr(owner, a)}
+                                               "num_features", "normalized_shape", "eps") if hasattr(owner, a)}
         if m.attr:
             keep[m.attr] = getattr(owner, m.attr)
         out.append((owner, keep))
@@ -420,16 +673,21 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
         """Grow ``groups``; keep them if the output is unchanged, else undo them and say why."""
         snaps = [s for wg in groups for s in _snapshot(gm, wg)]
         inserted = {key: list(v) for key, v in editor.inserted.items()}
+        edits = len(editor.node_edits)
         try:
             for wg in groups:
                 editor.grow(wg, sizes[id(wg)])
+            if len(editor.node_edits) > edits:
+                gm.recompile()  # a functional LayerNorm's shape and eps are constants of the code
             ok = all(outputs_equal(eval_outputs(gm, a), r, rtol=WIDEN_RTOL) for a, r in zip(probes, refs))
             why = "" if ok else "the output changed (an op the dependency graph does not see mixes these channels)"
         except Exception as exc:  # noqa: BLE001 - a widened group that cannot run is undone and reported
             why = f"the widened model fails to run ({type(exc).__name__}: {str(exc)[:200]})"
         if why:
             _restore(snaps)
+            editor.undo_nodes(edits)
             editor.inserted = inserted
+            gm.recompile()
         return why
 
     widened: list[tuple[str, int]] = []
@@ -454,7 +712,8 @@ def widen(model: nn.Module, example_input: Any = None, *, layers: Iterable[str] 
     refresh_shapes(gm, args)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[REPORT_KEY] = {"widened": dict(widened), "skipped": skipped}
+    averaged = [wg.layer for wg in chosen if wg.norm == "layer" and any(wg.layer == k for k, _ in widened)]
+    gm.meta[REPORT_KEY] = {"widened": dict(widened), "skipped": skipped, "layer_norm": averaged}
     logger.info("widened %d channel groups (%d skipped)", len(widened), len(skipped))
     return gm
 
@@ -479,6 +738,7 @@ def _replay(gm: torch.fx.GraphModule, rec: Resize, example_input: Any) -> None:
         groups.append((wg, k))
     for wg, k in groups:
         editor.grow(wg, k)
+    gm.recompile()
     st.plan.resizes.append(rec)
     refresh_shapes(gm, args)
 
