@@ -164,7 +164,8 @@ def run(name: str, op: str, args: argparse.Namespace, loaders: tuple[Any, Any], 
     assert torch.equal(grown.eval()(x1), base.eval()(x1)) or op == "widen"
     new = [p for b in getattr(grown, DEPTH, {}).values() for p in b.parameters()]
     torch.manual_seed(seed + 2)
-    g = train_curve(grown, train_l, test_l, args.grown_epochs, args.lr, args.eval_every, flops_l, new_params=new,
+    g = train_curve(grown, train_l, test_l, args.grown_epochs, args.grown_lr or args.lr, args.eval_every, flops_l,
+                    new_params=new,
                     target=target, warmup=args.warmup)
     scratch_total = s["curve"][-1]
     out = {"model": name, "op": op, "seed": seed, "params_base": sum(p.numel() for p in base.parameters()),
@@ -211,8 +212,11 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"{meta['date']}, {meta['threads']} thread(s), torch {meta['torch']}, load average {meta.get('loadavg')}. "
              f"{meta['data'].upper()} (10k test set split {meta['n_train']} train / {meta['n_test']} test, 28 px, "
              f"1 channel), batch {meta['batch']}, SGD peak lr {meta['lr']} momentum 0.9, linear warm-up over "
-             f"{meta['warmup']} epoch then cosine. From scratch: {meta['epochs']} epochs. Grown: LEMON's schedule for "
-             f"expanded models (same peak rate, re-warmed, faster decay): {meta['grown_epochs']} epochs, new blocks "
+             f"{meta['warmup']} epoch then cosine. From scratch: {meta['epochs']} epochs. Grown: "
+             + ("LEMON's schedule for expanded models (same peak rate, re-warmed, faster decay)"
+                if not meta.get("grown_lr") or meta["grown_lr"] == meta["lr"] else
+                f"peak lr {meta['grown_lr']} (not LEMON's: a lower re-warmed peak, faster decay)")
+             + f": {meta['grown_epochs']} epochs, new blocks "
              f"under growkit's new-parameter rule. Base: the smaller model trained {meta['base_epochs']} epochs with "
              f"the same recipe (not counted: growth starts from a trained model). Test accuracy every "
              f"{meta['eval_every']} batches; widen ratio {meta['ratio']}, deepen = identity blocks at every growth "
@@ -280,6 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
+    ap.add_argument("--grown-lr", type=float, default=None,
+                    help="the grown model's peak lr (default --lr: LEMON keeps the peak and decays faster)")
     ap.add_argument("--ratio", type=float, default=1.5)
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--seeds", default="0,1")
