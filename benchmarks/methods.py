@@ -33,6 +33,11 @@ base repeated blocks with ``--layers`` (e.g. ``1,4,4,1``). The cell-mode result:
     python benchmarks/methods.py --threads 1 --methods petridish,darts,enas,pnas --ties none,stage \
         --layers 1,4,4,1 --no-prune --datasets digits --seeds 0,1,2,3,4 --out benchmarks/results/methods_cells
 
+Width / depth growth (issue 21) beside Petridish, from the same bases:
+
+    python benchmarks/methods.py --threads 1 --methods petridish,widen,deepen,mixed --no-prune \
+        --datasets digits,kmnist --seeds 0,1,2 --out benchmarks/results/methods_resize
+
 Writes benchmarks/results/methods.{json,md} (or --out PREFIX), after every seed.
 """
 from __future__ import annotations
