@@ -138,7 +138,17 @@ class _Resize(GrowthMethod):
         # round while the whole child stays within the budget; `tries` misses in a row end it.
         limit = self.opts["count"] or run.cfg.points_per_round or len(order)
         grown, chosen, misses = None, [], 0
-        for loc in order:
+        assert run.base_cost is not None
+        if len(order) > 1 and limit > 1:  # everything at once first: one trace when the budget allows it all
+            try:
+                g = self.grow_at(model, run, order[:limit], seed)
+                if run.budget is None or run.budget.allows(measure(g, run.example, latency=run.cfg.wants_latency),
+                                                           run.base_cost):
+                    grown, chosen = g, order[:limit]
+            except GrowkitError as exc:
+                logger.info("round %d: %s at all %d locations failed (%s); adding them one by one", rnd, self.name,
+                            min(limit, len(order)), exc)
+        for loc in ([] if grown is not None else order):
             if len(chosen) >= limit or misses >= self.opts["tries"]:
                 break
             try:
