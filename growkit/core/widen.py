@@ -512,18 +512,12 @@ class _Editor:
                     new = torch.zeros(shape, dtype=w.dtype, device=w.device)
                 with torch.no_grad():
                     self._set(owner, "weight", self._insert(w, 1, self.now(key, at), new))
-                if isinstance(owner, _ConvNd):
-                    owner.in_channels += k
-                else:
-                    owner.in_features += k
+                _count_inputs(owner, k)
             else:
                 key = (m.owner, "", 0)
                 self.mean_rows(owner, "weight", key, 0, at, c, k)
                 self.mean_rows(owner, "bias", key, 0, at, c, k)
-                if isinstance(owner, _ConvNd):
-                    owner.out_channels += k
-                else:
-                    owner.out_features += k
+                _count_outputs(owner, k)
             done.append((key, at))
         return done
 
@@ -550,10 +544,7 @@ class _Editor:
             elif m.role == "in":
                 key = (m.owner, "", 1)
                 self.split_columns(owner, key, at, s)
-                if isinstance(owner, _ConvNd):
-                    owner.in_channels += k
-                else:
-                    owner.in_features += k
+                _count_inputs(owner, k)
             else:
                 key = (m.owner, "", 0)
                 if isinstance(owner, _BatchNorm):
@@ -564,16 +555,27 @@ class _Editor:
                     rnd = random and m.role == "out"
                     self.copy_rows(owner, "weight", key, 0, at, s, random=rnd)
                     self.copy_rows(owner, "bias", key, 0, at, s, random=rnd)
-                    if isinstance(owner, _ConvNd):
-                        owner.out_channels += k
-                        if m.role == "dw":
-                            owner.in_channels += k
-                            owner.groups += k
-                    else:
-                        owner.out_features += k
+                    _count_outputs(owner, k)
+                    if m.role == "dw":
+                        owner.in_channels += k
+                        owner.groups += k
             done.append((key, at))
         for key, at in done:
             self.inserted.setdefault(key, []).append((at, k))
+
+
+def _count_inputs(layer: nn.Module, k: int) -> None:
+    if isinstance(layer, _ConvNd):
+        layer.in_channels += k
+    else:
+        layer.in_features += k
+
+
+def _count_outputs(layer: nn.Module, k: int) -> None:
+    if isinstance(layer, _ConvNd):
+        layer.out_channels += k
+    else:
+        layer.out_features += k
 
 
 def _snapshot(gm: nn.Module, wg: WidthGroup) -> list[tuple[nn.Module, dict[str, Any]]]:
