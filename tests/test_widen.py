@@ -93,6 +93,21 @@ def test_layer_norm_stream_takes_lemons_average_expansion_exactly():
     assert not torch.allclose(grows[0], grows[1])
 
 
+def test_layer_scale_in_a_layer_norm_stream_is_folded_into_its_writer():
+    """deit3 scales each branch per channel (LayerScale): the writer's new rows become
+    mean(gamma_c W_c) and the scale's new entries 1, so the branch adds the mean channel."""
+    m = _timm("deit3_small_patch16_224", img_size=32, depth=2)
+    x = torch.randn(2, 3, 32, 32)
+    w = growkit.widen(m, x[:1], layers=["blocks.1.mlp.fc2"], ratio=1.5, seed=0)
+    assert w.meta[REPORT_KEY]["layer_norm"] == ["blocks.1.mlp.fc2"]
+    assert _rel(run_eval(w, x), run_eval(m, x)) <= 1e-5
+    c = m.blocks[0].ls2.gamma.numel()
+    assert torch.equal(w.get_submodule("blocks.0.ls2").gamma.detach()[c:], torch.ones(c // 2))
+    gamma, fc2 = m.blocks[0].ls2.gamma.detach(), m.blocks[0].mlp.fc2.weight.detach()
+    want = (gamma[:, None] * fc2).mean(0)
+    assert torch.allclose(w.get_submodule("blocks.0.mlp.fc2").weight.detach()[c], want, rtol=1e-5, atol=1e-8)
+
+
 class _RawReader(torch.nn.Module):
     """A LayerNorm module (an fx leaf) and a layer reading the raw, un-normalised sum."""
 

@@ -84,6 +84,7 @@ class WidthGroup:
     reason: str = ""
     members: list[_Member] = field(default_factory=list, repr=False)
     norm: str = ""  # "layer": LayerNorm-normalised channels (LEMON's average expansion)
+    scales: dict[tuple[str, str], str] = field(default_factory=dict, repr=False)  # (owner, attr) -> writer
 
 
 # ---------------------------------------------------------------------------------------- groups
@@ -264,11 +265,49 @@ def _additive(gm: nn.Module, owner: str, attr: str) -> bool:
         n = todo.pop()
         for u in n.users:
             t = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
-            if u.op == "call_method" and t in ("expand", "reshape", "view", "to", "type_as", "contiguous", "repeat"):
+            if u.op == "call_method" and t in ("expand", "reshape", "view", "to", "type_as", "contiguous", "repeat") \
+                    or u.op == "call_function" and t == "resample_abs_pos_embed":  # interpolates per channel
                 todo.append(u)
             elif u.op not in ("call_function", "call_method") or t.strip("_") not in _ADD_FUNCTIONS:
                 return False
     return True
+
+
+def _scaled_writer(gm: nn.Module, m: _Member, writers: list[str]) -> str | None:
+    """The one writer whose output per-channel parameter ``m`` scales (a LayerScale module called on
+    it, or a ``mul`` by the parameter), through dropout / identity; ``None`` if not exactly one."""
+    graph = getattr(gm, "graph", None)
+    owner = gm.get_submodule(m.owner) if m.owner else gm
+    t = getattr(owner, m.attr, None)
+    if graph is None or t is None or t.numel() != t.shape[m.dim]:
+        return None
+    name = f"{m.owner}.{m.attr}" if m.owner else m.attr
+    inputs: list[Any] = []
+    for n in graph.nodes:
+        if n.op == "call_module" and m.owner and n.target == m.owner:
+            if len(dict(owner.named_parameters())) != 1:
+                return None  # a module scaling by this parameter alone, like timm's LayerScale
+            inputs.append(n.args[0] if n.args else None)
+        elif n.op == "get_attr" and n.target == name:
+            for u in n.users:
+                t_name = u.target if isinstance(u.target, str) else getattr(u.target, "__name__", "")
+                others = [a for a in u.args if a is not n]
+                if t_name.strip("_") != "mul" or len(others) != 1:
+                    return None
+                inputs.append(others[0])
+    found = set()
+    for x in inputs:
+        while isinstance(x, torch.fx.Node) and x.op == "call_module" and (
+                isinstance(gm.get_submodule(str(x.target)), (nn.Identity, nn.Dropout))
+                or type(gm.get_submodule(str(x.target))).__name__ == "DropPath"):
+            x = x.args[0] if x.args else None
+        if not (isinstance(x, torch.fx.Node) and x.op == "call_module"):
+            return None
+        hit = [w for w in writers if w == x.target or w.startswith(str(x.target) + ".")]
+        if len(hit) != 1:
+            return None
+        found.add(hit[0])
+    return found.pop() if len(found) == 1 else None
 
 
 def _layer_norm_reasons(gm: nn.Module, wg: WidthGroup, ln_ops: int) -> list[str]:
@@ -287,8 +326,12 @@ def _layer_norm_reasons(gm: nn.Module, wg: WidthGroup, ln_ops: int) -> list[str]
             elif m.offset != 0 or size[0] != wg.channels:
                 out.append(f"{m.owner}: the LayerNorm normalises more than this channel group")
         elif m.role == "param" and not _additive(gm, m.owner, m.attr):
-            out.append(f"{m.owner + '.' if m.owner else ''}{m.attr}: a per-channel scale (e.g. LayerScale) "
-                       "in a LayerNorm-normalised group is not average-expanded")
+            writer = _scaled_writer(gm, m, [w.owner for w in wg.members if w.role == "out"])
+            if writer is None:
+                out.append(f"{m.owner + '.' if m.owner else ''}{m.attr}: a per-channel scale whose writer is not "
+                           "found, or a parameter used otherwise, in a LayerNorm-normalised group")
+            else:
+                wg.scales[(m.owner, m.attr)] = writer
     lns = sum(1 for m in wg.members if m.role == "ln")
     calls = sum(max(1, len(_layer_norm_nodes(gm, m.owner))) for m in wg.members if m.role == "ln")
     if ln_ops > calls or not lns:
@@ -440,14 +483,18 @@ class _Editor:
             self._set(owner, "weight", self._insert(t, 1, self.now(key, at), new))
 
     def mean_rows(self, owner: nn.Module, attr: str, key: tuple[str, str, int], dim: int, at: int, c: int,
-                  k: int) -> None:
-        """Insert at ``at`` ``k`` copies of the mean of entries ``at - c .. at - 1`` along ``dim``."""
+                  k: int, weights: torch.Tensor | None = None) -> None:
+        """Insert at ``at`` ``k`` copies of the mean of entries ``at - c .. at - 1`` along ``dim``
+        (each entry times its ``weights`` first, when given)."""
         t = getattr(owner, attr, None)
         if t is None:
             return
         with torch.no_grad():
             start = self.now(key, at - c)
-            mean = t.detach().narrow(dim, start, c).float().mean(dim, keepdim=True).to(t.dtype)
+            block = t.detach().narrow(dim, start, c).float()
+            if weights is not None:
+                block = block * weights.float().reshape([c if d == dim else 1 for d in range(t.dim())])
+            mean = block.mean(dim, keepdim=True).to(t.dtype)
             new = mean.expand(*[k if d == dim else -1 for d in range(t.dim())]).clone()
             self._set(owner, attr, self._insert(t.detach(), dim, start + c, new))
 
@@ -491,12 +538,26 @@ class _Editor:
         """A LayerNorm-normalised group: LEMON's average expansion (see above)."""
         c = wg.channels
         done = []
+        # A writer scaled per channel (LayerScale) adds mean(gamma_c W_c) as its new rows, its scale 1s.
+        scale_of: dict[str, torch.Tensor] = {}
+        for m in wg.members:
+            if (m.owner, m.attr) in wg.scales:
+                t = getattr(self.gm.get_submodule(m.owner) if m.owner else self.gm, m.attr).detach()
+                start = self.now((m.owner, m.attr, m.dim), m.offset)
+                scale_of[wg.scales[(m.owner, m.attr)]] = t.narrow(m.dim, start, c).reshape(-1).clone()
         for m in wg.members:
             owner = self.gm.get_submodule(m.owner) if m.owner else self.gm
             at = m.offset + c
             if m.role == "param":
                 key = (m.owner, m.attr, m.dim)
-                self.mean_rows(owner, m.attr, key, m.dim, at, c, k)
+                if (m.owner, m.attr) in wg.scales:
+                    t = getattr(owner, m.attr).detach()
+                    ones = torch.ones([k if d == m.dim else t.shape[d] for d in range(t.dim())], dtype=t.dtype,
+                                      device=t.device)
+                    with torch.no_grad():
+                        self._set(owner, m.attr, self._insert(t, m.dim, self.now(key, at), ones))
+                else:
+                    self.mean_rows(owner, m.attr, key, m.dim, at, c, k)
             elif m.role == "ln":
                 key = (m.owner, "", 0)
                 self.grow_layer_norm(owner, m.owner, key, at, c, [m.offset + i for i in src], k)
@@ -515,8 +576,8 @@ class _Editor:
                 _count_inputs(owner, k)
             else:
                 key = (m.owner, "", 0)
-                self.mean_rows(owner, "weight", key, 0, at, c, k)
-                self.mean_rows(owner, "bias", key, 0, at, c, k)
+                self.mean_rows(owner, "weight", key, 0, at, c, k, scale_of.get(m.owner))
+                self.mean_rows(owner, "bias", key, 0, at, c, k, scale_of.get(m.owner))
                 _count_outputs(owner, k)
             done.append((key, at))
         return done
