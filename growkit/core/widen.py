@@ -21,7 +21,8 @@ old ones, each LayerNorm's gamma and eps are rescaled, and the new units learn f
 
 Which groups cannot widen exactly (and are skipped, or rejected when named): a group normalised
 by RMSNorm / GroupNorm (the norm's statistics would change), a LayerNorm group that also passes a
-BatchNorm, a depthwise conv or a per-channel scale (LayerScale), grouped (non-depthwise) convs, transposed convs,
+BatchNorm, a depthwise conv, or a parameter used other than as a sum or a per-channel scale of one writer
+(LayerScale is folded into its writer), grouped (non-depthwise) convs, transposed convs,
 channels that pass a split / reshape that does not keep them contiguous (attention heads), and
 the classifier's output. The chosen groups grow and are checked together on the example input and
 a random input of its shape (eval mode, relative 1e-5); when that check fails, each group is
