@@ -271,8 +271,24 @@ def digits_split3(x: torch.Tensor, y: torch.Tensor):
                                        class_order=list(range(10)), num_classes_per_exp=[4, 3, 3])
 
 
-def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits, probe):
+def first_iteration_recorder(record):
+    """An Avalanche plugin keeping ``record(strategy)`` from the first iteration of each experience
+    (after the strategy built its optimizer), in ``.seen``."""
     from avalanche.core import SupervisedPlugin
+
+    class Recorder(SupervisedPlugin):
+        def __init__(self):
+            super().__init__()
+            self.seen = []
+
+        def after_training_iteration(self, strategy, **kwargs):
+            if strategy.clock.train_exp_iterations == 0:
+                self.seen.append(record(strategy))
+
+    return Recorder()
+
+
+def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits, probe):
     from avalanche.evaluation.metrics import accuracy_metrics
     from avalanche.training import Naive
     from avalanche.training.plugins import EvaluationPlugin
@@ -284,21 +300,13 @@ def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits
     base = copy.deepcopy(net)
     grow = make_recording_plugin(probe, warmup_steps=2, min_steps=5, seed=0)
 
-    class Probe(SupervisedPlugin):
-        """Looks at the optimizer on the first iteration of each experience (after make_optimizer)."""
+    def look(strategy):  # the optimizer (after make_optimizer), candidates, model and grown parameters
+        g = grow.grower
+        grown = [p for r in grow.records for p, _ in r["new"]]
+        return (param_ids(strategy.optimizer), {id(p) for p in g.candidate_parameters()},
+                [id(p) for p in g.parameters()], [id(p) for p in grown])
 
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def after_training_iteration(self, strategy, **kwargs):
-            if strategy.clock.train_exp_iterations == 0:
-                g = grow.grower
-                grown = [p for r in grow.records for p, _ in r["new"]]
-                self.seen.append((param_ids(strategy.optimizer), {id(p) for p in g.candidate_parameters()},
-                                  [id(p) for p in g.parameters()], [id(p) for p in grown]))
-
-    probe_plugin = Probe()
+    probe_plugin = first_iteration_recorder(look)
     # two param groups (no weight decay on BN/bias): Avalanche's own make_optimizer could not place
     # the candidates of a grown model in such an optimizer
     decay = [p for p in net.parameters() if p.dim() > 1]
@@ -336,7 +344,6 @@ def test_avalanche_plugin_grows_at_boundaries_and_trains_grown_params(av, digits
 
 
 def test_avalanche_plugin_freeze_options_isolate_experiences(av, digits, probe):
-    from avalanche.core import SupervisedPlugin
     from avalanche.training import Naive
 
     x, y = digits
@@ -346,20 +353,12 @@ def test_avalanche_plugin_freeze_options_isolate_experiences(av, digits, probe):
     grow = make_recording_plugin(probe, warmup_steps=2, min_steps=5, seed=0, freeze_grown=True, freeze_base=True,
                                  keep_trainable=["head"])
 
-    class Snap(SupervisedPlugin):
-        """The frozen parameters and the optimizer's parameters at the start of each experience."""
+    def look(strategy):  # the frozen parameters and the optimizer's parameters
+        g = grow.grower
+        frozen = {n: p.detach().clone() for n, p in g.model.module.named_parameters() if g.is_frozen(n)}
+        return frozen, param_ids(strategy.optimizer)
 
-        def __init__(self):
-            super().__init__()
-            self.seen = []
-
-        def after_training_iteration(self, strategy, **kwargs):
-            if strategy.clock.train_exp_iterations == 0:
-                g = grow.grower
-                frozen = {n: p.detach().clone() for n, p in g.model.module.named_parameters() if g.is_frozen(n)}
-                self.seen.append((frozen, param_ids(strategy.optimizer)))
-
-    snap = Snap()
+    snap = first_iteration_recorder(look)
     opt = torch.optim.SGD(net.parameters(), lr=0.05, momentum=0.9)
     strategy = Naive(model=net, optimizer=opt, criterion=torch.nn.CrossEntropyLoss(), train_mb_size=32,
                      train_epochs=2, eval_mb_size=128, device="cpu", plugins=[grow, snap])
