@@ -274,6 +274,11 @@ def _additive(gm: nn.Module, owner: str, attr: str) -> bool:
     return True
 
 
+def _passes_through(m: nn.Module) -> bool:
+    """Modules that are the identity in eval mode (identity, dropout, timm's DropPath)."""
+    return isinstance(m, (nn.Identity, nn.Dropout)) or type(m).__name__ == "DropPath"
+
+
 def _scaled_writer(gm: nn.Module, m: _Member, writers: list[str]) -> str | None:
     """The one writer whose output per-channel parameter ``m`` scales (a LayerScale module called on
     it, or a ``mul`` by the parameter), through dropout / identity; ``None`` if not exactly one."""
@@ -298,9 +303,8 @@ def _scaled_writer(gm: nn.Module, m: _Member, writers: list[str]) -> str | None:
                 inputs.append(others[0])
     found = set()
     for x in inputs:
-        while isinstance(x, torch.fx.Node) and x.op == "call_module" and (
-                isinstance(gm.get_submodule(str(x.target)), (nn.Identity, nn.Dropout))
-                or type(gm.get_submodule(str(x.target))).__name__ == "DropPath"):
+        while isinstance(x, torch.fx.Node) and x.op == "call_module" \
+                and _passes_through(gm.get_submodule(str(x.target))):
             x = x.args[0] if x.args else None
         if not (isinstance(x, torch.fx.Node) and x.op == "call_module"):
             return None
@@ -355,7 +359,7 @@ def _reads_normalized(gm: nn.Module, path: str) -> bool:
             m = gm.get_submodule(str(x.target))
             if _is_layer_norm(m):
                 return True
-            if not isinstance(m, (nn.Identity, nn.Dropout)) and type(m).__name__ != "DropPath":
+            if not _passes_through(m):
                 return False
         elif x.op == "call_function":
             name = getattr(x.target, "__name__", "")
