@@ -2,7 +2,7 @@
 """Time-to-accuracy of width / depth growth, as LEMON measures it.
 
 For each full-width timm model M and each operator (``widen``: ``growkit.widen(ratio)``;
-``deepen``: ``growkit.deepen(block="identity")`` at every growth point), on MNIST or KMNIST (a
+``deepen``: ``growkit.deepen(block=--block)`` at every growth point where the block fits), on MNIST or KMNIST (a
 10k test set from ../shared/data, split into train / test), per seed:
 
 1. the base: M trained from scratch for ``--base-epochs`` (its cost is not counted: growth starts
@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import growkit  # noqa: E402
 from growkit.core.cost import count_flops  # noqa: E402
-from growkit.core.deepen import DEPTH, IdentityBlock  # noqa: E402
+from growkit.core.deepen import DEPTH, GatedBlock, IdentityBlock  # noqa: E402
 from growkit.data import kmnist_dataset, make_loaders, mnist_dataset, split  # noqa: E402
 from growkit.newparams import NewParamRule, growth_optimizer  # noqa: E402
 from growkit.train import cosine_schedule, evaluate  # noqa: E402
@@ -100,12 +100,17 @@ def reinit(model: nn.Module, seed: int, family: str = "") -> None:
         if isinstance(m, IdentityBlock):  # its projection ends the residual branch: zero, as zero_init_last
             nn.init.zeros_(m.proj.weight)
             nn.init.zeros_(m.proj.bias)
-    if isinstance(model, torch.fx.GraphModule):
-        for n in model.graph.nodes:
+        elif isinstance(m, GatedBlock):
+            # trained from scratch, a copied block is just one more block of a deeper timm model: gate
+            # open (its residual branch starts at zero through the zeroed last BatchNorm below)
+            nn.init.ones_(m.eta)
+    # the top graph and each copied block's own graph (deepen(block="copy") inserts fx subgraphs)
+    for gm in [m for m in model.modules() if isinstance(m, torch.fx.GraphModule)]:
+        for n in gm.graph.nodes:
             # the shortcut's own BatchNorm (timm names it downsample / shortcut) keeps weight 1, as in timm
-            if n.op == "call_module" and isinstance(model.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm) \
-                    and not any(k in str(n.target) for k in ("downsample", "shortcut")) and _feeds_residual_add(model, n):
-                nn.init.zeros_(model.get_submodule(str(n.target)).weight)
+            if n.op == "call_module" and isinstance(gm.get_submodule(str(n.target)), nn.modules.batchnorm._BatchNorm) \
+                    and not any(k in str(n.target) for k in ("downsample", "shortcut")) and _feeds_residual_add(gm, n):
+                nn.init.zeros_(gm.get_submodule(str(n.target)).weight)
 
 
 def train_curve(model: nn.Module, train_l, test_l, epochs: int, lr: float, eval_every: int, fwd_flops: int,
@@ -146,11 +151,13 @@ def train_curve(model: nn.Module, train_l, test_l, epochs: int, lr: float, eval_
 
 
 def run(name: str, op: str, args: argparse.Namespace, loaders: tuple[Any, Any], base: nn.Module,
-        base_acc: float, seed: int) -> dict[str, Any]:
+        base_acc: float, seed: int) -> list[dict[str, Any]]:
+    """One row per grown peak lr in ``--grown-lr`` (one from-scratch run shared by them); with several
+    rates the row's op is labelled ``op@lr`` (a pilot comparing them)."""
     train_l, test_l = loaders
     x1 = next(iter(test_l))[0][:1]
     grow_op = (lambda m: growkit.widen(m, x1, ratio=args.ratio, seed=0)) if op == "widen" else \
-        (lambda m: growkit.deepen(m, x1, block="identity"))
+        (lambda m: growkit.deepen(m, x1, block=args.block))
     # from scratch: the same larger architecture, every weight re-drawn
     torch.manual_seed(seed + 1)
     scratch = grow_op(build(name))
@@ -159,26 +166,30 @@ def run(name: str, op: str, args: argparse.Namespace, loaders: tuple[Any, Any], 
     torch.manual_seed(seed + 2)
     s = train_curve(scratch, train_l, test_l, args.epochs, args.lr, args.eval_every, flops_l, warmup=args.warmup)
     target = s["final_acc"]
-    # grown from the trained base
-    grown = grow_op(base)
-    assert torch.equal(grown.eval()(x1), base.eval()(x1)) or op == "widen"
-    new = [p for b in getattr(grown, DEPTH, {}).values() for p in b.parameters()]
-    torch.manual_seed(seed + 2)
-    g = train_curve(grown, train_l, test_l, args.grown_epochs, args.grown_lr or args.lr, args.eval_every, flops_l,
-                    new_params=new,
-                    target=target, warmup=args.warmup)
     scratch_total = s["curve"][-1]
-    out = {"model": name, "op": op, "seed": seed, "params_base": sum(p.numel() for p in base.parameters()),
-           "params_large": sum(p.numel() for p in scratch.parameters()), "fwd_flops_large": flops_l,
-           "base_test_acc": base_acc, "target_acc": target, "scratch": s, "grown": g,
-           "grown_final_acc": g["final_acc"], "scratch_wall_s": scratch_total["wall_s"],
-           "scratch_flops": scratch_total["flops"]}
-    if g["reached"] is not None:
-        out["grown_wall_s_to_target"] = g["reached"]["wall_s"]
-        out["grown_flops_to_target"] = g["reached"]["flops"]
-        out["wall_fraction"] = g["reached"]["wall_s"] / scratch_total["wall_s"]
-        out["flops_fraction"] = g["reached"]["flops"] / scratch_total["flops"]
-    return out
+    rates = [float(x) for x in str(args.grown_lr or args.lr).split(",")]
+    rows = []
+    for lr in rates:
+        # grown from the trained base
+        grown = grow_op(base)
+        assert torch.equal(grown.eval()(x1), base.eval()(x1)) or op == "widen"
+        new = [p for b in getattr(grown, DEPTH, {}).values() for p in b.parameters()]
+        torch.manual_seed(seed + 2)
+        g = train_curve(grown, train_l, test_l, args.grown_epochs, lr, args.eval_every, flops_l, new_params=new,
+                        target=target, warmup=args.warmup)
+        out = {"model": name, "op": op if len(rates) == 1 else f"{op}@{lr:g}", "seed": seed, "grown_lr": lr,
+               "params_base": sum(p.numel() for p in base.parameters()),
+               "params_large": sum(p.numel() for p in scratch.parameters()), "fwd_flops_large": flops_l,
+               "base_test_acc": base_acc, "target_acc": target, "scratch": s, "grown": g,
+               "grown_final_acc": g["final_acc"], "scratch_wall_s": scratch_total["wall_s"],
+               "scratch_flops": scratch_total["flops"]}
+        if g["reached"] is not None:
+            out["grown_wall_s_to_target"] = g["reached"]["wall_s"]
+            out["grown_flops_to_target"] = g["reached"]["flops"]
+            out["wall_fraction"] = g["reached"]["wall_s"] / scratch_total["wall_s"]
+            out["flops_fraction"] = g["reached"]["flops"] / scratch_total["flops"]
+        rows.append(out)
+    return rows
 
 
 def _mean_sd(xs: list[float]) -> str:
@@ -214,13 +225,13 @@ def markdown(rows: list[dict[str, Any]], meta: dict[str, Any]) -> str:
              f"1 channel), batch {meta['batch']}, SGD peak lr {meta['lr']} momentum 0.9, linear warm-up over "
              f"{meta['warmup']} epoch then cosine. From scratch: {meta['epochs']} epochs. Grown: "
              + ("LEMON's schedule for expanded models (same peak rate, re-warmed, faster decay)"
-                if not meta.get("grown_lr") or meta["grown_lr"] == meta["lr"] else
+                if not meta.get("grown_lr") or str(meta["grown_lr"]) == str(meta["lr"]) else
                 f"peak lr {meta['grown_lr']} (not LEMON's: a lower re-warmed peak, faster decay)")
              + f": {meta['grown_epochs']} epochs, new blocks "
              f"under growkit's new-parameter rule. Base: the smaller model trained {meta['base_epochs']} epochs with "
              f"the same recipe (not counted: growth starts from a trained model). Test accuracy every "
-             f"{meta['eval_every']} batches; widen ratio {meta['ratio']}, deepen = identity blocks at every growth "
-             f"point; seeds {meta['seeds']}.", "",
+             f"{meta['eval_every']} batches; widen ratio {meta['ratio']}, deepen = {meta.get('block', 'identity')} "
+             f"blocks at every growth point where they fit; seeds {meta['seeds']}.", "",
              "Compute to target = training wall-clock / FLOPs (3 x forward FLOPs x examples) until the grown model "
              "first reaches the from-scratch model's final test accuracy (same seed); fraction = that / the "
              "from-scratch run's whole schedule. Goal (issue 21): at most 50 %, on every seed.", "",
@@ -284,9 +295,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--lr", type=float, default=0.05)
-    ap.add_argument("--grown-lr", type=float, default=None,
-                    help="the grown model's peak lr (default --lr: LEMON keeps the peak and decays faster)")
+    ap.add_argument("--grown-lr", default=None,
+                    help="the grown model's peak lr (default --lr: LEMON keeps the peak and decays faster); "
+                         "a comma list runs one grown model per rate (a pilot)")
     ap.add_argument("--ratio", type=float, default=1.5)
+    ap.add_argument("--block", choices=("identity", "copy"), default="identity",
+                    help="deepen's block: 'identity' (v1, v2 of the protocol) or 'copy' (growkit.deepen's default)")
     ap.add_argument("--eval-every", type=int, default=40)
     ap.add_argument("--seeds", default="0,1")
     ap.add_argument("--out", default=str(HERE / "results" / "time_to_accuracy"))
@@ -324,11 +338,11 @@ def main(argv: list[str] | None = None) -> int:
             base_acc = b["final_acc"]
             print(f"seed {seed} {name}: base test acc {100 * base_acc:.2f} % ({time.perf_counter() - t0:.0f} s)", flush=True)
             for op in args.ops.split(","):
-                r = run(name, op, args, (train_l, test_l), base, base_acc, seed)
-                rows.append(r)
-                print(f"seed {seed} {name} {op}: target {100 * r['target_acc']:.2f} %, grown final "
-                      f"{100 * r['grown_final_acc']:.2f} %, wall fraction {r.get('wall_fraction')}, FLOPs fraction "
-                      f"{r.get('flops_fraction')} ({time.perf_counter() - t0:.0f} s)", flush=True)
+                for r in run(name, op, args, (train_l, test_l), base, base_acc, seed):
+                    rows.append(r)
+                    print(f"seed {seed} {name} {r['op']}: target {100 * r['target_acc']:.2f} %, grown final "
+                          f"{100 * r['grown_final_acc']:.2f} %, wall fraction {r.get('wall_fraction')}, FLOPs fraction "
+                          f"{r.get('flops_fraction')} ({time.perf_counter() - t0:.0f} s)", flush=True)
                 meta["wall_s"] = time.perf_counter() - t0
                 meta["loadavg"] = " / ".join(f"{x:.1f}" for x in os.getloadavg())
                 out.with_suffix(".json").write_text(json.dumps({"meta": meta, "summary": summarize(rows), "rows": rows},
