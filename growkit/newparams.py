@@ -32,7 +32,7 @@ from torch import nn
 from .errors import InputError, NonFiniteLoss
 
 __all__ = ["NewParamRule", "NewParamGroups", "RETRY_LR_SCALE", "check_finite_outputs", "DEFAULT_MAX_LR",
-           "DEFAULT_WARMUP", "DEFAULT_CLIP", "DEFAULT_MAX_ETA", "watch_new_params", "growth_optimizer"]
+           "DEFAULT_WARMUP", "DEFAULT_CLIP", "DEFAULT_MAX_ETA", "watch_new_params", "growth_optimizer", "OldFrozen"]
 
 RETRY_LR_SCALE = 0.5
 """After a rollback, the growth is retried once with the new parameters' rate times this."""
@@ -239,3 +239,32 @@ def growth_optimizer(model: nn.Module, new: Iterable[nn.Parameter], *, lr: float
     if rule is None:
         raise InputError("growth_optimizer: new parameters need a NewParamRule (rule=)")
     return opt, watch_new_params(opt, opt.param_groups[-1], model, rule, steps_per_epoch)
+
+
+class OldFrozen:
+    """The first ``steps`` optimizer steps after a growth train only the new parameters.
+
+    The old parameters get ``requires_grad`` off for those steps: no gradient, so neither momentum
+    nor weight decay moves them, while gradients still flow through them to new parameters further
+    up. The old weights stay where training left them while the new ones start (LLaMA Pro trains
+    its copied blocks this way); BatchNorm running statistics keep updating in train mode.
+    Call :meth:`after_step` after every optimizer step and :meth:`release` when training stops
+    for any reason (it is idempotent).
+    """
+
+    def __init__(self, old: Iterable[nn.Parameter], steps: int) -> None:
+        self.left = max(int(steps), 0)
+        self.params = [p for p in old if p.requires_grad] if self.left else []
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def after_step(self) -> None:
+        if self.params:
+            self.left -= 1
+            if self.left <= 0:
+                self.release()
+
+    def release(self) -> None:
+        for p in self.params:
+            p.requires_grad_(True)
+        self.params = []

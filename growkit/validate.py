@@ -175,6 +175,7 @@ def check_grow_settings(cfg: Any) -> None:
     check_number("momentum", cfg.momentum, lo=0.0, hi=1.0)
     check_number("weight_decay", cfg.weight_decay, lo=0.0)
     check_number("l1", cfg.l1, lo=0.0)
+    check_number("new_only", cfg.new_only, lo=0.0, hi=1.0)
     check_number("eps", cfg.eps, lo=0.0)
     check_number("max_eta", cfg.max_eta, lo=0.0, lo_open=True, allow_inf=True)
     check_int("search_epochs", cfg.search_epochs, lo=0)

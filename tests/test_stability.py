@@ -196,3 +196,54 @@ def test_new_param_groups_follow_an_optimizer_reloaded_from_its_state():
     step()
     assert mgr.entry_of(opt.param_groups[1]) is not None and mgr.state_dict()[0]["step"] == 3
     assert opt.param_groups[1]["lr"] == pytest.approx(rule.lr(0.01, 0.01, 3, 4))
+
+
+def test_old_frozen_freezes_for_its_steps_then_releases():
+    from growkit.newparams import OldFrozen
+
+    a, b, c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    c.requires_grad_(False)  # a parameter the user froze stays frozen
+    f = OldFrozen([a, b, c], 2)
+    assert not a.requires_grad and not b.requires_grad
+    f.after_step()
+    assert not a.requires_grad
+    f.after_step()
+    assert a.requires_grad and b.requires_grad and not c.requires_grad
+    f.release()  # idempotent
+    assert a.requires_grad and not c.requires_grad
+    assert OldFrozen([a], 0).params == [] and a.requires_grad
+
+
+@pytest.mark.parametrize("new_only", [1.0, 0.0])
+def test_new_only_trains_the_new_parameters_alone_after_a_growth(digits, trained, monkeypatch, new_only):
+    """grow(new_only=1): over the fine-tuning after a growth the old weights do not move while the
+    new ones train; new_only=0 moves both. Every parameter trains again afterwards."""
+    from growkit.growth import jobs
+
+    train_l, val_l = digits
+    seen = []
+    real = jobs.train_steps
+
+    def spy(model, loader, opt, **kw):
+        if not kw.get("desc", "").endswith("fine-tune"):
+            return real(model, loader, opt, **kw)
+        new = {id(p) for p in opt.param_groups[-1]["params"]}
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        st = real(model, loader, opt, **kw)
+        seen.append({n: (id(p) in new, not torch.equal(before[n], p.detach())) for n, p in model.named_parameters()})
+        return st
+
+    monkeypatch.setattr(jobs, "train_steps", spy)
+    res = growkit.grow(trained, train_l, val_l, rounds=1, seed=0, progress=False, new_only=new_only)
+    assert seen and res.history[0]["chosen"]
+    moved_old = [n for n, (is_new, moved) in seen[0].items() if not is_new and moved]
+    moved_new = [n for n, (is_new, moved) in seen[0].items() if is_new and moved]
+    assert moved_new
+    assert (moved_old == []) if new_only == 1.0 else len(moved_old) > 10
+    assert all(p.requires_grad for p in res.model.parameters())
+
+
+def test_new_only_out_of_range_is_an_input_error(digits, trained):
+    train_l, val_l = digits
+    with pytest.raises(growkit.InputError, match="new_only"):
+        growkit.grow(trained, train_l, val_l, rounds=1, progress=False, new_only=1.5)

@@ -40,6 +40,7 @@ class GrowConfig:
     new_lr_max: float = DEFAULT_MAX_LR
     new_lr_warmup: float = DEFAULT_WARMUP
     new_grad_clip: float | None = DEFAULT_CLIP
+    new_only: float = 0.0
     candidate_lr: float = 3e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
@@ -98,6 +99,8 @@ class GrowConfig:
         out["output"] = output_label(self.output)
         if self.tie == "none":
             del out["tie"]  # macro search: the JSON checkpoints written before cell mode existed
+        if self.new_only == 0.0:
+            del out["new_only"]  # no frozen phase: the JSON checkpoints written before it existed
         return out
 
     @classmethod

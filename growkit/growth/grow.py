@@ -66,6 +66,7 @@ def grow(
     new_lr_max: float = DEFAULT_MAX_LR,
     new_lr_warmup: float = DEFAULT_WARMUP,
     new_grad_clip: float | None = DEFAULT_CLIP,
+    new_only: float = 0.0,
     candidate_lr: float = 3e-3,
     momentum: float = 0.9,
     weight_decay: float = 5e-4,
@@ -120,11 +121,15 @@ def grow(
             ``new_lr_max``, ramped from 0 over ``new_lr_warmup`` of an epoch, gradient norm clipped
             at ``new_grad_clip`` (see :mod:`growkit.newparams`). A child whose fine-tuning diverges
             is rolled back and retried once with that rate halved, then dropped.
+        new_only: the first ``new_only`` of each fine-tuning phase trains only the new parameters, the
+            old ones frozen (LLaMA Pro's phase), then everything trains. ``0``: none; ``1``: the
+            old weights never move after a growth. Applies to grown branches and deepened blocks;
+            a widening's new units sit inside old tensors and train with them.
         candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). The
-            defaults (inject's cheap ops, the nearest input only) cost 1.33x (resnet18), 1.63x
-            (mobilenetv3_small_100) and 1.31x (vit_tiny) a plain train step
-            (benchmarks/results/weak_learning_overhead.md, ``grow-default``); every candidate
+            defaults (inject's cheap ops, the nearest input only) cost 1.24x (resnet18), 1.53x
+            (mobilenetv3_small_100) and 1.32x (vit_tiny) a plain train step on an idle machine
+            (benchmarks/results/weak_learning_overhead_idle.md, ``grow-default``); every candidate
             edge of a chosen point is then kept, so what is selected is *where* to grow, by fit
             per unit of cost. ``ops="paper", max_inputs=2`` is the paper's richer set: 3.3-4.8x
             a plain step; in a one-seed pilot (KMNIST, mobilenetv3_small_050) it reached 79.3 %
@@ -178,7 +183,7 @@ def grow(
     cfg = GrowConfig(
         method=method, method_options=method_options or {}, budget=budget, search_epochs=search_epochs,
         finetune_epochs=finetune_epochs, lr=lr, new_lr_mult=new_lr_mult, new_lr_max=new_lr_max,
-        new_lr_warmup=new_lr_warmup, new_grad_clip=new_grad_clip, candidate_lr=candidate_lr,
+        new_lr_warmup=new_lr_warmup, new_grad_clip=new_grad_clip, new_only=new_only, candidate_lr=candidate_lr,
         momentum=momentum, weight_decay=weight_decay, l1=l1, ops=ops, max_inputs=max_inputs, max_ops=max_ops,
         points=points, granularity=granularity, points_per_round=points_per_round, selection=selection, tie=tie, seed=seed, cost_axis=cost_axis,
         eps=eps, max_eta=max_eta, children=children, output=output,

@@ -30,7 +30,7 @@ from ..core.selection import choose_points
 from ..core.deepen import DEPTH
 from ..core.surgery import apply_plan, state_of
 from ..errors import NonFiniteLoss, ResourceError
-from ..newparams import growth_optimizer
+from ..newparams import OldFrozen, growth_optimizer
 from ..runsetup import RunSetup
 from ..train import PhaseStats, cosine_schedule, evaluate, num_batches, train_steps
 from .config import GrowConfig
@@ -373,10 +373,18 @@ class ChildTrainer:
                       "newparams": mgr.state_dict() if mgr is not None else []},
                      work=grown, opts={"finetune": opt}, sched=sched)
 
-        st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
-                         batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
-                         desc=f"round {job.round} fine-tune", start_epoch=start,
-                         stats=stats, on_epoch_end=on_epoch_end)
+        # cfg.new_only: the phase's first steps train the new parameters alone (a resumed phase
+        # counts the steps already done)
+        new_ids = {id(p) for p in new_params}
+        frozen_steps = int(round(cfg.new_only * epochs * steps_per_epoch)) - start * steps_per_epoch if new_params else 0
+        freeze = OldFrozen((p for p in grown.parameters() if id(p) not in new_ids), frozen_steps)
+        try:
+            st = train_steps(grown, self.loader, opt, epochs=epochs, scheduler=sched, loss_fn=self.loss_fn,
+                             batch_fn=self.batch_fn, device=self.dev, progress=self.progress,
+                             desc=f"round {job.round} fine-tune", start_epoch=start,
+                             stats=stats, on_epoch_end=on_epoch_end, after_step=freeze.after_step)
+        finally:
+            freeze.release()
         rec["finetune_s"] = time.perf_counter() - t
         rec["finetune_train_acc"] = st.train_accuracy
         rec["etas"] = {e.point: float(branches[e.key].eta.detach()) for e in new}
