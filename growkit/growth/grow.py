@@ -124,7 +124,9 @@ def grow(
         new_only: the first ``new_only`` of each fine-tuning phase trains only the new parameters, the
             old ones frozen (LLaMA Pro's phase), then everything trains. ``0``: none; ``1``: the
             old weights never move after a growth. Applies to grown branches and deepened blocks;
-            a widening's new units sit inside old tensors and train with them.
+            a widening's new units sit inside old tensors and train with them. Measured at 0.5
+            (benchmarks/results/grow_at_scale_newonly.md): it did not beat fine-tuning for the same
+            time (-0.16 / -0.28 points) nor the default 0, which stays.
         candidate_lr: Adam learning rate of the candidates during weak learning.
         l1, ops, max_inputs, max_ops: weak-learner settings (see :func:`growkit.inject`). The
             defaults (inject's cheap ops, the nearest input only) cost 1.24x (resnet18), 1.53x
