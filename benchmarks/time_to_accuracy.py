@@ -42,7 +42,7 @@ sys.path.insert(0, str(HERE.parent))
 
 import growkit  # noqa: E402
 from growkit.core.cost import count_flops  # noqa: E402
-from growkit.core.deepen import DEPTH, GatedBlock, IdentityBlock  # noqa: E402
+from growkit.core.deepen import DEPTH, GatedBlock, IdentityBlock, new_parameters  # noqa: E402
 from growkit.data import kmnist_dataset, make_loaders, mnist_dataset, split  # noqa: E402
 from growkit.newparams import NewParamRule, growth_optimizer  # noqa: E402
 from growkit.train import cosine_schedule, evaluate  # noqa: E402
@@ -173,7 +173,8 @@ def run(name: str, op: str, args: argparse.Namespace, loaders: tuple[Any, Any], 
         # grown from the trained base
         grown = grow_op(base)
         assert torch.equal(grown.eval()(x1), base.eval()(x1)) or op == "widen"
-        new = [p for b in getattr(grown, DEPTH, {}).values() for p in b.parameters()]
+        new = [p for b in getattr(grown, DEPTH, {}).values()
+               for p in (b.parameters() if args.copies_as_new else new_parameters(b))]
         torch.manual_seed(seed + 2)
         g = train_curve(grown, train_l, test_l, args.grown_epochs, lr, args.eval_every, flops_l, new_params=new,
                         target=target, warmup=args.warmup)
@@ -299,6 +300,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="the grown model's peak lr (default --lr: LEMON keeps the peak and decays faster); "
                          "a comma list runs one grown model per rate (a pilot)")
     ap.add_argument("--ratio", type=float, default=1.5)
+    ap.add_argument("--copies-as-new", action="store_true",
+                    help="train a copied block's weights under the new-parameter rule as well (v1-v3 did; "
+                         "growkit now trains only its gate that way)")
     ap.add_argument("--block", choices=("identity", "copy"), default="identity",
                     help="deepen's block: 'identity' (v1, v2 of the protocol) or 'copy' (growkit.deepen's default)")
     ap.add_argument("--eval-every", type=int, default=40)

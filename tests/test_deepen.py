@@ -90,6 +90,20 @@ def test_plan_replay_save_load_and_onnx_are_exact(tmp_path):
     assert report.max_rel_diff <= 1e-5
 
 
+def test_consecutive_block_copies_replay_exactly(tiny_resnet):
+    """Copies after two consecutive blocks: replaying the plan cuts the second block while the
+    first copy already sits at its input (that node must carry the shape of what it replaces)."""
+    x = torch.randn(2, 1, 16, 16)
+    d = growkit.deepen(tiny_resnet, x[:1], block="copy")
+    assert len(d.meta["growkit_deepen_report"]["deepened"]) >= 2
+    with torch.no_grad():
+        for b in getattr(d, DEPTH).values():
+            b.eta.fill_(0.5)
+    again = apply_plan(tiny_resnet, growkit.plan_of(d), x[:1])
+    again.load_state_dict(d.state_dict())
+    assert torch.equal(run_eval(again, x), run_eval(d, x))
+
+
 def test_bad_input_gives_growkit_errors(tiny_resnet):
     x = torch.randn(1, 1, 16, 16)
     with pytest.raises(growkit.InputError, match="block"):
@@ -187,3 +201,28 @@ def test_re_warmed_cosine_schedule_by_hand():
     assert plain.get_last_lr() == [0.1]
     with pytest.raises(growkit.InputError, match="warmup_steps"):
         cosine_schedule(opt, 10, warmup_steps=-1)
+
+
+@pytest.mark.parametrize("block", ["copy", "identity"])
+def test_only_untrained_block_parameters_train_as_new(digits, trained, monkeypatch, block):
+    """After deepening, the new-parameter rule (10x rate, warm-up, clip) gets an identity block's
+    body and projection, but of a copied block only its gate: the copy's weights are trained."""
+    from growkit.growth import jobs
+
+    groups = []
+    real = jobs.growth_optimizer
+
+    def spy(model, new, **kw):
+        new = list(new)
+        groups.append((model, new))
+        return real(model, new, **kw)
+
+    monkeypatch.setattr(jobs, "growth_optimizer", spy)
+    train_l, val_l = digits
+    growkit.grow(trained, train_l, val_l, method="deepen", method_options={"block": block}, rounds=1, seed=0,
+                 progress=False)
+    model, new = groups[-1]
+    blocks = list(getattr(model, DEPTH).values())
+    assert blocks and all(isinstance(b, GatedBlock if block == "copy" else IdentityBlock) for b in blocks)
+    want = [b.eta for b in blocks] if block == "copy" else [p for b in blocks for p in b.parameters()]
+    assert {id(p) for p in new} == {id(p) for p in want}

@@ -31,7 +31,7 @@ from .plan import DEEPEN_BLOCKS, Resize
 from .safecopy import copy_module
 from .surgery import growable, growable_with_args, insert_at_point, register_resize, state_of
 
-__all__ = ["deepen", "DEPTH", "GatedBlock", "IdentityBlock", "deepenable_points"]
+__all__ = ["deepen", "DEPTH", "GatedBlock", "IdentityBlock", "deepenable_points", "new_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -69,6 +69,15 @@ class IdentityBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.proj(self.body(x))
+
+
+def new_parameters(block: nn.Module) -> list[nn.Parameter]:
+    """The parameters of an inserted block that start untrained, which train under the
+    new-parameter rule: an identity block's body and projection are new; a copied block's weights
+    are trained copies that train like the rest of the model, and only its gate is new."""
+    if isinstance(block, GatedBlock):
+        return [block.eta]
+    return list(block.parameters())
 
 
 def _members(gm: torch.fx.GraphModule, path: str) -> list[torch.fx.Node]:

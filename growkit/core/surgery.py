@@ -180,6 +180,10 @@ def insert_at_point(
             new_name = new.name
         elif new.name != new_name:
             raise PointError(f"node {new_name!r} cannot be named the same in the train and eval graphs")
+        # the new node takes the place of x for all its users, so it has x's shape: later passes that
+        # read shapes (a block copy cut after this one, in a plan replay) see it as they saw x
+        if "tensor_meta" in x.meta:
+            new.meta["tensor_meta"] = x.meta["tensor_meta"]
         x.replace_all_uses_with(new, delete_user_cb=lambda u: u is not new)
     assert new_name is not None
     st.node_of[point] = new_name

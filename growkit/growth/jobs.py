@@ -27,7 +27,7 @@ from ..core.cost import Cost, measure
 from ..core.finalize import finalize
 from ..core.plan import BRANCHES, GrowthPlan
 from ..core.selection import choose_points
-from ..core.deepen import DEPTH
+from ..core.deepen import DEPTH, new_parameters
 from ..core.surgery import apply_plan, state_of
 from ..errors import NonFiniteLoss, ResourceError
 from ..newparams import OldFrozen, growth_optimizer
@@ -344,11 +344,12 @@ class ChildTrainer:
         plan_now = state_of(grown).plan  # type: ignore[union-attr]
         new = plan_now.edits[job.new_edits:]
         new_params = [p for e in new for p in branches[e.key].parameters()]
-        # New blocks of a deepening are new parameters too; widened tensors mix trained and new
-        # entries and train with the model (the rule sets learning rates per tensor).
+        # A deepening's untrained block parameters are new too (a copied block's weights are not);
+        # widened tensors mix trained and new entries and train with the model (the rule sets
+        # learning rates per tensor).
         blocks = getattr(grown, DEPTH, {})
         start = len(plan_now.resizes) if job.new_resizes is None else job.new_resizes
-        new_params += [p for r in plan_now.resizes[start:] if r.kind == "deepen" for p in blocks[r.key].parameters()]
+        new_params += [p for r in plan_now.resizes[start:] if r.kind == "deepen" for p in new_parameters(blocks[r.key])]
         epochs = cfg.finetune_epochs
         steps_per_epoch = num_batches(self.loader)
         rule = cfg.new_param_rule()
