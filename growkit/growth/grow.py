@@ -123,8 +123,10 @@ def grow(
             is rolled back and retried once with that rate halved, then dropped.
         new_only: the first ``new_only`` of each fine-tuning phase trains only the new parameters, the
             old ones frozen (LLaMA Pro's phase), then everything trains. ``0``: none; ``1``: the
-            old weights never move after a growth. Applies to grown branches and deepened blocks;
-            a widening's new units sit inside old tensors and train with them. Measured at 0.5
+            old weights never move after a growth. The new parameters are grown branches and a
+            deepening's untrained ones (an identity block's body and projection; of a copied block
+            only its gate, the copy's trained weights wait with the model); a widening's new units
+            sit inside old tensors and train with them. Measured at 0.5
             (benchmarks/results/grow_at_scale_newonly.md): it did not beat fine-tuning for the same
             time (-0.16 / -0.28 points) nor the default 0, which stays.
         candidate_lr: Adam learning rate of the candidates during weak learning.
